@@ -1,0 +1,73 @@
+"""Shared fixtures: a small generated cohort and a tiny model trained on it for seconds."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "VAEAnomaly"))
+sys.path.insert(0, str(ROOT / "training"))
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def cohort(tmp_path_factory):
+    """3 healthy (HCP layout) + 2 lesion (BraTS layout) generated subjects and their caches."""
+    from vaeanomaly.data import brats_items, build_cache, healthy_items
+    from vaeanomaly.synth import write_one
+    d = tmp_path_factory.mktemp("cohort")
+    for i in range(3):
+        write_one(d / "healthy", i, False, seed=0)
+    for i in range(2):
+        write_one(d / "lesion", i, True, seed=1)
+    build_cache(healthy_items(d / "healthy"), min_brain_fraction=0.05).save(d / "healthy.npz")
+    build_cache(brats_items(d / "lesion")).save(d / "lesion.npz")
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(cohort):
+    """A real model, trained for a few epochs by training/train.py on the generated cohort."""
+    import train
+    out = cohort / "tiny.safetensors"
+    train.main(["--cache", str(cohort / "healthy.npz"), "--out", str(out), "--epochs", "4",
+                "--latent", "16", "--beta", "1", "--device", "cpu", "--batch-size", "32"])
+    return out
+
+
+@pytest.fixture
+def random_model():
+    from vaeanomaly.model import VAE
+    torch.manual_seed(0)
+    return VAE(latent_dim=8).eval()
+
+
+def make_phantom(size=(60, 70, 40), spacing=(1.0, 1.0, 1.0), direction=None, origin=(0.0, 0.0, 0.0),
+                 blob_index=None, blob_value=3.0):
+    """An ellipsoidal 'brain' with smooth texture and an optional bright blob (index in x, y, z)."""
+    z, y, x = np.meshgrid(*[np.arange(n) for n in size[::-1]], indexing="ij")
+    c = [(n - 1) / 2 for n in size]
+    r = ((x - c[0]) / (0.42 * size[0])) ** 2 + ((y - c[1]) / (0.42 * size[1])) ** 2 + ((z - c[2]) / (0.42 * size[2])) ** 2
+    arr = np.where(r < 1, 1.0 + 0.2 * np.sin(x / 3.0) * np.cos(y / 4.0), 0).astype(np.float32)
+    if blob_index is not None:
+        bx, by, bz = blob_index
+        d2 = ((x - bx) * spacing[0]) ** 2 + ((y - by) * spacing[1]) ** 2 + ((z - bz) * spacing[2]) ** 2
+        arr += np.where(r < 1, blob_value * np.exp(-d2 / (2 * 5.0 ** 2)), 0).astype(np.float32)
+    img = sitk.GetImageFromArray(arr)
+    img.SetSpacing(spacing)
+    img.SetOrigin(origin)
+    if direction is not None:
+        img.SetDirection(tuple(np.asarray(direction, float).ravel()))
+    return img
+
+
+def oblique_direction(deg=20.0, flip_x=True):
+    t = np.deg2rad(deg)
+    rot = np.array([[np.cos(t), -np.sin(t), 0], [np.sin(t), np.cos(t), 0], [0, 0, 1]]) @ \
+        np.array([[1, 0, 0], [0, np.cos(t / 2), -np.sin(t / 2)], [0, np.sin(t / 2), np.cos(t / 2)]])
+    return rot @ np.diag([-1.0 if flip_x else 1.0, 1.0, 1.0])

@@ -1,0 +1,149 @@
+"""Checkpoints: safetensors weights + JSON metadata in the safetensors header. Never unpickles.
+
+Metadata keys: format, model (architecture, latent_dim, image_size, channels), beta,
+preprocessing, training (data, command, time, hardware), library_version, optional
+ensemble (see ensemble.py), thresholds ({predictor: value}) and evaluation.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .model import ARCHITECTURE, VAE
+
+FORMAT = "vaeanomaly-checkpoint/1"
+META_KEY = "vaeanomaly"
+MODELS_DIR = Path(__file__).resolve().parent.parent / "Resources" / "Models"
+DEFAULT_MODEL = "vae-l64-b1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, corrupt, truncated, foreign or incompatible."""
+
+
+@dataclass
+class Checkpoint:
+    model: VAE
+    meta: dict
+    path: Path
+
+    @property
+    def beta(self) -> float:
+        return float(self.meta.get("beta", 1.0))
+
+    @property
+    def name(self) -> str:
+        return self.meta.get("name") or self.path.name.split(".")[0]
+
+    @property
+    def preprocessing(self) -> dict:
+        return self.meta.get("preprocessing", {})
+
+    @property
+    def thresholds(self) -> dict:
+        return self.meta.get("thresholds", {})
+
+    @property
+    def ensemble(self):
+        from .ensemble import Ensemble
+        e = self.meta.get("ensemble")
+        return Ensemble.from_dict(e) if e else None
+
+    def card(self) -> str:
+        """A short human-readable model card."""
+        m, t = self.meta, self.meta.get("training", {})
+        lines = [f"{self.name}: {'β-VAE' if self.beta != 1 else 'VAE'} l={m['model']['latent_dim']} β={self.beta:g}",
+                 f"trained on: {t.get('data', 'unknown')}",
+                 f"training time: {t.get('time', '?')} on {t.get('hardware', '?')}"]
+        ev = m.get("evaluation", {}).get("auroc_brain")
+        if ev:
+            lines.append("pixel AUROC (in brain, embedded lesion cohort): " +
+                         ", ".join(f"{k} {v:.3f}" for k, v in ev.items()))
+        if self.thresholds:
+            lines.append("calibrated thresholds: " + ", ".join(f"{k} {v:.3g}" for k, v in self.thresholds.items()))
+        if m.get("ensemble"):
+            lines.append("ensemble: " + ", ".join(m["ensemble"]["features"]))
+        if t.get("command"):
+            lines.append(f"command: {t['command']}")
+        return "\n".join(lines)
+
+
+def save_checkpoint(path, model: VAE, meta: dict, fp16: bool = False) -> Path:
+    from safetensors.torch import save_file
+    from . import __version__
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    full = {"format": FORMAT, "library_version": __version__, **meta, "model": model.config()}
+    tensors = {k: (v.half() if fp16 else v.float()).contiguous().cpu() for k, v in model.state_dict().items()}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(full)})
+    os.replace(tmp, path)
+    return path
+
+
+def update_metadata(path, **changes) -> Checkpoint:
+    """Rewrite a checkpoint with metadata keys replaced (weights untouched, dtype kept)."""
+    from safetensors.torch import load_file, save_file
+    ck = load_checkpoint(path)
+    meta = {**ck.meta, **changes}
+    tensors = load_file(str(path))
+    tmp = Path(str(path) + ".tmp")
+    save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta)})
+    os.replace(tmp, path)
+    return load_checkpoint(path)
+
+
+def resolve_model(name_or_path=None) -> Path:
+    """A path, a bundled model's name, or None for the default bundled model."""
+    if name_or_path is None:
+        name_or_path = DEFAULT_MODEL
+    p = Path(name_or_path)
+    if p.suffix == ".safetensors" or p.exists():
+        return p
+    cand = MODELS_DIR / f"{name_or_path}.safetensors"
+    if cand.exists():
+        return cand
+    names = ", ".join(bundled_models()) or "none bundled yet"
+    raise CheckpointError(f"no checkpoint file or bundled model named '{name_or_path}' (bundled: {names})")
+
+
+def bundled_models() -> list[str]:
+    return sorted(p.name[:-len(".safetensors")] for p in MODELS_DIR.glob("*.safetensors"))
+
+
+def load_checkpoint(path=None, device="cpu") -> Checkpoint:
+    from safetensors import SafetensorError, safe_open
+    path = resolve_model(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint '{path}' does not exist")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            header = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"checkpoint '{path}' is not a readable safetensors file "
+                              f"(corrupt, truncated or another format): {err}") from None
+    if META_KEY not in header:
+        raise CheckpointError(f"checkpoint '{path}' is a safetensors file but not a VAEAnomaly checkpoint "
+                              f"(no '{META_KEY}' metadata); train one with training/train.py")
+    try:
+        meta = json.loads(header[META_KEY])
+        cfg = meta["model"]
+        if meta.get("format") != FORMAT or cfg.get("architecture") != ARCHITECTURE:
+            raise CheckpointError(f"checkpoint '{path}' has format {meta.get('format')!r} / architecture "
+                                  f"{cfg.get('architecture')!r}; this library reads {FORMAT} / {ARCHITECTURE}")
+        model = VAE(int(cfg["latent_dim"]), int(cfg["image_size"]), tuple(cfg["channels"]))
+    except CheckpointError:
+        raise
+    except (ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"checkpoint '{path}' has malformed metadata: {err}") from None
+    try:
+        model.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(f"checkpoint '{path}' weights do not match its declared architecture: "
+                              f"{str(err).splitlines()[0]}") from None
+    return Checkpoint(model.to(device).eval(), meta, path)

@@ -1,0 +1,204 @@
+"""The six pixel-wise anomaly predictors of Zhou et al. (2020) and their ensemble.
+
+One call (`compute_maps`) returns any subset of the maps for all slices of one volume, sharing
+the forward/backward passes: one encoder forward, one decoder forward, one decoder backward and
+two encoder backwards (reconstruction and KL paths) give Rec-Error, Rec-grad, KL-grad, ELBO-grad
+and Combi together; Proj-Rec-Error runs its own iterative projection.
+
+`reference_map` computes one map at a time the way the reference code does (a separate full
+autograd pass per predictor); it exists for the tests and the benchmark.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .model import VAE, kl_loss, rec_loss
+
+PREDICTORS = ("rec-error", "elbo-grad", "kl-grad", "rec-grad", "combi", "proj-rec-error")
+ENSEMBLE = "ensemble"
+RECONSTRUCTION = "reconstruction"  # not a predictor: the model's reconstruction z=mu, for display
+ALL_OUTPUTS = PREDICTORS + (ENSEMBLE, RECONSTRUCTION)
+_GRAD_MAPS = {"elbo-grad", "kl-grad", "rec-grad", "combi"}
+
+
+class Cancelled(Exception):
+    """Raised when the caller's cancel flag is set between batches."""
+
+
+@dataclass
+class PredictorOptions:
+    """Documented defaults. smooth*: Gaussian smoothing of gradient maps (reference code: sigma 3,
+    kernel 7). proj_*: iterative projection, E(x) = L_rec(x) + lambda*|x - x0|_1, Adam(lr)."""
+    smooth: bool = True
+    smooth_sigma: float = 3.0
+    smooth_kernel: int = 7
+    proj_steps: int = 100
+    proj_lambda: float = 0.5
+    proj_lr: float = 0.03
+    proj_weighted: bool = False  # Dehaene et al.: gradient step multiplied by pixel rec. error
+    batch_size: int = 128
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PredictorOptions":
+        known = {k: v for k, v in (d or {}).items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+def parse_predictors(spec: str | Iterable[str], allow_ensemble: bool = True) -> list[str]:
+    """'all', 'rec-grad' or 'rec-error,kl-grad' -> validated list of predictor names."""
+    names = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else list(spec)
+    if names == ["all"]:
+        return list(PREDICTORS)
+    valid = PREDICTORS + ((ENSEMBLE,) if allow_ensemble else ()) + (RECONSTRUCTION,)
+    bad = [n for n in names if n not in valid]
+    if bad or not names:
+        raise ValueError(f"unknown predictor(s) {bad or names}; choose from {', '.join(valid)} or 'all'")
+    return names
+
+
+def gaussian_kernel(sigma: float, size: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    r = torch.arange(size, device=device, dtype=dtype) - (size - 1) / 2
+    g = torch.exp(-(r ** 2) / (2 * sigma ** 2))
+    g = g / g.sum()
+    return (g[:, None] * g[None, :])[None, None]
+
+
+def smooth(maps: torch.Tensor, opts: PredictorOptions) -> torch.Tensor:
+    """Gaussian smoothing of (N,1,H,W) maps, zero padding as in the reference code."""
+    k = gaussian_kernel(opts.smooth_sigma, opts.smooth_kernel, maps.device, maps.dtype)
+    return F.conv2d(maps, k, padding=opts.smooth_kernel // 2)
+
+
+def _fused_batch(model: VAE, x: torch.Tensor, need: set[str]) -> dict[str, torch.Tensor]:
+    """Signed gradients and the reconstruction for one batch, sharing all passes.
+
+    g_rec = dL_rec/dx = (x - x̂) + J_mu^T dL_rec/dmu   (direct term + path through the encoder)
+    g_kl  = dL_KL/dx  = J_mu^T mu + J_logsigma^T (sigma^2 - 1)
+    """
+    x = x.detach().requires_grad_(any(n in _GRAD_MAPS for n in need))
+    with torch.set_grad_enabled(x.requires_grad):
+        mu, log_sigma = model.encode(x)
+        mu_d = mu.detach().requires_grad_(x.requires_grad)
+        x_rec = model.decode(mu_d)
+        out = {"x_rec": x_rec.detach(), "rec-error": (x.detach() - x_rec.detach()).pow(2)}
+        if not x.requires_grad:
+            return out
+        rec = rec_loss(x.detach(), x_rec).sum()
+        (g_mu,) = torch.autograd.grad(rec, mu_d)                       # decoder backward
+        (g_enc,) = torch.autograd.grad(mu, x, g_mu, retain_graph=True)  # encoder backward 1
+        out["g_rec"] = (x.detach() - x_rec.detach()) + g_enc
+        if need & {"elbo-grad", "kl-grad", "combi"}:
+            kl = kl_loss(mu, log_sigma).sum()
+            (out["g_kl"],) = torch.autograd.grad(kl, x)                   # encoder backward 2
+    return out
+
+
+def _project(model: VAE, x0: torch.Tensor, opts: PredictorOptions) -> torch.Tensor:
+    """Dehaene et al.'s iterative projection; returns (VAE(x_N) - x0)^2."""
+    x = x0.detach().clone().requires_grad_(True)
+    optim = torch.optim.Adam([x], lr=opts.proj_lr)
+    for _ in range(opts.proj_steps):
+        x_rec = model.decode(model.encode(x)[0])
+        energy = rec_loss(x, x_rec).sum() + opts.proj_lambda * (x - x0).abs().sum()
+        (g,) = torch.autograd.grad(energy, x)
+        if opts.proj_weighted:
+            g = g * (x - x_rec).detach().pow(2)
+        optim.zero_grad(set_to_none=True)
+        x.grad = g
+        optim.step()
+    with torch.no_grad():
+        return (model.decode(model.encode(x)[0]) - x0).pow(2)
+
+
+def _normalise(a: torch.Tensor) -> torch.Tensor:
+    lo, hi = a.min(), a.max()
+    return (a - lo) / (hi - lo) if hi > lo else torch.zeros_like(a)
+
+
+def compute_maps(model: VAE, slices, predictors: Iterable[str], beta: float = 1.0,
+                 options: Optional[PredictorOptions] = None, device: str | torch.device = "cpu",
+                 ensemble=None, progress: Optional[Callable[[float], None]] = None,
+                 cancel: Optional[Callable[[], bool]] = None) -> dict[str, np.ndarray]:
+    """Anomaly maps for all slices of ONE volume (Combi is normalised over the volume).
+
+    slices: (N, H, W) array of preprocessed slices. Returns {name: (N, H, W) float32 array}.
+    """
+    opts = options or PredictorOptions()
+    names = list(dict.fromkeys(predictors))
+    if ENSEMBLE in names and ensemble is None:
+        raise ValueError("the ensemble predictor needs a checkpoint that carries ensemble weights "
+                         "(fit one with training/fit_ensemble.py)")
+    need = set(names) | (set(ensemble.features) if ENSEMBLE in names else set())
+    if "combi" in need:
+        need |= {"kl-grad", "rec-error"}
+    x_all = torch.as_tensor(np.asarray(slices, dtype=np.float32))
+    if x_all.ndim != 3 or tuple(x_all.shape[1:]) != (model.image_size,) * 2:
+        raise ValueError(f"slices must be (N, {model.image_size}, {model.image_size}); got {tuple(x_all.shape)}")
+    model = model.to(device).eval().requires_grad_(False)
+    fused = need - {"proj-rec-error"}
+    n, bs = len(x_all), opts.batch_size
+    steps = (1 if fused else 0) + (opts.proj_steps / 20 if "proj-rec-error" in need else 0)
+    done, acc = 0.0, {k: [] for k in need | {RECONSTRUCTION}}
+    for start in range(0, n, bs):
+        if cancel and cancel():
+            raise Cancelled("cancelled")
+        x = x_all[start:start + bs, None].to(device)
+        if fused:
+            r = _fused_batch(model, x, fused)
+            maps = {"rec-error": r["rec-error"], RECONSTRUCTION: r["x_rec"]}
+            if "g_rec" in r:
+                sm = (lambda m: smooth(m, opts)) if opts.smooth else (lambda m: m)
+                maps["rec-grad"] = sm(r["g_rec"].abs())
+                if "g_kl" in r:
+                    maps["kl-grad"] = sm(r["g_kl"].abs())
+                    maps["elbo-grad"] = sm((r["g_rec"] + beta * r["g_kl"]).abs())
+            for k in acc:
+                if k in maps:
+                    acc[k].append(maps[k][:, 0].detach().cpu())
+            done += len(x) / n * (1 if fused else 0)
+            if progress:
+                progress(done / steps)
+        if "proj-rec-error" in need:
+            acc["proj-rec-error"].append(_project(model, x, opts)[:, 0].cpu())
+            done += len(x) / n * opts.proj_steps / 20
+            if progress:
+                progress(done / steps)
+    out = {k: torch.cat(v).numpy() for k, v in acc.items() if v}
+    if "combi" in need:
+        out["combi"] = (_normalise(torch.from_numpy(out["kl-grad"])) * torch.from_numpy(out["rec-error"])).numpy()
+    if ENSEMBLE in names:
+        out[ENSEMBLE] = ensemble.predict_maps(out)
+    return {k: out[k].astype(np.float32) for k in names}
+
+
+def reference_map(model: VAE, slices, name: str, beta: float = 1.0,
+                  options: Optional[PredictorOptions] = None) -> np.ndarray:
+    """One predictor by its own full forward/backward, as the reference code does (for tests and
+    benchmarks). Shares nothing with `compute_maps` but the model and the loss definitions."""
+    opts = options or PredictorOptions()
+    model = model.eval().requires_grad_(False)
+    x = torch.as_tensor(np.asarray(slices, dtype=np.float32))[:, None]
+    if name == "proj-rec-error":
+        return _project(model, x, opts)[:, 0].numpy()
+    x = x.clone().requires_grad_(True)
+    mu, log_sigma = model.encode(x)
+    x_rec = model.decode(mu)
+    if name == "rec-error":
+        return (x - x_rec).pow(2)[:, 0].detach().numpy()
+    losses = {"rec-grad": lambda: rec_loss(x, x_rec).sum(),
+              "kl-grad": lambda: kl_loss(mu, log_sigma).sum(),
+              "elbo-grad": lambda: (rec_loss(x, x_rec) + beta * kl_loss(mu, log_sigma)).sum()}
+    key = "kl-grad" if name == "combi" else name
+    (g,) = torch.autograd.grad(losses[key](), x)
+    g = smooth(g.abs(), opts) if opts.smooth else g.abs()
+    if name == "combi":
+        return (_normalise(g) * (x - x_rec).pow(2)).detach()[:, 0].numpy()
+    return g[:, 0].numpy()
