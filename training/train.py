@@ -27,7 +27,7 @@ import common  # noqa: F401  (puts the core library on sys.path)
 from vaeanomaly.checkpoint import save_checkpoint
 from vaeanomaly.model import VAE, vae_loss
 from vaeanomaly.predictors import PREDICTORS, PredictorOptions, compute_maps
-from vaeanomaly.volume import Preprocessing
+from vaeanomaly.preprocessing import Preprocessing
 
 
 def parse(argv=None):
@@ -48,6 +48,7 @@ def parse(argv=None):
     ap.add_argument("--noise", type=float, default=0.1, help="max std of added noise (z-score units)")
     ap.add_argument("--intensity", type=float, default=0.1, help="max relative intensity scale/shift")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-minutes", type=float, default=0, help="stop after this wall time (0: no limit)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--resume", action="store_true", help="continue from OUT.state.safetensors")
     ap.add_argument("--fp16", action="store_true", help="store weights as float16 (small bundled files)")
@@ -156,6 +157,7 @@ def main(argv=None):
     from tqdm import tqdm
     bar = tqdm(range(start, a.epochs), desc=f"train l={a.latent} β={a.beta:g}", file=sys.stderr, disable=rank != 0)
     t0 = time.time()
+    done_epochs = start
     for epoch in bar:
         net.train()
         perm = torch.randperm(len(x_all), generator=gen, device=a.device)[rank::world]
@@ -183,6 +185,12 @@ def main(argv=None):
             bar.set_postfix(loss=f"{tot[0]:.1f}", rec=f"{tot[1]:.1f}", kl=f"{tot[2]:.1f}")
             if (epoch + 1) % 10 == 0 or epoch + 1 == a.epochs:
                 save_state(_state_path(out), model, opt, epoch + 1)
+        done_epochs = epoch + 1
+        if a.max_minutes and time.time() - t0 > 60 * a.max_minutes:
+            print(f"stopping after {done_epochs} epochs: --max-minutes {a.max_minutes} reached", file=sys.stderr)
+            if rank == 0:
+                save_state(_state_path(out), model, opt, done_epochs)
+            break
     log.close()
     if rank != 0:
         torch.distributed.destroy_process_group()
@@ -204,7 +212,7 @@ def main(argv=None):
             "command": command_line(),
             "data": a.data_description or f"{n_cases} healthy subjects, {int(train_sel.sum())} training slices "
                                           f"({len(val_ids)} subjects held out for calibration)",
-            "epochs": a.epochs, "batch_size": a.batch_size, "lr": a.lr, "seed": a.seed,
+            "epochs": done_epochs, "batch_size": a.batch_size, "lr": a.lr, "seed": a.seed,
             "augmentation": {"max_rotation_deg": a.max_rotation, "noise": a.noise, "intensity": a.intensity},
             "time": f"{train_time:.0f} s", "hardware": hardware(a.device) + (f" x{world}" if ddp else ""),
             "final_loss": {"loss": tot[0], "rec": tot[1], "kl": tot[2]},

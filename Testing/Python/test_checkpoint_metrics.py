@@ -71,4 +71,11 @@ def test_metrics():
         pixel_metrics(perfect, np.zeros_like(y))
     with pytest.raises(ValueError, match="NaN"):
         pixel_metrics(np.full(y.shape, np.nan), y)
+    from sklearn.metrics import average_precision_score, roc_auc_score
+    ties = np.round(rnd * 10) + yy * 0.5  # many tied scores
+    r = pixel_metrics(ties, yy)
+    assert r["auroc"] == pytest.approx(roc_auc_score(yy.ravel(), ties.ravel()), abs=1e-12)
+    assert r["ap"] == pytest.approx(average_precision_score(yy.ravel(), ties.ravel()), abs=1e-12)
+    pred = ties >= r["dice_threshold"]
+    assert dice(pred, yy) == pytest.approx(r["dice"], abs=1e-12)
     assert dice(y, y) == 1.0 and dice(y, ~y) == 0.0

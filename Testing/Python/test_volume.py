@@ -100,8 +100,10 @@ def test_too_large_for_memory(tmp_path):
     with pytest.raises(VolumeError, match="Crop the volume"):
         check_memory((4096, 4096, 4096))
     # the header is checked before the voxels are read
-    big = tmp_path / "big.nhdr"
-    big.write_text("NRRD0004\ntype: float\ndimension: 3\nsizes: 8192 8192 4096\nencoding: raw\nendian: little\ndata file: big.raw\n")
+    big = tmp_path / "big.mhd"
+    big.write_text("ObjectType = Image\nNDims = 3\nDimSize = 8192 8192 4096\nElementType = MET_FLOAT\n"
+                   "ElementDataFile = big.raw\n")
+    (tmp_path / "big.raw").write_bytes(b"")
     with pytest.raises(VolumeError, match="GiB"):
         read_image(big)
 

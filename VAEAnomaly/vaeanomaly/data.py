@@ -70,7 +70,13 @@ class SliceCache:
         """Yield (name, slices float32, brain, label) per case, in order."""
         for i, n in enumerate(self.names):
             sel = self.case == i
+            if not sel.any():  # a case left out of a subset
+                continue
             yield n, self.slices[sel].astype(np.float32), self.brain[sel], self.label[sel]
+
+    def cases_in(self, case_ids):
+        """Like cases(), restricted to the given case indices."""
+        return self.subset(case_ids).cases()
 
     def subset(self, case_ids) -> "SliceCache":
         sel = np.isin(self.case, list(case_ids))

@@ -8,31 +8,18 @@ Maps computed on that grid are resampled back onto the exact input grid and zero
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 import SimpleITK as sitk
 
+from .preprocessing import Preprocessing
+
 
 class VolumeError(ValueError):
     """An input volume or mask that cannot be used, with a message that says what to do."""
-
-
-@dataclass
-class Preprocessing:
-    fov_mm: float = 240.0
-    image_size: int = 64
-    clip: float = 6.0
-    antialias: bool = True
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Preprocessing":
-        return cls(**{k: v for k, v in (d or {}).items() if k in cls.__dataclass_fields__})
 
 
 # --------------------------------------------------------------------------- reading & checks

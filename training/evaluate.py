@@ -1,0 +1,119 @@
+"""Evaluate checkpoints on a lesion cohort: the paper's Tables 1/2 layout (pixel AUROC per
+predictor, one row per model), plus AP and best Dice, inside the brain and over all pixels;
+ROC curves and a heatmap gallery as PNG.
+
+    python training/evaluate.py --cache data/lesion.npz --checkpoints runs/l32_b1.safetensors \\
+        runs/l64_b1.safetensors --row latent --out docs/table1 --title "Table 1: VAE, latent size"
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+import common  # noqa: F401
+from vaeanomaly.checkpoint import load_checkpoint, update_metadata
+from vaeanomaly.evaluation import collect_maps
+from vaeanomaly.figures import overlay_figure, roc_figure
+from vaeanomaly.metrics import scoped_metrics
+from vaeanomaly.predictors import PredictorOptions, parse_predictors
+
+METRICS = (("auroc", "pixel AUROC"), ("ap", "average precision"), ("dice", "best Dice"))
+
+
+def row_label(ck, row: str) -> str:
+    return {"latent": f"{ck.model.latent_dim}", "beta": f"{ck.beta:g}"}.get(row, ck.name)
+
+
+def markdown(results: dict, row: str, scope: str, metric: str) -> str:
+    preds = list(next(iter(results.values())))
+    head = {"latent": "latent size l", "beta": "β"}.get(row, "model")
+    lines = [f"| {head} | " + " | ".join(preds) + " |", "|---" * (len(preds) + 1) + "|"]
+    for label, res in results.items():
+        vals = [res[p][scope][metric] for p in preds]
+        best = max(vals)
+        lines.append(f"| {label} | " + " | ".join(f"**{v:.3f}**" if v == best else f"{v:.3f}" for v in vals) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cache", help="lesion slice cache .npz (built from --data if missing)")
+    ap.add_argument("--data", help="lesion cohort folder, BraTS layout")
+    ap.add_argument("--checkpoints", nargs="+", required=True)
+    ap.add_argument("--predictors", default="all")
+    ap.add_argument("--row", choices=["latent", "beta", "name"], default="name")
+    ap.add_argument("--out", required=True, help="output prefix: writes PREFIX.md, .csv, _roc.png, _gallery.png")
+    ap.add_argument("--title", default="")
+    ap.add_argument("--cases", help="comma-separated case indices to use (default: all)")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--proj-steps", type=int, default=100)
+    ap.add_argument("--update-card", action="store_true", help="store the in-brain AUROC in each checkpoint")
+    a = ap.parse_args(argv)
+    import torch
+
+    from common import command_line, hardware, load_or_build_cache
+    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cache = load_or_build_cache(a.cache, a.data, lesion=True)
+    if a.cases:
+        cache = cache.subset(int(i) for i in a.cases.split(","))
+    names = parse_predictors(a.predictors)
+    opts = PredictorOptions(batch_size=a.batch_size, proj_steps=a.proj_steps)
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    results, curves, t0 = {}, {}, time.time()
+    first = None
+    for path in a.checkpoints:
+        ck = load_checkpoint(path, device)
+        preds = names
+        scores, brain, label = collect_maps(ck, cache.cases(), preds, opts, device)
+        res = {p: scoped_metrics(s, label, brain) for p, s in scores.items()}
+        results[row_label(ck, a.row)] = res
+        print(f"{ck.name}: " + ", ".join(f"{p} {r['brain']['auroc']:.3f}" for p, r in res.items()), file=sys.stderr)
+        sub = np.random.default_rng(0).random(brain.sum()) < min(1.0, 2e6 / brain.sum())
+        curves[ck.name] = {p: (s[brain][sub], label[brain][sub]) for p, s in scores.items()}
+        if first is None:  # gallery of the first checkpoint on the case with the largest lesion
+            sel = cache.case == cache.case[np.argmax(cache.label.sum((1, 2)))]
+            first = (ck.name, cache.slices[sel].astype(np.float32), cache.label[sel],
+                     {p: s[sel] for p, s in scores.items()})
+        if a.update_card:
+            update_metadata(path, evaluation={
+                "auroc_brain": {p: round(r["brain"]["auroc"], 4) for p, r in res.items()},
+                "auroc_all": {p: round(r["all"]["auroc"], 4) for p, r in res.items()},
+                "cohort": f"{len(cache.names)} embedded lesion cases (held out), model grid pixels",
+                "command": command_line()})
+    elapsed = time.time() - t0
+    n_cases, n_pix = len(cache.names), int(cache.brain.sum())
+    md = [f"# {a.title or 'Evaluation'}", "",
+          f"Lesion cohort: {n_cases} cases, {len(cache.slices)} slices, {n_pix:,} brain pixels at the model grid "
+          f"(64×64 slices over 240 mm). Predictor settings: {json.dumps(opts.to_dict())}.",
+          f"Command: `{command_line()}`", f"Evaluation time: {elapsed:.0f} s on {hardware(device)}.", ""]
+    for scope, scope_name in (("brain", "inside the brain mask"), ("all", "all pixels, background included")):
+        for metric, metric_name in METRICS:
+            md += [f"## {metric_name}, {scope_name}", "", markdown(results, a.row, scope, metric), ""]
+    md.append(f"![ROC curves]({out.name}_roc.png)\n\n![Heatmaps]({out.name}_gallery.png)")
+    Path(f"{out}.md").write_text("\n".join(md) + "\n")
+    with open(f"{out}.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["model", "predictor", "scope", "auroc", "ap", "dice", "dice_threshold"])
+        for label, res in results.items():
+            for p, r in res.items():
+                for scope in ("brain", "all"):
+                    m = r[scope]
+                    w.writerow([label, p, scope, f"{m['auroc']:.4f}", f"{m['ap']:.4f}", f"{m['dice']:.4f}",
+                                f"{m['dice_threshold']:.5g}"])
+    best_name = next(iter(curves))
+    roc_figure(f"{out}_roc.png", curves[best_name], title=f"{best_name}: ROC inside the brain")
+    name, img, lab, maps = first
+    overlay_figure(f"{out}_gallery.png", img, maps, lab, title=f"{name}: input, ground truth (green), predictors")
+    print(Path(f"{out}.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
