@@ -12,6 +12,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "VAEAnomaly"))
 sys.path.insert(0, str(ROOT / "training"))
+sys.path.insert(0, str(ROOT / "VAEAnomaly" / "VAEAnomalyLib" / ".."))
 torch.set_num_threads(2)
 
 

@@ -72,7 +72,8 @@ def cmd_score(a) -> int:
     maps = score_volume(ck, img, mask, names, _options(a), pick_device(a.device), progress=prog)
     prog.close()
     out = Path(a.output)
-    many = len(names) > 1 or a.predictor == "all"
+    image_suffix = out.name.lower().endswith((".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd"))
+    many = len(names) > 1 or a.predictor == "all" or not image_suffix
     if many:
         out.mkdir(parents=True, exist_ok=True)
     for name, m in maps.items():
@@ -172,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("score", help="heatmap(s) for one volume, on the input's grid")
     p.add_argument("input", help="3D volume (NIfTI, NRRD, MHA, ...) or a DICOM series folder")
-    p.add_argument("-o", "--output", required=True, help="OUT.nii.gz, or a folder with several predictors")
+    p.add_argument("-o", "--output", required=True,
+                   help="OUT.nii.gz (one predictor), or a folder: one <predictor>.nii.gz per map")
     p.add_argument("--mask", help="brain mask on the input grid (default: automatic foreground mask, "
                                   "for skull-stripped input)")
     p.add_argument("--threshold", help="number, percentile in the brain (p99), or 'auto' (calibrated)")

@@ -53,8 +53,9 @@ def _check_header(dim: int, size, components: int, what: str) -> None:
     if components != 1:
         raise VolumeError(f"{what} has {components} components per voxel (colour or vector image); "
                           f"a scalar (grey-level) MRI volume is required")
-    if sum(int(s) > 1 for s in size) < 2 or min(int(s) for s in size) < 1:
-        raise VolumeError(f"{what} has size {tuple(size)}: not a 3D volume")
+    if sum(int(s) > 1 for s in size) < 3:
+        raise VolumeError(f"{what} has size {tuple(int(s) for s in size)}: a single 2D slice, not a 3D volume; "
+                          f"load the whole series")
     check_memory(size, what=what)
 
 

@@ -1,0 +1,231 @@
+"""The module's Logic against a real MRML scene from slicer-core (headless)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+slicer = pytest.importorskip("slicer")
+
+from conftest import make_phantom, oblique_direction  # noqa: E402
+from VAEAnomalyLib.logic import (ScoringJob, SegmentEditedError, VAEAnomalyLogic, geometry_of,  # noqa: E402
+                                 image_from_node, set_node_from_image)
+from vaeanomaly.checkpoint import load_checkpoint  # noqa: E402
+from vaeanomaly.predictors import Cancelled  # noqa: E402
+from vaeanomaly.volume import VolumeError, score_volume  # noqa: E402
+
+
+@pytest.fixture
+def scene():
+    s = slicer.vtkMRMLScene()
+    colors = slicer.vtkSlicerColorLogic()
+    colors.SetMRMLScene(s)
+    yield s
+    s.Clear(1)
+
+
+def add_volume(scene, img, name="T2"):
+    n = slicer.vtkMRMLScalarVolumeNode()
+    n.SetName(name)
+    scene.AddNode(n)
+    set_node_from_image(n, img)
+    n.CreateDefaultDisplayNodes()
+    return n
+
+
+def snapshot(scene):
+    """Node ids and the input's voxels/geometry: what must not change."""
+    return sorted(scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes()))
+
+
+OBLIQUE = dict(size=(70, 80, 24), spacing=(2.0, 1.8, 4.5), direction=oblique_direction(25), origin=(12.0, -30.0, 5.0))
+
+
+def test_node_image_roundtrip_keeps_geometry(scene):
+    img = make_phantom(**OBLIQUE)
+    node = add_volume(scene, img)
+    back = image_from_node(node)
+    assert back.GetSize() == img.GetSize()
+    assert np.allclose(back.GetOrigin(), img.GetOrigin()) and np.allclose(back.GetDirection(), img.GetDirection())
+    assert np.array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(img))
+    # the node's RAS matrix is the LPS geometry with x, y flipped
+    m = np.array(geometry_of(node)[1])
+    idx = (3, 5, 7)
+    ras = m @ np.array([*idx, 1.0])
+    lps = np.array(img.TransformIndexToPhysicalPoint(idx))
+    assert np.allclose(ras[:3], [-lps[0], -lps[1], lps[2]], atol=1e-4)
+
+
+def test_process_matches_core_library_and_keeps_input(scene, tiny_checkpoint):
+    img = make_phantom(**OBLIQUE, blob_index=(30, 40, 12))
+    node = add_volume(scene, img)
+    before = image_from_node(node)
+    logic = VAEAnomalyLogic(scene)
+    seen = []
+    heat = logic.process(node, None, str(tiny_checkpoint), "rec-grad", progress=seen.append)
+    assert seen and seen[-1] == pytest.approx(1.0)
+    assert geometry_of(heat) == geometry_of(node)
+    ref = score_volume(load_checkpoint(tiny_checkpoint), img, None, ["rec-grad"])["rec-grad"]
+    np.testing.assert_allclose(logic.heatmap_array(heat), sitk.GetArrayFromImage(ref), rtol=1e-5, atol=1e-6)
+    after = image_from_node(node)
+    assert np.array_equal(sitk.GetArrayFromImage(before), sitk.GetArrayFromImage(after))
+    disp = heat.GetDisplayNode()
+    assert disp.GetColorNode() is not None and "Heat" in disp.GetColorNode().GetName() or \
+        "Inferno" in disp.GetColorNode().GetName()
+    assert heat.GetAttribute("VAEAnomaly.Predictor") == "rec-grad"
+
+
+def test_subprocess_job_equals_in_process(scene, tiny_checkpoint):
+    img = make_phantom((50, 56, 16), (2.5, 2.5, 5.0), blob_index=(20, 25, 8))
+    node = add_volume(scene, img)
+    logic = VAEAnomalyLogic(scene)
+    n_before = scene.GetNumberOfNodes()
+    job = ScoringJob(logic, node, None, str(tiny_checkpoint), "kl-grad", reconstruction=True).start()
+    assert job.wait(300) == 0, job.messages
+    assert job.progress == pytest.approx(1.0)
+    assert scene.GetNumberOfNodes() == n_before  # nothing touched until finish()
+    heat = job.finish()
+    ref = score_volume(load_checkpoint(tiny_checkpoint), img, None, ["kl-grad"])["kl-grad"]
+    np.testing.assert_allclose(logic.heatmap_array(heat), sitk.GetArrayFromImage(ref), rtol=1e-4, atol=1e-7)
+    assert logic.lastReconstruction is not None
+    assert not job.tmp.exists()
+
+
+def test_cancel_leaves_scene_unchanged(scene, tiny_checkpoint):
+    node = add_volume(scene, make_phantom((50, 56, 16), (2.5, 2.5, 5.0)))
+    logic = VAEAnomalyLogic(scene)
+    logic.heat_color_node()
+    before = snapshot(scene)
+    with pytest.raises(Cancelled):
+        logic.process(node, None, str(tiny_checkpoint), "rec-grad", cancel=lambda: True)
+    assert snapshot(scene) == before
+    job = ScoringJob(logic, node, None, str(tiny_checkpoint), "proj-rec-error").start()
+    job.cancel()
+    assert job.proc.poll() is not None and not job.tmp.exists()
+    assert snapshot(scene) == before
+
+
+def test_bad_inputs_give_clear_errors_without_changing_scene(scene, tiny_checkpoint, tmp_path):
+    logic = VAEAnomalyLogic(scene)
+    logic.heat_color_node()
+    good = add_volume(scene, make_phantom((40, 40, 12)))
+    nan_img = make_phantom((40, 40, 12))
+    a = sitk.GetArrayFromImage(nan_img)
+    a[3, 3, 3] = np.nan
+    bad = sitk.GetImageFromArray(a)
+    nan_node = add_volume(scene, bad, "nan")
+    flat_node = add_volume(scene, sitk.GetImageFromArray(np.random.rand(1, 40, 40).astype(np.float32)), "slice")
+    before = snapshot(scene)
+    with pytest.raises(VolumeError, match="no input volume"):
+        logic.process(None, None, str(tiny_checkpoint))
+    with pytest.raises(VolumeError, match="NaN"):
+        logic.process(nan_node, None, str(tiny_checkpoint))
+    with pytest.raises(VolumeError, match="not a 3D volume"):
+        logic.process(flat_node, None, str(tiny_checkpoint))
+    (tmp_path / "x.safetensors").write_bytes(b"garbage")
+    from vaeanomaly.checkpoint import CheckpointError
+    with pytest.raises(CheckpointError, match="corrupt"):
+        logic.process(good, None, str(tmp_path / "x.safetensors"))
+    assert snapshot(scene) == before
+
+
+def test_masks_threshold_segment_and_edit_protection(scene, tiny_checkpoint):
+    img = make_phantom((60, 64, 20), (2.0, 2.0, 4.0), oblique_direction(10), blob_index=(30, 30, 10))
+    node = add_volume(scene, img)
+    logic = VAEAnomalyLogic(scene)
+    # a label-map mask and a segmentation mask give the same result; neither is modified
+    mask_arr = (sitk.GetArrayFromImage(img) > 0).astype(np.uint8)
+    mimg = sitk.GetImageFromArray(mask_arr)
+    mimg.CopyInformation(img)
+    lab = slicer.vtkMRMLLabelMapVolumeNode()
+    scene.AddNode(lab)
+    set_node_from_image(lab, mimg)
+    seg_mask = slicer.vtkMRMLSegmentationNode()
+    scene.AddNode(seg_mask)
+    seg_mask.SetReferenceImageGeometryParameterFromVolumeNode(node)
+    slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(lab, seg_mask)
+    n_segments = seg_mask.GetSegmentation().GetNumberOfSegments()
+    h1 = logic.process(node, lab, str(tiny_checkpoint), "rec-error")
+    h2 = logic.process(node, seg_mask, str(tiny_checkpoint), "rec-error")
+    np.testing.assert_allclose(logic.heatmap_array(h1), logic.heatmap_array(h2), rtol=1e-4, atol=1e-5)
+    assert seg_mask.GetSegmentation().GetNumberOfSegments() == n_segments
+    assert np.array_equal(logic.heatmap_array(lab), mask_arr)
+    # threshold: percentile, number, live preview
+    t = logic.resolve_threshold(h1, "p95")
+    arr = logic.heatmap_array(h1)
+    assert np.isclose((arr[arr > 0] > t).mean(), 0.05, atol=0.01)
+    logic.preview_threshold(h1, t)
+    assert h1.GetDisplayNode().GetApplyThreshold() and h1.GetDisplayNode().GetLowerThreshold() == pytest.approx(t)
+    # segment
+    segn = logic.create_segment(h1, t, show3D=True)
+    s = segn.GetSegmentation()
+    sid = s.GetSegmentIdBySegmentName("Anomaly")
+    assert sid
+    got = logic._segment_array(segn, sid, node)
+    assert got.sum() == (arr > t).sum()
+    assert segn.GetSegmentation().ContainsRepresentation("Closed surface")
+    # re-running with the segment untouched replaces it silently
+    logic.create_segment(h1, t * 1.2, segn)
+    assert logic._segment_array(segn, s.GetSegmentIdBySegmentName("Anomaly"), node).sum() == (arr > t * 1.2).sum()
+    # after a user edit, re-running refuses unless confirmed
+    sid = s.GetSegmentIdBySegmentName("Anomaly")
+    edited = logic._segment_array(segn, sid, node).astype(np.uint8)
+    edited[2, 4:8, 4:8] = 1  # the user paints somewhere the model did not flag
+    eimg = sitk.GetImageFromArray(edited)
+    eimg.CopyInformation(img)
+    tmp = slicer.vtkMRMLLabelMapVolumeNode()
+    scene.AddNode(tmp)
+    set_node_from_image(tmp, eimg)
+    import vtk
+    ids = vtk.vtkStringArray()
+    ids.InsertNextValue(sid)
+    slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(tmp, segn, ids)
+    scene.RemoveNode(tmp)
+    assert logic._segment_array(segn, sid, node).sum() == edited.sum() > (arr > t * 1.2).sum()
+    with pytest.raises(SegmentEditedError):
+        logic.create_segment(h1, t, segn)
+    assert logic._segment_array(segn, s.GetSegmentIdBySegmentName("Anomaly"), node).sum() == edited.sum()
+    logic.create_segment(h1, t, segn, overwrite=True)
+    assert logic._segment_array(segn, s.GetSegmentIdBySegmentName("Anomaly"), node).sum() == (arr > t).sum()
+
+
+def test_saved_scene_keeps_heatmap_segment_and_parameters(scene, tiny_checkpoint, tmp_path):
+    # right-handed oblique grid: Slicer's file reader re-indexes left-handed ones (same physical image)
+    img = make_phantom((50, 56, 16), (2.5, 2.5, 5.0), oblique_direction(12, flip_x=False), blob_index=(25, 28, 8))
+    node = add_volume(scene, img)
+    logic = VAEAnomalyLogic(scene)
+    heat = logic.process(node, None, str(tiny_checkpoint), "elbo-grad")
+    segn = logic.create_segment(heat, logic.resolve_threshold(heat, "p90"))
+    params = slicer.vtkMRMLScriptedModuleNode()
+    params.SetName("VAEAnomaly")
+    params.SetAttribute("ModuleName", "VAEAnomaly")
+    scene.AddNode(params)
+    params.SetParameter("predictor", "elbo-grad")
+    params.SetParameter("threshold", "p90")
+    params.SetNodeReferenceID("inputVolume", node.GetID())
+    params.SetNodeReferenceID("heatmap", heat.GetID())
+    heat_arr = logic.heatmap_array(heat).copy()
+    seg_sum = logic._segment_array(segn, segn.GetSegmentation().GetSegmentIdBySegmentName("Anomaly"), node).sum()
+    for n, fname in ((node, "t2.nrrd"), (heat, "heat.nrrd"), (segn, "anomaly.seg.nrrd")):
+        n.AddDefaultStorageNode()
+        st = n.GetStorageNode()
+        st.SetFileName(str(tmp_path / fname))
+        assert st.WriteData(n)
+    scene.SetURL(str(tmp_path / "scene.mrml"))
+    assert scene.Commit()
+    s2 = slicer.vtkMRMLScene()
+    c2 = slicer.vtkSlicerColorLogic()
+    c2.SetMRMLScene(s2)
+    s2.SetURL(str(tmp_path / "scene.mrml"))
+    s2.Connect()
+    p2 = s2.GetFirstNodeByName("VAEAnomaly")
+    assert p2.GetParameter("predictor") == "elbo-grad" and p2.GetParameter("threshold") == "p90"
+    h2 = p2.GetNodeReference("heatmap")
+    in2 = p2.GetNodeReference("inputVolume")
+    np.testing.assert_allclose(VAEAnomalyLogic.heatmap_array(h2), heat_arr, rtol=1e-6)
+    assert h2.GetAttribute("VAEAnomaly.Predictor") == "elbo-grad"
+    assert geometry_of(h2) == geometry_of(in2)
+    seg2 = s2.GetFirstNodeByClass("vtkMRMLSegmentationNode")
+    l2 = VAEAnomalyLogic(s2)
+    sid = seg2.GetSegmentation().GetSegmentIdBySegmentName("Anomaly")
+    assert l2._segment_array(seg2, sid, in2).sum() == seg_sum

@@ -1,0 +1,418 @@
+"""MRML side of the VAEAnomaly module: nodes in, core library, nodes out.
+
+Runs anywhere the MRML layer runs (the Slicer application, the `slicer-core` wheel headless, a web
+viewer on the same layer): the scene is passed in explicitly; no slicer.mrmlScene, slicer.app or Qt.
+The user's input volume, mask and edited segments are never modified.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import queue
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+SEGMENT_NAME = "Anomaly"
+HASH_TAG = "VAEAnomaly.LabelHash"
+HEAT_TABLE_NAME = "VAEAnomaly Heat"
+MODULE_DIR = Path(__file__).resolve().parent.parent  # holds the vaeanomaly core package
+
+# inferno anchor colours (matplotlib's, sampled every 1/8) for the self-built heat table
+_INFERNO = [(0.001, 0.000, 0.014), (0.106, 0.047, 0.255), (0.316, 0.071, 0.485), (0.512, 0.152, 0.509),
+            (0.711, 0.213, 0.476), (0.891, 0.323, 0.371), (0.986, 0.535, 0.192), (0.978, 0.788, 0.171),
+            (0.988, 0.998, 0.645)]
+
+
+class SegmentEditedError(RuntimeError):
+    """The 'Anomaly' segment was edited by the user since it was created; re-running would overwrite it."""
+
+
+# ----------------------------------------------------------------------------- node <-> SimpleITK
+def _lps(m3):
+    return np.diag([-1.0, -1.0, 1.0]) @ m3
+
+
+def image_from_node(node, what="input volume"):
+    """A scalar/label volume node as a SimpleITK image in LPS (voxels copied; the node is untouched)."""
+    import SimpleITK as sitk
+    import vtk
+    from vtk.util.numpy_support import vtk_to_numpy
+
+    from vaeanomaly.volume import VolumeError
+    if node is None:
+        raise VolumeError(f"no {what} selected")
+    data = node.GetImageData()
+    if data is None or data.GetNumberOfPoints() == 0:
+        raise VolumeError(f"{what} '{node.GetName()}' has no voxels")
+    if data.GetNumberOfScalarComponents() != 1:
+        raise VolumeError(f"{what} '{node.GetName()}' has {data.GetNumberOfScalarComponents()} components; "
+                          f"a scalar volume is required")
+    dims = data.GetDimensions()
+    arr = vtk_to_numpy(data.GetPointData().GetScalars()).reshape(dims[::-1]).copy()
+    img = sitk.GetImageFromArray(arr)
+    img.SetSpacing(node.GetSpacing())
+    o = node.GetOrigin()
+    img.SetOrigin((-o[0], -o[1], o[2]))
+    m = vtk.vtkMatrix4x4()
+    node.GetIJKToRASDirectionMatrix(m)
+    d = np.array([[m.GetElement(r, c) for c in range(3)] for r in range(3)])
+    img.SetDirection(tuple(_lps(d).ravel()))
+    return img
+
+
+def set_node_from_image(node, img):
+    """Fill a volume node with a SimpleITK image's voxels and geometry."""
+    import SimpleITK as sitk
+    import vtk
+    from vtk.util.numpy_support import numpy_to_vtk
+    arr = np.ascontiguousarray(sitk.GetArrayFromImage(img))
+    data = vtk.vtkImageData()
+    data.SetDimensions(img.GetSize())
+    scalars = numpy_to_vtk(arr.ravel(), deep=True)
+    data.GetPointData().SetScalars(scalars)
+    node.SetSpacing(img.GetSpacing())
+    o = img.GetOrigin()
+    node.SetOrigin(-o[0], -o[1], o[2])
+    d = _lps(np.array(img.GetDirection()).reshape(3, 3))
+    m = vtk.vtkMatrix4x4()
+    for r in range(3):
+        for c in range(3):
+            m.SetElement(r, c, d[r, c])
+    node.SetIJKToRASDirectionMatrix(m)
+    node.SetAndObserveImageData(data)
+
+
+def geometry_of(node):
+    import vtk
+    m = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(m)
+    return node.GetImageData().GetDimensions(), [[m.GetElement(r, c) for c in range(4)] for r in range(4)]
+
+
+# ----------------------------------------------------------------------------- the logic
+class VAEAnomalyLogic:
+    def __init__(self, scene):
+        if scene is None:
+            raise ValueError("VAEAnomalyLogic needs an MRML scene")
+        self.scene = scene
+        self._register_converters()
+
+    # ------------------------------------------------------------------ setup helpers
+    @staticmethod
+    def _register_converters():
+        """Closed-surface conversion needs the converter rules (the application registers them;
+        headless we do it once, before any segmentation node is made)."""
+        import slicer
+        factory = slicer.vtkSegmentationConverterFactory.GetInstance()
+        rules = factory.GetConverterRules()
+        if rules is None or len(rules) == 0:
+            factory.RegisterConverterRule(slicer.vtkBinaryLabelmapToClosedSurfaceConversionRule())
+            factory.RegisterConverterRule(slicer.vtkClosedSurfaceToBinaryLabelmapConversionRule())
+
+    def heat_color_node(self):
+        """Inferno where the file-based tables exist (the application); otherwise our own heat table."""
+        node = self.scene.GetNodeByID("vtkMRMLColorTableNodeFileInferno.txt")
+        if node is not None:
+            return node
+        nodes = self.scene.GetNodesByName(HEAT_TABLE_NAME)
+        if nodes.GetNumberOfItems():
+            return nodes.GetItemAsObject(0)
+        import slicer
+        node = slicer.vtkMRMLColorTableNode()
+        node.SetName(HEAT_TABLE_NAME)
+        node.SetTypeToUser()
+        node.SetNumberOfColors(256)
+        anchors = np.array(_INFERNO)
+        x = np.linspace(0, 1, len(anchors))
+        for i in range(256):
+            t = i / 255
+            rgb = [float(np.interp(t, x, anchors[:, k])) for k in range(3)]
+            node.SetColor(i, f"{i}", *rgb, 1.0)
+        node.SetAttribute("Category", "VAEAnomaly")
+        self.scene.AddNode(node)
+        return node
+
+    # ------------------------------------------------------------------ inputs
+    def input_images(self, inputVolume, maskNode=None):
+        """(image, mask image or None) from nodes, validated. Masks: label map or segmentation."""
+        from vaeanomaly.volume import VolumeError, check_image
+        img = image_from_node(inputVolume)
+        check_image(img, f"input volume '{inputVolume.GetName()}'")
+        mask = None
+        if maskNode is not None:
+            if maskNode.IsA("vtkMRMLSegmentationNode"):
+                mask = self._segmentation_mask(maskNode, inputVolume)
+            else:
+                mask = image_from_node(maskNode, "brain mask")
+                if mask.GetSize() != img.GetSize():
+                    raise VolumeError("the brain mask label map is not on the input volume's grid; "
+                                      "resample it (Resample Scalar/Vector/DWI Volume) or use a segmentation")
+        return img, mask
+
+    def _segmentation_mask(self, segNode, referenceVolume):
+        """Visible segments of a segmentation, on the reference volume's grid (segmentation untouched)."""
+        import slicer
+        label = slicer.vtkMRMLLabelMapVolumeNode()
+        label.SetName("__VAEAnomaly_temp_mask__")
+        self.scene.AddNode(label)
+        try:
+            ok = slicer.vtkSlicerSegmentationsModuleLogic.ExportVisibleSegmentsToLabelmapNode(segNode, label, referenceVolume)
+            if not ok or label.GetImageData() is None:
+                from vaeanomaly.volume import VolumeError
+                raise VolumeError(f"could not turn segmentation '{segNode.GetName()}' into a brain mask")
+            return image_from_node(label, "brain mask")
+        finally:
+            self._remove(label)
+
+    def _remove(self, node):
+        if node is None:
+            return
+        for i in range(node.GetNumberOfDisplayNodes() if hasattr(node, "GetNumberOfDisplayNodes") else 0):
+            d = node.GetNthDisplayNode(i)
+            if d is not None:
+                self.scene.RemoveNode(d)
+        if hasattr(node, "GetStorageNode") and node.GetStorageNode() is not None:
+            self.scene.RemoveNode(node.GetStorageNode())
+        self.scene.RemoveNode(node)
+
+    # ------------------------------------------------------------------ processing
+    def process(self, inputVolume, maskNode=None, model: Optional[str] = None, predictor: str = "rec-grad",
+                options=None, device: str = "cpu", heatmapNode=None, reconstruction: bool = False,
+                progress: Optional[Callable[[float], None]] = None,
+                cancel: Optional[Callable[[], bool]] = None):
+        """Score the input in this process. Returns the heatmap node (and sets the reconstruction node
+        as self.lastReconstruction when asked). Raises before touching the scene on bad input or cancel."""
+        from vaeanomaly.checkpoint import load_checkpoint
+        from vaeanomaly.volume import score_volume
+        img, mask = self.input_images(inputVolume, maskNode)
+        ck = load_checkpoint(model)
+        names = [predictor] + (["reconstruction"] if reconstruction else [])
+        maps = score_volume(ck, img, mask, names, options, device, progress=progress, cancel=cancel)
+        return self.add_results(inputVolume, maps, ck, predictor, options, heatmapNode)
+
+    def add_results(self, inputVolume, maps: dict, checkpoint, predictor: str, options=None, heatmapNode=None):
+        """Put computed maps (SimpleITK images on the input grid) into the scene."""
+        import slicer
+        node = heatmapNode
+        if node is None:
+            node = slicer.vtkMRMLScalarVolumeNode()
+            node.SetName(self.scene.GenerateUniqueName(f"{inputVolume.GetName()} anomaly ({predictor})"))
+            self.scene.AddNode(node)
+        set_node_from_image(node, maps[predictor])
+        opts = options.to_dict() if options is not None else {}
+        for k, v in {"VAEAnomaly.Model": checkpoint.name, "VAEAnomaly.Predictor": predictor,
+                     "VAEAnomaly.Input": inputVolume.GetID(), "VAEAnomaly.Options": json.dumps(opts),
+                     "VAEAnomaly.CalibratedThreshold": str(checkpoint.thresholds.get(predictor, ""))}.items():
+            node.SetAttribute(k, v)
+        self._display_heatmap(node)
+        self.lastReconstruction = None
+        if "reconstruction" in maps:
+            rec = slicer.vtkMRMLScalarVolumeNode()
+            rec.SetName(self.scene.GenerateUniqueName(f"{inputVolume.GetName()} reconstruction"))
+            self.scene.AddNode(rec)
+            set_node_from_image(rec, maps["reconstruction"])
+            rec.CreateDefaultDisplayNodes()
+            self.lastReconstruction = rec
+        return node
+
+    def _display_heatmap(self, node):
+        from vtk.util.numpy_support import vtk_to_numpy
+        if node.GetDisplayNode() is None:
+            node.CreateDefaultDisplayNodes()
+        disp = node.GetDisplayNode()
+        disp.SetAndObserveColorNodeID(self.heat_color_node().GetID())
+        arr = vtk_to_numpy(node.GetImageData().GetPointData().GetScalars())
+        pos = arr[arr > 0]
+        hi = float(np.percentile(pos, 99.5)) if pos.size else 1.0
+        disp.AutoWindowLevelOff()
+        disp.SetWindowLevelMinMax(0.0, hi)
+
+    # ------------------------------------------------------------------ threshold and segment
+    @staticmethod
+    def heatmap_array(node) -> np.ndarray:
+        from vtk.util.numpy_support import vtk_to_numpy
+        d = node.GetImageData()
+        return vtk_to_numpy(d.GetPointData().GetScalars()).reshape(d.GetDimensions()[::-1])
+
+    def resolve_threshold(self, heatmapNode, spec) -> float:
+        """A number, 'pNN' (percentile inside the brain) or 'auto' (the checkpoint's calibration)."""
+        from vaeanomaly.threshold import resolve_threshold
+        arr = self.heatmap_array(heatmapNode)
+        cal = heatmapNode.GetAttribute("VAEAnomaly.CalibratedThreshold") or ""
+        pred = heatmapNode.GetAttribute("VAEAnomaly.Predictor") or ""
+        return resolve_threshold(spec, arr, arr > 0, {pred: float(cal)} if cal else {}, pred)
+
+    def preview_threshold(self, heatmapNode, threshold: Optional[float]):
+        """Live preview: show only voxels above the threshold (display only; voxels unchanged)."""
+        disp = heatmapNode.GetDisplayNode()
+        if threshold is None:
+            disp.ApplyThresholdOff()
+            return
+        disp.SetThreshold(float(threshold), float(self.heatmap_array(heatmapNode).max()) + 1.0)
+        disp.ApplyThresholdOn()
+
+    def _segment_array(self, segNode, segmentId, referenceVolume) -> np.ndarray:
+        import slicer
+        import vtk
+        label = slicer.vtkMRMLLabelMapVolumeNode()
+        self.scene.AddNode(label)
+        try:
+            ids = vtk.vtkStringArray()
+            ids.InsertNextValue(segmentId)
+            slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(segNode, ids, label, referenceVolume)
+            return self.heatmap_array(label) > 0
+        finally:
+            self._remove(label)
+
+    @staticmethod
+    def _hash(mask: np.ndarray) -> str:
+        return hashlib.sha1(np.packbits(mask.astype(bool)).tobytes() + str(mask.shape).encode()).hexdigest()
+
+    def create_segment(self, heatmapNode, threshold: float, segmentationNode=None, referenceVolume=None,
+                       overwrite: bool = False, show3D: bool = False):
+        """Write voxels above `threshold` as segment 'Anomaly' (reference geometry = the input volume).
+        Refuses to replace an 'Anomaly' segment the user edited unless overwrite=True."""
+        import slicer
+        ref = referenceVolume or self.scene.GetNodeByID(heatmapNode.GetAttribute("VAEAnomaly.Input") or "") or heatmapNode
+        mask = self.heatmap_array(heatmapNode) > float(threshold)
+        if segmentationNode is None:
+            segmentationNode = slicer.vtkMRMLSegmentationNode()
+            segmentationNode.SetName(self.scene.GenerateUniqueName(f"{ref.GetName()} anomaly segmentation"))
+            self.scene.AddNode(segmentationNode)
+            segmentationNode.CreateDefaultDisplayNodes()
+            segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(ref)
+        seg = segmentationNode.GetSegmentation()
+        old_id = seg.GetSegmentIdBySegmentName(SEGMENT_NAME)
+        if old_id:
+            import vtk
+            ref_str = vtk.reference("")
+            stored = str(ref_str) if seg.GetSegment(old_id).GetTag(HASH_TAG, ref_str) else None
+            current = self._hash(self._segment_array(segmentationNode, old_id, ref))
+            if stored != current and not overwrite:
+                raise SegmentEditedError(f"segment '{SEGMENT_NAME}' in '{segmentationNode.GetName()}' was edited "
+                                         f"since it was created; keep it, or confirm to overwrite it")
+            seg.RemoveSegment(old_id)
+        label = slicer.vtkMRMLLabelMapVolumeNode()
+        label.SetName(SEGMENT_NAME)
+        self.scene.AddNode(label)
+        try:
+            set_node_from_image(label, self._mask_image(mask.astype(np.uint8), heatmapNode))
+            before = set(seg.GetSegmentIDs())
+            slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(label, segmentationNode)
+            new_ids = [i for i in seg.GetSegmentIDs() if i not in before]
+        finally:
+            self._remove(label)
+        if new_ids:
+            s = seg.GetSegment(new_ids[0])
+            s.SetName(SEGMENT_NAME)
+            s.SetColor(1.0, 0.85, 0.1)
+            s.SetTag(HASH_TAG, self._hash(self._segment_array(segmentationNode, new_ids[0], ref)))
+        if show3D:
+            segmentationNode.CreateClosedSurfaceRepresentation()
+        return segmentationNode
+
+    @staticmethod
+    def _mask_image(mask, like_node):
+        import SimpleITK as sitk
+        img = sitk.GetImageFromArray(mask)
+        ref = image_from_node(like_node, "heatmap")
+        img.CopyInformation(ref)
+        return img
+
+
+# ----------------------------------------------------------------------------- the subprocess job
+def python_executable() -> str:
+    """Slicer's own Python launcher inside the application, else this interpreter."""
+    return shutil.which("PythonSlicer") or sys.executable
+
+
+class ScoringJob:
+    """Scores in a child process through the project's own command-line tool, so the application
+    stays responsive: start(), poll() from a timer, cancel() kills it, finish() loads the result.
+    The scene is not touched until finish()."""
+
+    def __init__(self, logic: VAEAnomalyLogic, inputVolume, maskNode=None, model=None, predictor="rec-grad",
+                 options=None, device="cpu", reconstruction=False):
+        import SimpleITK as sitk
+        from vaeanomaly.checkpoint import load_checkpoint, resolve_model
+        self.logic, self.inputVolume, self.predictor, self.options = logic, inputVolume, predictor, options
+        img, mask = logic.input_images(inputVolume, maskNode)  # validate before any work
+        self.checkpoint = load_checkpoint(model)
+        self.tmp = Path(tempfile.mkdtemp(prefix="vaeanomaly-"))
+        sitk.WriteImage(img, str(self.tmp / "input.nrrd"))
+        names = [predictor] + (["reconstruction"] if reconstruction else [])
+        self.cmd = [python_executable(), "-m", "vaeanomaly.cli", "score", str(self.tmp / "input.nrrd"),
+                    "-o", str(self.tmp / "out"), "--predictor", ",".join(names),
+                    "--model", str(resolve_model(model)), "--device", device, "--progress", "lines"]
+        if mask is not None:
+            sitk.WriteImage(mask, str(self.tmp / "mask.nrrd"))
+            self.cmd += ["--mask", str(self.tmp / "mask.nrrd")]
+        if options is not None:
+            self.cmd += ["--proj-steps", str(options.proj_steps), "--proj-lambda", str(options.proj_lambda),
+                         "--proj-lr", str(options.proj_lr), "--batch-size", str(options.batch_size)]
+            self.cmd += (["--no-smooth"] if not options.smooth else []) + (["--proj-weighted"] if options.proj_weighted else [])
+        self.proc, self.progress, self.messages = None, 0.0, []
+        self._q: queue.Queue = queue.Queue()
+
+    def start(self):
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([str(MODULE_DIR)] + [p for p in [env.get("PYTHONPATH")] if p])
+        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+        threading.Thread(target=self._read, daemon=True).start()
+        return self
+
+    def _read(self):
+        for line in self.proc.stderr:
+            self._q.put(line.rstrip())
+
+    def poll(self) -> Optional[int]:
+        """Update self.progress/self.messages; the exit code once finished, else None."""
+        while not self._q.empty():
+            line = self._q.get_nowait()
+            if line.startswith("PROGRESS "):
+                self.progress = float(line.split()[1])
+            elif line:
+                self.messages.append(line)
+        return None if self.proc is None else self.proc.poll()
+
+    def wait(self, timeout=None) -> int:
+        rc = self.proc.wait(timeout)
+        threading.Event().wait(0.05)
+        self.poll()
+        return rc
+
+    def error(self) -> str:
+        errs = [m for m in self.messages if "error" in m.lower()]
+        return (errs or self.messages or ["the scoring process failed"])[-1]
+
+    def cancel(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.cleanup()
+
+    def finish(self, heatmapNode=None):
+        """After a successful run: load the maps into the scene. Returns the heatmap node."""
+        import SimpleITK as sitk
+        try:
+            out = self.tmp / "out"
+            maps = {p.name[:-len(".nii.gz")]: sitk.ReadImage(str(p)) for p in out.glob("*.nii.gz")}
+            return self.logic.add_results(self.inputVolume, maps, self.checkpoint, self.predictor, self.options,
+                                          heatmapNode)
+        finally:
+            self.cleanup()
+
+    def cleanup(self):
+        shutil.rmtree(self.tmp, ignore_errors=True)
