@@ -114,7 +114,11 @@ def cmd_evaluate(a) -> int:
 
 
 def cmd_generate(a) -> int:
-    from .synth import write_cohort
+    from .synth import write_cohort, write_sample
+    if a.sample:
+        for name, sha in write_sample(a.output, a.seed).items():
+            print(f"{a.output}/{name}  SHA256:{sha}")
+        return 0
     prog = Progress(a.progress, "generating")
     paths = write_cohort(a.output, a.n, a.lesion, a.seed, progress=prog)
     prog.close()
@@ -189,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output")
     p.add_argument("--n", type=int, default=4)
     p.add_argument("--lesion", action="store_true")
+    p.add_argument("--sample", action="store_true", help="write the Slicer module's sample case (use --seed 9001)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--progress", choices=["bar", "lines", "none"], default="bar")
     p.set_defaults(func=cmd_generate)

@@ -175,3 +175,19 @@ def write_cohort(out_dir, n: int, lesion: bool, seed: int = 0, progress=None) ->
         if progress:
             progress((i + 1) / n)
     return paths
+
+
+def write_sample(out_dir, seed: int = 9001) -> dict:
+    """The module's sample case (a generated brain with a lesion, never in any training set):
+    VAEAnomalySample_T2.nrrd (int16) and the ground-truth label map VAEAnomalySample_Lesion.nrrd. Returns {file name: SHA256}."""
+    import hashlib
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sub = make_subject(seed, lesion=True)
+    files = {"VAEAnomalySample_T2.nrrd": sitk.Cast(sitk.Round(sub.t2), sitk.sitkInt16),
+             "VAEAnomalySample_Lesion.nrrd": sitk.Cast(sub.seg > 0, sitk.sitkUInt8)}
+    sums = {}
+    for name, img in files.items():
+        sitk.WriteImage(img, str(out / name), useCompression=True)
+        sums[name] = hashlib.sha256((out / name).read_bytes()).hexdigest()
+    return sums
