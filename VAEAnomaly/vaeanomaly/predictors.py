@@ -91,13 +91,15 @@ def _fused_batch(model: VAE, x: torch.Tensor, need: set[str]) -> dict[str, torch
         out = {"x_rec": x_rec.detach(), "rec-error": (x.detach() - x_rec.detach()).pow(2)}
         if not x.requires_grad:
             return out
-        rec = rec_loss(x.detach(), x_rec).sum()
-        (g_mu,) = torch.autograd.grad(rec, mu_d)                       # decoder backward
-        (g_enc,) = torch.autograd.grad(mu, x, g_mu, retain_graph=True)  # encoder backward 1
-        out["g_rec"] = (x.detach() - x_rec.detach()) + g_enc
-        if need & {"elbo-grad", "kl-grad", "combi"}:
-            kl = kl_loss(mu, log_sigma).sum()
-            (out["g_kl"],) = torch.autograd.grad(kl, x)                   # encoder backward 2
+        need_rec = bool(need & {"rec-grad", "elbo-grad"})
+        need_kl = bool(need & {"elbo-grad", "kl-grad", "combi"})
+        if need_rec:
+            rec = rec_loss(x.detach(), x_rec).sum()
+            (g_mu,) = torch.autograd.grad(rec, mu_d)                                # decoder backward
+            (g_enc,) = torch.autograd.grad(mu, x, g_mu, retain_graph=need_kl)      # encoder backward 1
+            out["g_rec"] = (x.detach() - x_rec.detach()) + g_enc
+        if need_kl:
+            (out["g_kl"],) = torch.autograd.grad(kl_loss(mu, log_sigma).sum(), x)  # encoder backward 2
     return out
 
 
@@ -154,12 +156,13 @@ def compute_maps(model: VAE, slices, predictors: Iterable[str], beta: float = 1.
         if fused:
             r = _fused_batch(model, x, fused)
             maps = {"rec-error": r["rec-error"], RECONSTRUCTION: r["x_rec"]}
+            sm = (lambda m: smooth(m, opts)) if opts.smooth else (lambda m: m)
             if "g_rec" in r:
-                sm = (lambda m: smooth(m, opts)) if opts.smooth else (lambda m: m)
                 maps["rec-grad"] = sm(r["g_rec"].abs())
-                if "g_kl" in r:
-                    maps["kl-grad"] = sm(r["g_kl"].abs())
-                    maps["elbo-grad"] = sm((r["g_rec"] + beta * r["g_kl"]).abs())
+            if "g_kl" in r:
+                maps["kl-grad"] = sm(r["g_kl"].abs())
+            if "g_rec" in r and "g_kl" in r:
+                maps["elbo-grad"] = sm((r["g_rec"] + beta * r["g_kl"]).abs())
             for k in acc:
                 if k in maps:
                     acc[k].append(maps[k][:, 0].detach().cpu())
@@ -180,11 +183,12 @@ def compute_maps(model: VAE, slices, predictors: Iterable[str], beta: float = 1.
 
 
 def reference_map(model: VAE, slices, name: str, beta: float = 1.0,
-                  options: Optional[PredictorOptions] = None) -> np.ndarray:
+                  options: Optional[PredictorOptions] = None, weight_grads: bool = False) -> np.ndarray:
     """One predictor by its own full forward/backward, as the reference code does (for tests and
-    benchmarks). Shares nothing with `compute_maps` but the model and the loss definitions."""
+    benchmarks). Shares nothing with `compute_maps` but the model and the loss definitions.
+    weight_grads=True also computes the weight gradients, as the reference code's loss.backward() does."""
     opts = options or PredictorOptions()
-    model = model.eval().requires_grad_(False)
+    model = model.eval().requires_grad_(weight_grads)
     x = torch.as_tensor(np.asarray(slices, dtype=np.float32))[:, None]
     if name == "proj-rec-error":
         return _project(model, x, opts)[:, 0].numpy()
@@ -197,7 +201,13 @@ def reference_map(model: VAE, slices, name: str, beta: float = 1.0,
               "kl-grad": lambda: kl_loss(mu, log_sigma).sum(),
               "elbo-grad": lambda: (rec_loss(x, x_rec) + beta * kl_loss(mu, log_sigma)).sum()}
     key = "kl-grad" if name == "combi" else name
-    (g,) = torch.autograd.grad(losses[key](), x)
+    if weight_grads:
+        model.zero_grad(set_to_none=True)
+        losses[key]().backward()
+        g = x.grad
+        model.requires_grad_(False)
+    else:
+        (g,) = torch.autograd.grad(losses[key](), x)
     g = smooth(g.abs(), opts) if opts.smooth else g.abs()
     if name == "combi":
         return (_normalise(g) * (x - x_rec).pow(2)).detach()[:, 0].numpy()
