@@ -147,7 +147,8 @@ def main(argv=None):
             print(f"resumed from epoch {start}", file=sys.stderr)
     net = torch.nn.parallel.DistributedDataParallel(model) if ddp else model
     world = torch.distributed.get_world_size() if ddp else 1
-    gen = torch.Generator(device=a.device).manual_seed(a.seed * 1000 + rank)
+    gen = torch.Generator(device=a.device).manual_seed(a.seed * 1000 + rank)   # augmentation: per rank
+    order_gen = torch.Generator(device=a.device).manual_seed(a.seed)           # epoch order: same on all ranks
     out.parent.mkdir(parents=True, exist_ok=True)
     log_path = out.with_suffix(".csv")
     log = open(log_path, "a" if a.resume else "w", newline="")
@@ -160,7 +161,7 @@ def main(argv=None):
     done_epochs = start
     for epoch in bar:
         net.train()
-        perm = torch.randperm(len(x_all), generator=gen, device=a.device)[rank::world]
+        perm = torch.randperm(len(x_all), generator=order_gen, device=a.device)[rank::world]
         tot = np.zeros(3)
         nb = 0
         for i in range(0, len(perm) - a.batch_size + 1, a.batch_size):

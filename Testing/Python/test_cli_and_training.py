@@ -106,3 +106,15 @@ def test_training_script_runs_as_a_command(cohort, tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "python training/train.py" in load_checkpoint(tmp_path / "c.safetensors").meta["training"]["command"]
+
+
+def test_distributed_training_on_cpu(cohort, tmp_path):
+    """torchrun with two processes (gloo on the CPU): the DistributedDataParallel path."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"]
+    out = tmp_path / "ddp.safetensors"
+    r = subprocess.run(torchrun + [str(ROOT / "training" / "train.py"), "--cache", str(cohort / "healthy.npz"),
+                                   "--out", str(out), "--epochs", "2", "--latent", "8", "--device", "cpu"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ck = load_checkpoint(out)
+    assert ck.meta["training"]["hardware"].endswith("x2") and ck.meta["training"]["epochs"] == 2

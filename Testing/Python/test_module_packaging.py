@@ -68,3 +68,7 @@ def test_ui_binds_parameters_to_widgets():
     wrapper = src[src.index("class VAEAnomalyParameterNode"):src.index("class VAEAnomalyWidget")]
     fields = set(re.findall(r"^    (\w+):", wrapper, re.M))
     assert bound == fields, (bound ^ fields)
+
+
+def test_module_file_compiles():
+    compile((MODULE / "VAEAnomaly.py").read_text(), "VAEAnomaly.py", "exec")

@@ -105,3 +105,13 @@ def test_ensemble_fit_predict_roundtrip(random_model):
         Ensemble().fit(maps, np.zeros_like(y))
     with pytest.raises(ValueError, match="ensemble weights"):
         compute_maps(random_model, np.zeros((1, 64, 64), np.float32), ["ensemble"])
+
+
+@pytest.mark.parametrize("subset", [["kl-grad"], ["rec-grad"], ["combi"], ["elbo-grad", "rec-error"]])
+def test_subsets_equal_the_full_call(random_model, subset):
+    x = np.random.default_rng(3).normal(size=(5, 64, 64)).astype(np.float32)
+    full = compute_maps(random_model, x, PREDICTORS[:5], beta=0.5)
+    part = compute_maps(random_model, x, subset, beta=0.5)
+    assert list(part) == subset
+    for k in subset:
+        np.testing.assert_allclose(part[k], full[k], rtol=1e-5, atol=1e-7)
