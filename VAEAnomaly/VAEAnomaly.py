@@ -61,7 +61,7 @@ def registerSampleData():
         fileNames=list(SAMPLE_FILES),
         checksums=[f"SHA256:{s}" for s in SAMPLE_FILES.values()],
         nodeNames=["VAEAnomalySample_T2", "VAEAnomalySample_Lesion"],
-        loadFileType=["VolumeFile", "LabelMapVolumeFile"],
+        loadFileTypes=["VolumeFile", "LabelMapVolumeFile"],
     )
 
 
@@ -371,8 +371,7 @@ class VAEAnomalyLogic(ScriptedLoadableModuleLogic):
         slicer.util.setSliceViewerLayers(background=inputVolume, foreground=heatmap, foregroundOpacity=opacity,
                                          fit=True)
         try:  # colour legend (Colors module)
-            displayNode = heatmap.GetDisplayNode()
-            slicer.modules.colors.logic().AddDefaultColorLegendDisplayNode(displayNode)
+            slicer.modules.colors.logic().AddDefaultColorLegendDisplayNode(heatmap)
         except Exception as err:  # legend is optional
             logging.debug(f"no colour legend: {err}")
 

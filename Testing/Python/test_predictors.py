@@ -115,3 +115,13 @@ def test_subsets_equal_the_full_call(random_model, subset):
     assert list(part) == subset
     for k in subset:
         np.testing.assert_allclose(part[k], full[k], rtol=1e-5, atol=1e-7)
+
+
+def test_smoothing_equals_2d_gaussian_convolution():
+    from vaeanomaly.predictors import gaussian_kernel, smooth
+    x = torch.rand(3, 2, 64, 64)
+    opts = PredictorOptions()
+    g = gaussian_kernel(opts.smooth_sigma, opts.smooth_kernel)
+    k2d = (g[:, None] * g[None, :])[None, None]
+    ref = torch.nn.functional.conv2d(x.reshape(6, 1, 64, 64), k2d, padding=opts.smooth_kernel // 2).reshape(3, 2, 64, 64)
+    torch.testing.assert_close(smooth(x, opts), ref, rtol=1e-5, atol=1e-6)

@@ -46,7 +46,7 @@ def _add_model_args(p):
     p.add_argument("--proj-lambda", type=float, default=0.5, help="Proj-Rec-Error: L1 weight λ")
     p.add_argument("--proj-lr", type=float, default=0.03, help="Proj-Rec-Error: Adam step α")
     p.add_argument("--proj-weighted", action="store_true", help="Dehaene et al.'s error-weighted step")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--progress", choices=["bar", "lines", "none"], default="bar")
 
 

@@ -41,7 +41,7 @@ class PredictorOptions:
     proj_lambda: float = 0.5
     proj_lr: float = 0.03
     proj_weighted: bool = False  # Dehaene et al.: gradient step multiplied by pixel rec. error
-    batch_size: int = 128
+    batch_size: int = 64
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -65,16 +65,26 @@ def parse_predictors(spec: str | Iterable[str], allow_ensemble: bool = True) -> 
 
 
 def gaussian_kernel(sigma: float, size: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Normalised 1D Gaussian; the 2D kernel is its outer product (separable)."""
     r = torch.arange(size, device=device, dtype=dtype) - (size - 1) / 2
     g = torch.exp(-(r ** 2) / (2 * sigma ** 2))
-    g = g / g.sum()
-    return (g[:, None] * g[None, :])[None, None]
+    return g / g.sum()
+
+
+def _band(n: int, g: torch.Tensor) -> torch.Tensor:
+    """n x n matrix applying the 1D kernel g with zero padding: (B @ v)[i] = sum_t g[t] v[i + t - k//2]."""
+    k = len(g)
+    idx = torch.arange(n, device=g.device)
+    off = idx[None, :] - idx[:, None] + k // 2
+    return torch.where((off >= 0) & (off < k), g[off.clamp(0, k - 1)], torch.zeros((), dtype=g.dtype, device=g.device))
 
 
 def smooth(maps: torch.Tensor, opts: PredictorOptions) -> torch.Tensor:
-    """Gaussian smoothing of (N,1,H,W) maps, zero padding as in the reference code."""
-    k = gaussian_kernel(opts.smooth_sigma, opts.smooth_kernel, maps.device, maps.dtype)
-    return F.conv2d(maps, k, padding=opts.smooth_kernel // 2)
+    """Gaussian smoothing of (..., H, W) maps with zero padding, as the reference code's 2D
+    convolution does; the kernel is separable, so it is two banded matrix products (fast on CPUs)."""
+    g = gaussian_kernel(opts.smooth_sigma, opts.smooth_kernel, maps.device, maps.dtype)
+    h, w = maps.shape[-2:]
+    return _band(h, g) @ maps @ _band(w, g).T
 
 
 def _fused_batch(model: VAE, x: torch.Tensor, need: set[str]) -> dict[str, torch.Tensor]:
@@ -156,13 +166,17 @@ def compute_maps(model: VAE, slices, predictors: Iterable[str], beta: float = 1.
         if fused:
             r = _fused_batch(model, x, fused)
             maps = {"rec-error": r["rec-error"], RECONSTRUCTION: r["x_rec"]}
-            sm = (lambda m: smooth(m, opts)) if opts.smooth else (lambda m: m)
+            grads = {}
             if "g_rec" in r:
-                maps["rec-grad"] = sm(r["g_rec"].abs())
+                grads["rec-grad"] = r["g_rec"].abs()
             if "g_kl" in r:
-                maps["kl-grad"] = sm(r["g_kl"].abs())
+                grads["kl-grad"] = r["g_kl"].abs()
             if "g_rec" in r and "g_kl" in r:
-                maps["elbo-grad"] = sm((r["g_rec"] + beta * r["g_kl"]).abs())
+                grads["elbo-grad"] = (r["g_rec"] + beta * r["g_kl"]).abs()
+            if grads and opts.smooth:  # all gradient maps in one grouped convolution
+                smoothed = smooth(torch.cat(list(grads.values()), 1), opts)
+                grads = dict(zip(grads, smoothed.split(1, 1)))
+            maps.update(grads)
             for k in acc:
                 if k in maps:
                     acc[k].append(maps[k][:, 0].detach().cpu())
