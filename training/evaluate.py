@@ -18,7 +18,7 @@ import numpy as np
 
 import common  # noqa: F401
 from vaeanomaly.checkpoint import load_checkpoint, update_metadata
-from vaeanomaly.evaluation import collect_maps
+from vaeanomaly.evaluation import collect_maps, format_table
 from vaeanomaly.figures import overlay_figure, roc_figure
 from vaeanomaly.metrics import scoped_metrics
 from vaeanomaly.predictors import PredictorOptions, parse_predictors
@@ -28,17 +28,6 @@ METRICS = (("auroc", "pixel AUROC"), ("ap", "average precision"), ("dice", "best
 
 def row_label(ck, row: str) -> str:
     return {"latent": f"{ck.model.latent_dim}", "beta": f"{ck.beta:g}"}.get(row, ck.name)
-
-
-def markdown(results: dict, row: str, scope: str, metric: str) -> str:
-    preds = list(next(iter(results.values())))
-    head = {"latent": "latent size l", "beta": "β"}.get(row, "model")
-    lines = [f"| {head} | " + " | ".join(preds) + " |", "|---" * (len(preds) + 1) + "|"]
-    for label, res in results.items():
-        vals = [res[p][scope][metric] for p in preds]
-        best = max(vals)
-        lines.append(f"| {label} | " + " | ".join(f"**{v:.3f}**" if v == best else f"{v:.3f}" for v in vals) + " |")
-    return "\n".join(lines)
 
 
 def main(argv=None):
@@ -96,7 +85,8 @@ def main(argv=None):
           f"Command: `{command_line()}`", f"Evaluation time: {elapsed:.0f} s on {hardware(device)}.", ""]
     for scope, scope_name in (("brain", "inside the brain mask"), ("all", "all pixels, background included")):
         for metric, metric_name in METRICS:
-            md += [f"## {metric_name}, {scope_name}", "", markdown(results, a.row, scope, metric), ""]
+            header = {"latent": "latent size l", "beta": "β"}.get(a.row, "model")
+            md += [f"## {metric_name}, {scope_name}", "", format_table(results, scope, metric, header), ""]
     md.append(f"![ROC curves]({out.name}_roc.png)\n\n![Heatmaps]({out.name}_gallery.png)")
     Path(f"{out}.md").write_text("\n".join(md) + "\n")
     with open(f"{out}.csv", "w", newline="") as f:

@@ -109,7 +109,8 @@ def cmd_evaluate(a) -> int:
     print(f"{ck.name}: {len(items)} cases, pixels at the model grid ({ck.model.image_size}x{ck.model.image_size} slices)")
     for scope in ("brain", "all"):
         for metric in ("auroc", "ap", "dice"):
-            print(format_table(res, scope, metric) + "\n")
+            where = "inside the brain" if scope == "brain" else "all pixels, background included"
+            print(f"{metric.upper()}, {where}\n\n" + format_table({ck.name: res}, scope, metric) + "\n")
     return 0
 
 

@@ -32,8 +32,12 @@ def evaluate(checkpoint, cases, predictors, options=None, device="cpu", progress
     return {p: scoped_metrics(s, label, brain) for p, s in scores.items()}
 
 
-def format_table(results: dict, scope: str = "brain", metric: str = "auroc") -> str:
-    preds = list(results)
-    head = f"| {metric.upper()} ({'inside brain' if scope == 'brain' else 'all pixels'}) | " + " | ".join(preds) + " |"
-    row = "| | " + " | ".join(f"{results[p][scope][metric]:.3f}" for p in preds) + " |"
-    return "\n".join([head, "|" + "---|" * (len(preds) + 1), row])
+def format_table(results: dict, scope: str = "brain", metric: str = "auroc", row_header: str = "model") -> str:
+    """Markdown table, one row per model ({row label: evaluate() result}), predictors as columns,
+    the best value of each row in bold."""
+    preds = list(next(iter(results.values())))
+    lines = [f"| {row_header} | " + " | ".join(preds) + " |", "|---" * (len(preds) + 1) + "|"]
+    for label, res in results.items():
+        vals = [res[p][scope][metric] for p in preds]
+        lines.append(f"| {label} | " + " | ".join(f"**{v:.3f}**" if v == max(vals) else f"{v:.3f}" for v in vals) + " |")
+    return "\n".join(lines)
