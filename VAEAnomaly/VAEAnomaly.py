@@ -197,6 +197,9 @@ class VAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if p.useGPU and not self.logic.gpuAvailable():
             slicer.util.warningDisplay(_("No CUDA GPU is available to PyTorch; computing on the CPU."))
             device = "cpu"
+        warning = self.logic.memoryWarning(p.inputVolume)
+        if warning and not slicer.util.confirmOkCancelDisplay(warning):
+            return
         with slicer.util.tryWithErrorDisplay(_("Could not start the computation."), waitCursor=True):
             self._job = self.logic.startJob(p.inputVolume, p.brainMask, self._modelChoice(), p.predictor,
                                             steps=p.projectionSteps, lam=p.projectionLambda,
@@ -349,6 +352,17 @@ class VAEAnomalyLogic(ScriptedLoadableModuleLogic):
                     return False
                 slicer.util.pip_install(["-r", requirements])
         return True
+
+    @staticmethod
+    def memoryWarning(volume) -> str:
+        """A warning when scoring this volume would use more than half of the free memory."""
+        from vaeanomaly.volume import available_memory, memory_needed
+        dims = volume.GetImageData().GetDimensions() if volume and volume.GetImageData() else (0, 0, 0)
+        need, avail = memory_needed(dims), available_memory()
+        if need > 0.5 * avail:
+            return _("Scoring this volume needs about {need:.1f} GB of the {avail:.1f} GB free; Slicer may become "
+                     "slow. Continue?").format(need=need / 2**30, avail=avail / 2**30)
+        return ""
 
     @staticmethod
     def gpuAvailable() -> bool:

@@ -158,28 +158,22 @@ def main(argv=None):
     from tqdm import tqdm
     bar = tqdm(range(start, a.epochs), desc=f"train l={a.latent} β={a.beta:g}", file=sys.stderr, disable=rank != 0)
     t0 = time.time()
-    done_epochs = start
+    done_epochs, tot = start, [float("nan")] * 3
     for epoch in bar:
         net.train()
         perm = torch.randperm(len(x_all), generator=order_gen, device=a.device)[rank::world]
-        tot = np.zeros(3)
+        tot = torch.zeros(3, device=a.device)
         nb = 0
         for i in range(0, len(perm) - a.batch_size + 1, a.batch_size):
             idx = perm[i:i + a.batch_size]
             x = augment(x_all[idx], b_all[idx], a, gen)
-            if ddp:  # DDP needs the wrapped forward; the loss is the same
-                x_rec, mu, ls = net(x)
-                from vaeanomaly.model import kl_loss, rec_loss
-                rec, kl = rec_loss(x, x_rec).mean(), kl_loss(mu, ls).mean()
-                loss = rec + a.beta * kl
-            else:
-                loss, rec, kl = vae_loss(model, x, a.beta)
+            loss, rec, kl = vae_loss(net, x, a.beta)  # net: the model, or its DDP wrapper
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            tot += [loss.item(), rec.item(), kl.item()]
+            tot += torch.stack([loss, rec, kl]).detach()  # no per-step device sync
             nb += 1
-        tot /= max(nb, 1)
+        tot = (tot / max(nb, 1)).tolist()
         if rank == 0:
             writer.writerow([epoch + 1, f"{tot[0]:.3f}", f"{tot[1]:.3f}", f"{tot[2]:.3f}", f"{time.time() - t0:.1f}"])
             log.flush()

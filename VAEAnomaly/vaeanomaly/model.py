@@ -66,8 +66,9 @@ def kl_loss(mu: torch.Tensor, log_sigma: torch.Tensor) -> torch.Tensor:
     return 0.5 * (mu.pow(2) + (2 * log_sigma).exp() - 2 * log_sigma - 1).sum(1)
 
 
-def vae_loss(model: VAE, x: torch.Tensor, beta: float = 1.0):
-    """Training loss (batch mean of L_rec + beta*L_KL) with the reparameterised sample."""
+def vae_loss(model: nn.Module, x: torch.Tensor, beta: float = 1.0):
+    """Training loss (batch mean of L_rec + beta*L_KL) with the reparameterised sample.
+    `model` is a VAE or a wrapper with the same forward (DistributedDataParallel)."""
     x_rec, mu, log_sigma = model(x, sample=True)
     rec, kl = rec_loss(x, x_rec).mean(), kl_loss(mu, log_sigma).mean()
     return rec + beta * kl, rec, kl

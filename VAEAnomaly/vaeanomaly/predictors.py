@@ -157,7 +157,8 @@ def compute_maps(model: VAE, slices, predictors: Iterable[str], beta: float = 1.
     model = model.to(device).eval().requires_grad_(False)
     fused = need - {"proj-rec-error"}
     n, bs = len(x_all), opts.batch_size
-    steps = (1 if fused else 0) + (opts.proj_steps / 20 if "proj-rec-error" in need else 0)
+    proj_weight = opts.proj_steps / 20 if "proj-rec-error" in need else 0  # a projection step ~ 1/20 of a fused pass
+    total = ((1 if fused else 0) + proj_weight) or 1.0
     done, acc = 0.0, {k: [] for k in need | {RECONSTRUCTION}}
     for start in range(0, n, bs):
         if cancel and cancel():
@@ -180,14 +181,14 @@ def compute_maps(model: VAE, slices, predictors: Iterable[str], beta: float = 1.
             for k in acc:
                 if k in maps:
                     acc[k].append(maps[k][:, 0].detach().cpu())
-            done += len(x) / n * (1 if fused else 0)
+            done += len(x) / n
             if progress:
-                progress(done / steps)
+                progress(done / total)
         if "proj-rec-error" in need:
             acc["proj-rec-error"].append(_project(model, x, opts)[:, 0].cpu())
-            done += len(x) / n * opts.proj_steps / 20
+            done += len(x) / n * proj_weight
             if progress:
-                progress(done / steps)
+                progress(done / total)
     out = {k: torch.cat(v).numpy() for k, v in acc.items() if v}
     if "combi" in need:
         out["combi"] = (_normalise(torch.from_numpy(out["kl-grad"])) * torch.from_numpy(out["rec-error"])).numpy()

@@ -34,10 +34,16 @@ def available_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
+def memory_needed(size, n_maps: int = 8) -> int:
+    """Bytes to score a volume of this size: float32 copies (input, z-scored, smoothed, mask,
+    resampling) and the maps on the input grid."""
+    return int(np.prod([int(s) for s in size])) * 4 * (6 + n_maps)
+
+
 def check_memory(size, n_maps: int = 8, what: str = "input") -> None:
     """Refuse volumes whose processing would need more memory than is available."""
     voxels = int(np.prod([int(s) for s in size]))
-    need = voxels * 4 * (6 + n_maps)  # float32 copies: input, z-scored, smoothed, mask, maps, resampling
+    need = memory_needed(size, n_maps)
     avail = available_memory()
     if need > 0.8 * avail:
         raise VolumeError(f"{what} has {voxels:,} voxels ({'x'.join(map(str, size))}); processing needs "
