@@ -69,7 +69,7 @@ def registerSampleData():
 class VAEAnomalyParameterNode:
     inputVolume: vtkMRMLScalarVolumeNode
     brainMask: Union[vtkMRMLLabelMapVolumeNode, vtkMRMLSegmentationNode, None] = None
-    model: str = "vae-l64-b1"
+    model: str = "bvae-l64-b10"
     predictor: str = "rec-grad"
     projectionSteps: Annotated[int, WithinRange(0, 1000)] = 100
     projectionLambda: Annotated[float, WithinRange(0.0, 100.0)] = 0.5

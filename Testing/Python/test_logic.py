@@ -229,3 +229,32 @@ def test_saved_scene_keeps_heatmap_segment_and_parameters(scene, tiny_checkpoint
     l2 = VAEAnomalyLogic(s2)
     sid = seg2.GetSegmentation().GetSegmentIdBySegmentName("Anomaly")
     assert l2._segment_array(seg2, sid, in2).sum() == seg_sum
+
+
+def test_sample_data_end_to_end_with_bundled_model(scene):
+    """What the module's self-test does inside Slicer: sample case -> heatmap -> calibrated threshold -> segment."""
+    from conftest import ROOT
+    from vaeanomaly.metrics import dice, pixel_metrics
+    sample = ROOT / "VAEAnomaly" / "Resources" / "SampleData"
+    nodes = []
+    for cls, name in ((slicer.vtkMRMLScalarVolumeNode, "VAEAnomalySample_T2.nrrd"),
+                      (slicer.vtkMRMLLabelMapVolumeNode, "VAEAnomalySample_Lesion.nrrd")):
+        n = cls()
+        scene.AddNode(n)
+        n.AddDefaultStorageNode()
+        n.GetStorageNode().SetFileName(str(sample / name))
+        assert n.GetStorageNode().ReadData(n)
+        nodes.append(n)
+    t2, lesion = nodes
+    before = VAEAnomalyLogic.heatmap_array(t2).copy()
+    logic = VAEAnomalyLogic(scene)
+    heat = logic.process(t2, None, None, "elbo-grad")  # default bundled model
+    arr = logic.heatmap_array(heat)
+    gt = logic.heatmap_array(lesion) > 0
+    brain = arr > 0
+    assert pixel_metrics(arr[brain], gt[brain])["auroc"] > 0.9
+    t = logic.resolve_threshold(heat, "auto")
+    seg = logic.create_segment(heat, t, None, t2)
+    found = logic._segment_array(seg, seg.GetSegmentation().GetSegmentIdBySegmentName("Anomaly"), t2)
+    assert dice(found, gt) > 0.2 and found[gt].mean() > 0.5  # most of the lesion is outlined
+    assert np.array_equal(VAEAnomalyLogic.heatmap_array(t2), before)

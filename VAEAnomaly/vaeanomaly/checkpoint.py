@@ -18,7 +18,7 @@ from .model import ARCHITECTURE, VAE
 FORMAT = "vaeanomaly-checkpoint/1"
 META_KEY = "vaeanomaly"
 MODELS_DIR = Path(__file__).resolve().parent.parent / "Resources" / "Models"
-DEFAULT_MODEL = "vae-l64-b1"
+DEFAULT_MODEL = "bvae-l64-b10"  # best Dice and AP on the held-out lesion cohort (docs/table2_beta.md)
 
 
 class CheckpointError(ValueError):
