@@ -16,6 +16,19 @@ def command_line() -> str:
                                                          else sys.argv[0]] + sys.argv[1:])
 
 
+def code_version() -> str:
+    """The git commit the scripts run from ('+dirty' with uncommitted changes), or 'unknown'."""
+    import subprocess
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return (rev + ("+dirty" if dirty else "")) if rev else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
 def hardware(device: str) -> str:
     import torch
     if str(device).startswith("cuda") and torch.cuda.is_available():

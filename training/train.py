@@ -118,7 +118,7 @@ def calibrate(model, beta, slices, brain, device, q=99.0) -> dict:
 
 
 def main(argv=None):
-    from common import command_line, hardware, load_or_build_cache
+    from common import code_version, command_line, hardware, load_or_build_cache
     a = parse(argv)
     ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
     rank = 0
@@ -205,6 +205,7 @@ def main(argv=None):
         "thresholds_note": "99th percentile inside the brain on held-out healthy subjects",
         "training": {
             "command": command_line(),
+            "code_version": code_version(),
             "data": a.data_description or f"{n_cases} healthy subjects, {int(train_sel.sum())} training slices "
                                           f"({len(val_ids)} subjects held out for calibration)",
             "epochs": done_epochs, "batch_size": a.batch_size, "lr": a.lr, "seed": a.seed,

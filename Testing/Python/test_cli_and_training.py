@@ -86,7 +86,7 @@ def test_train_resume_and_scripts(cohort, tmp_path):
     log = list(csv.DictReader(open(out.with_suffix(".csv"))))
     assert [r["epoch"] for r in log] == ["1", "2", "3"]
     ck = load_checkpoint(out)
-    assert ck.meta["training"]["epochs"] == 3 and set(ck.thresholds) >= {"rec-grad", "proj-rec-error"}
+    assert ck.meta["training"]["code_version"] != "" and ck.meta["training"]["epochs"] == 3 and set(ck.thresholds) >= {"rec-grad", "proj-rec-error"}
     fit_ensemble.main(["--checkpoint", str(out), "--cache", str(cohort / "lesion.npz"), "--fraction", "0.5",
                        "--device", "cpu", "--out", str(tmp_path / "ens.md")])
     assert load_checkpoint(out).ensemble is not None
