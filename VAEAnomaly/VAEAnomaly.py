@@ -70,6 +70,7 @@ class VAEAnomalyParameterNode:
     inputVolume: vtkMRMLScalarVolumeNode
     brainMask: Union[vtkMRMLLabelMapVolumeNode, vtkMRMLSegmentationNode, None] = None
     model: str = "bvae-l64-b10"
+    customModelPath: str = ""  # kept in sync by hand: ctkPathLineEdit has no str binding
     predictor: str = "rec-grad"
     projectionSteps: Annotated[int, WithinRange(0, 1000)] = 100
     projectionLambda: Annotated[float, WithinRange(0.0, 100.0)] = 0.5
@@ -157,6 +158,7 @@ class VAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = inputParameterNode
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.ui.customModelPath.currentPath = self._parameterNode.customModelPath
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
             self._checkCanApply()
 
@@ -178,6 +180,8 @@ class VAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return self.ui.modelSelector.currentText
 
     def _updateModelCard(self, *args) -> None:
+        if self._parameterNode and self._parameterNode.customModelPath != self.ui.customModelPath.currentPath:
+            self._parameterNode.customModelPath = self.ui.customModelPath.currentPath
         self._checkCanApply()
         try:
             self.ui.modelCardLabel.text = self.logic.modelCard(self._modelChoice())
