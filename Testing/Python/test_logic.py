@@ -185,6 +185,10 @@ def test_masks_threshold_segment_and_edit_protection(scene, tiny_checkpoint):
     with pytest.raises(SegmentEditedError):
         logic.create_segment(h1, t, segn)
     assert logic._segment_array(segn, s.GetSegmentIdBySegmentName("Anomaly"), node).sum() == edited.sum()
+    n_nodes = scene.GetNumberOfNodes()
+    with pytest.raises(ValueError, match="lower the threshold"):
+        logic.create_segment(h1, float(arr.max()) + 1, segn, overwrite=True)
+    assert scene.GetNumberOfNodes() == n_nodes and s.GetSegmentIdBySegmentName("Anomaly")
     logic.create_segment(h1, t, segn, overwrite=True)
     assert logic._segment_array(segn, s.GetSegmentIdBySegmentName("Anomaly"), node).sum() == (arr > t).sum()
 

@@ -283,6 +283,9 @@ class VAEAnomalyLogic:
         import slicer
         ref = referenceVolume or self.scene.GetNodeByID(heatmapNode.GetAttribute("VAEAnomaly.Input") or "") or heatmapNode
         mask = self.heatmap_array(heatmapNode) > float(threshold)
+        if not mask.any():  # checked before anything in the scene changes
+            raise ValueError(f"no voxel of '{heatmapNode.GetName()}' is above the threshold {float(threshold):.4g}; "
+                             f"lower the threshold")
         if segmentationNode is None:
             segmentationNode = slicer.vtkMRMLSegmentationNode()
             segmentationNode.SetName(self.scene.GenerateUniqueName(f"{ref.GetName()} anomaly segmentation"))
