@@ -125,3 +125,12 @@ def test_smoothing_equals_2d_gaussian_convolution():
     k2d = (g[:, None] * g[None, :])[None, None]
     ref = torch.nn.functional.conv2d(x.reshape(6, 1, 64, 64), k2d, padding=opts.smooth_kernel // 2).reshape(3, 2, 64, 64)
     torch.testing.assert_close(smooth(x, opts), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_deterministic(random_model):
+    x = np.random.default_rng(4).normal(size=(6, 64, 64)).astype(np.float32)
+    opts = PredictorOptions(proj_steps=3, batch_size=4)
+    a = compute_maps(random_model, x, PREDICTORS, options=opts)
+    b = compute_maps(random_model, x, PREDICTORS, options=opts)
+    for k in PREDICTORS:
+        assert np.array_equal(a[k], b[k]), k
