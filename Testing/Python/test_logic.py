@@ -33,6 +33,16 @@ def add_volume(scene, img, name="T2"):
     return n
 
 
+def add_label(scene, arr, like_img):
+    """A label-map node holding `arr` on the geometry of `like_img`."""
+    img = sitk.GetImageFromArray(arr.astype(np.uint8))
+    img.CopyInformation(like_img)
+    n = slicer.vtkMRMLLabelMapVolumeNode()
+    scene.AddNode(n)
+    set_node_from_image(n, img)
+    return n
+
+
 def snapshot(scene):
     """Node ids and the input's voxels/geometry: what must not change."""
     return sorted(scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes()))
@@ -135,11 +145,7 @@ def test_masks_threshold_segment_and_edit_protection(scene, tiny_checkpoint):
     logic = VAEAnomalyLogic(scene)
     # a label-map mask and a segmentation mask give the same result; neither is modified
     mask_arr = (sitk.GetArrayFromImage(img) > 0).astype(np.uint8)
-    mimg = sitk.GetImageFromArray(mask_arr)
-    mimg.CopyInformation(img)
-    lab = slicer.vtkMRMLLabelMapVolumeNode()
-    scene.AddNode(lab)
-    set_node_from_image(lab, mimg)
+    lab = add_label(scene, mask_arr, img)
     seg_mask = slicer.vtkMRMLSegmentationNode()
     scene.AddNode(seg_mask)
     seg_mask.SetReferenceImageGeometryParameterFromVolumeNode(node)
@@ -171,11 +177,7 @@ def test_masks_threshold_segment_and_edit_protection(scene, tiny_checkpoint):
     sid = s.GetSegmentIdBySegmentName("Anomaly")
     edited = logic._segment_array(segn, sid, node).astype(np.uint8)
     edited[2, 4:8, 4:8] = 1  # the user paints somewhere the model did not flag
-    eimg = sitk.GetImageFromArray(edited)
-    eimg.CopyInformation(img)
-    tmp = slicer.vtkMRMLLabelMapVolumeNode()
-    scene.AddNode(tmp)
-    set_node_from_image(tmp, eimg)
+    tmp = add_label(scene, edited, img)
     import vtk
     ids = vtk.vtkStringArray()
     ids.InsertNextValue(sid)

@@ -159,18 +159,10 @@ class VAEAnomalyLogic:
 
     def _segmentation_mask(self, segNode, referenceVolume):
         """Visible segments of a segmentation, on the reference volume's grid (segmentation untouched)."""
-        import slicer
-        label = slicer.vtkMRMLLabelMapVolumeNode()
-        label.SetName("__VAEAnomaly_temp_mask__")
-        self.scene.AddNode(label)
-        try:
-            ok = slicer.vtkSlicerSegmentationsModuleLogic.ExportVisibleSegmentsToLabelmapNode(segNode, label, referenceVolume)
-            if not ok or label.GetImageData() is None:
-                from vaeanomaly.volume import VolumeError
-                raise VolumeError(f"could not turn segmentation '{segNode.GetName()}' into a brain mask")
-            return image_from_node(label, "brain mask")
-        finally:
-            self._remove(label)
+        import SimpleITK as sitk
+        mask = sitk.GetImageFromArray(self._segment_array(segNode, None, referenceVolume).astype(np.uint8))
+        mask.CopyInformation(image_from_node(referenceVolume))
+        return mask
 
     def _remove(self, node):
         if node is None:
@@ -260,15 +252,24 @@ class VAEAnomalyLogic:
         disp.ApplyThresholdOn()
 
     def _segment_array(self, segNode, segmentId, referenceVolume) -> np.ndarray:
+        """One segment (or, with segmentId None, all visible segments) as a bool array on the reference
+        volume's grid, through a temporary label map that is removed again."""
         import slicer
         import vtk
         label = slicer.vtkMRMLLabelMapVolumeNode()
         self.scene.AddNode(label)
         try:
-            ids = vtk.vtkStringArray()
-            ids.InsertNextValue(segmentId)
-            slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(segNode, ids, label, referenceVolume)
-            return self.heatmap_array(label) > 0
+            logic = slicer.vtkSlicerSegmentationsModuleLogic
+            if segmentId is None:
+                ok = logic.ExportVisibleSegmentsToLabelmapNode(segNode, label, referenceVolume)
+            else:
+                ids = vtk.vtkStringArray()
+                ids.InsertNextValue(segmentId)
+                ok = logic.ExportSegmentsToLabelmapNode(segNode, ids, label, referenceVolume)
+            if not ok or label.GetImageData() is None:
+                from vaeanomaly.volume import VolumeError
+                raise VolumeError(f"could not export segmentation '{segNode.GetName()}' as a label map")
+            return self.heatmap_array(label) > 0  # a new array: survives the node's removal
         finally:
             self._remove(label)
 
