@@ -19,9 +19,7 @@ import torch.nn.functional as F
 
 from .model import VAE, kl_loss, rec_loss
 
-PREDICTORS = ("rec-error", "elbo-grad", "kl-grad", "rec-grad", "combi", "proj-rec-error")
-ENSEMBLE = "ensemble"
-RECONSTRUCTION = "reconstruction"  # not a predictor: the model's reconstruction z=mu, for display
+from .registry import ENSEMBLE, PAPER_PREDICTORS as PREDICTORS, RECONSTRUCTION  # noqa: E402  (one registry)
 ALL_OUTPUTS = PREDICTORS + (ENSEMBLE, RECONSTRUCTION)
 _GRAD_MAPS = {"elbo-grad", "kl-grad", "rec-grad", "combi"}
 

@@ -1,0 +1,63 @@
+"""One registry of what can be computed and of the defaults everyone uses.
+
+The CLI, the Slicer panel and its parameter node, the checkpoint metadata, training and the tests
+all enumerate these entries; nothing else spells out a predictor's name, title or default.
+Numerical option defaults live in one dataclass, `predictors.PredictorOptions`; this module
+re-exports them as `DEFAULT_OPTIONS`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class PredictorInfo:
+    name: str
+    title: str
+    description: str
+    calibrated: bool = True      # the checkpoint can hold a healthy-brain threshold for it
+    projection: bool = False     # runs the iterative projection (slow)
+
+
+PREDICTOR_INFO: dict[str, PredictorInfo] = {p.name: p for p in (
+    PredictorInfo("rec-grad", "Rec-grad",
+                  "|d L_rec / d x|: gradient of the reconstruction error w.r.t. the image (smoothed). "
+                  "Best or equal-best in the paper and on the benchmarks."),
+    PredictorInfo("elbo-grad", "ELBO-grad",
+                  "|d (L_rec + beta L_KL) / d x|: gradient of the whole ELBO (smoothed)."),
+    PredictorInfo("kl-grad", "KL-grad",
+                  "|d L_KL / d x|: gradient of the KL term alone (Zimmerer et al.; smoothed)."),
+    PredictorInfo("rec-error", "Rec-Error",
+                  "(x - VAE(x))^2: plain pixel-wise reconstruction error."),
+    PredictorInfo("combi", "Combi",
+                  "normalised KL-grad times the reconstruction error (Zimmerer et al.)."),
+    PredictorInfo("proj-rec-error", "Proj-Rec-Error",
+                  "reconstruction error after the iterative projection of Dehaene et al. (slow).",
+                  projection=True),
+    PredictorInfo("ensemble", "Ensemble",
+                  "logistic regression on Rec-Error, KL-grad and Rec-grad per pixel (needs a checkpoint "
+                  "that carries ensemble weights)."),
+)}
+
+DEFAULT_PREDICTOR = "rec-grad"
+PAPER_PREDICTORS = ("rec-error", "elbo-grad", "kl-grad", "rec-grad", "combi", "proj-rec-error")
+ENSEMBLE = "ensemble"
+RECONSTRUCTION = "reconstruction"  # not a predictor: the model's reconstruction (z = mu), for display
+THRESHOLD_MODES = ("calibrated", "percentile", "absolute")
+DEFAULT_THRESHOLD_MODE = "calibrated"
+DEFAULT_PERCENTILE = 99.0
+
+
+def predictor_names(include_ensemble: bool = True) -> list[str]:
+    """Panel order: the default first."""
+    return [n for n in PREDICTOR_INFO if include_ensemble or n != ENSEMBLE]
+
+
+def title(name: str) -> str:
+    return PREDICTOR_INFO[name].title if name in PREDICTOR_INFO else name
+
+
+def default_options():
+    """A fresh `PredictorOptions` with the documented defaults."""
+    from .predictors import PredictorOptions
+    return PredictorOptions()
