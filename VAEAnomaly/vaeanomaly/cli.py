@@ -32,6 +32,9 @@ class Progress:
 
 
 def _options(a) -> PredictorOptions:
+    if getattr(a, "options", None):  # one serialised PredictorOptions (the Slicer module's job)
+        import json
+        return PredictorOptions.from_dict(json.loads(Path(a.options).read_text()))
     return PredictorOptions(smooth=not a.no_smooth, proj_steps=a.proj_steps, proj_lambda=a.proj_lambda,
                             proj_lr=a.proj_lr, proj_weighted=a.proj_weighted, batch_size=a.batch_size)
 
@@ -47,6 +50,8 @@ def _add_model_args(p):
     p.add_argument("--proj-lr", type=float, default=0.03, help="Proj-Rec-Error: Adam step α")
     p.add_argument("--proj-weighted", action="store_true", help="Dehaene et al.'s error-weighted step")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--options", metavar="OPTIONS.json",
+                   help="PredictorOptions as JSON (PredictorOptions.to_dict()); replaces the option flags above")
     p.add_argument("--progress", choices=["bar", "lines", "none"], default="bar")
 
 
