@@ -36,17 +36,19 @@ def hardware(device: str) -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def load_or_build_cache(cache: str | None, data: str | None, lesion: bool, pattern: str | None = None):
+def load_or_build_cache(cache: str | None, data: str | None, lesion: bool, pattern: str | None = None,
+                        image_size: int = 64):
     """A slice cache from --cache, or built (and saved beside the data) from a cohort folder."""
     from vaeanomaly.data import HCP_GLOB, SliceCache, brats_items, build_cache, healthy_items
+    from vaeanomaly.preprocessing import Preprocessing
     if cache and Path(cache).exists():
         return SliceCache.load(cache)
     if not data:
         raise SystemExit("give --cache FILE.npz (existing) or --data FOLDER")
     from tqdm import tqdm
     items = brats_items(data) if lesion else healthy_items(data, pattern or HCP_GLOB)
-    bar = tqdm(total=len(items), desc="building slice cache", file=sys.stderr)
-    c = build_cache(items, min_brain_fraction=0.0 if lesion else 0.05,
+    bar = tqdm(total=len(items), desc=f"building slice cache ({image_size}x{image_size})", file=sys.stderr)
+    c = build_cache(items, Preprocessing(image_size=image_size), min_brain_fraction=0.0 if lesion else 0.05,
                     progress=lambda f: bar.update(round(f * len(items)) - bar.n))
     bar.close()
     if cache:

@@ -39,6 +39,9 @@ def parse(argv=None):
     ap.add_argument("--out", required=True, help="checkpoint path (.safetensors)")
     ap.add_argument("--name", help="model name in the metadata")
     ap.add_argument("--latent", type=int, default=64)
+    ap.add_argument("--image-size", type=int, default=64, choices=[64, 128],
+                    help="model grid: 64 (3.75 mm pixels over 240 mm, the paper's) or 128 (1.9 mm; one more stage)")
+    ap.add_argument("--init", help="start from this checkpoint's weights (same architecture); recorded in the card")
     ap.add_argument("--beta", type=float, default=1.0)
     ap.add_argument("--epochs", type=int, default=100)
     ap.add_argument("--batch-size", type=int, default=64)
@@ -62,6 +65,9 @@ def parse(argv=None):
             if getattr(a, k, None) == getattr(defaults, k, None):
                 setattr(a, k, v)
     return a
+
+
+CHANNELS = {64: (16, 32, 64, 256), 128: (16, 32, 64, 128, 256)}  # one more stride-2 stage per doubling
 
 
 def augment(x: torch.Tensor, brain: torch.Tensor, a, gen: torch.Generator) -> torch.Tensor:
@@ -130,7 +136,20 @@ def main(argv=None):
             torch.cuda.set_device(a.device)
     torch.manual_seed(a.seed)
     out = Path(a.out)
-    cache = load_or_build_cache(a.cache, a.data, lesion=False, pattern=a.pattern)
+    if a.data:
+        from vaeanomaly.synth import check_training_domains, read_manifest
+        manifest = read_manifest(a.data)  # a generated cohort: never a held-out domain
+        if manifest:
+            check_training_domains({c["domain"] for c in manifest.values()})
+    cache = load_or_build_cache(a.cache, a.data, lesion=False, pattern=a.pattern, image_size=a.image_size)
+    from vaeanomaly.synth import HELD_OUT_DOMAINS, FOREIGN_DOMAINS
+    leaked = [n for n in cache.names if any(f"-{d}-" in n.split("/")[0] for d in HELD_OUT_DOMAINS + FOREIGN_DOMAINS)]
+    if leaked:
+        raise SystemExit(f"the training cache holds cases of a held-out domain ({leaked[:3]}...): "
+                         f"held-out domains never reach training")
+    if cache.slices.shape[-1] != a.image_size:
+        raise SystemExit(f"the cache holds {cache.slices.shape[-1]}x{cache.slices.shape[-1]} slices but "
+                         f"--image-size is {a.image_size}")
     rng = np.random.default_rng(a.seed)
     n_cases = len(cache.names)
     val_ids = set(rng.choice(n_cases, max(1, int(round(a.val_fraction * n_cases))), replace=False).tolist()) \
@@ -138,7 +157,13 @@ def main(argv=None):
     train_sel = ~np.isin(cache.case, list(val_ids))
     x_all = torch.from_numpy(cache.slices[train_sel].astype(np.float32))[:, None].to(a.device)
     b_all = torch.from_numpy(cache.brain[train_sel].astype(np.float32))[:, None].to(a.device)
-    model = VAE(a.latent).to(a.device)
+    model = VAE(a.latent, a.image_size, CHANNELS[a.image_size]).to(a.device)
+    if a.init:
+        from vaeanomaly.checkpoint import load_checkpoint
+        init = load_checkpoint(a.init)
+        if init.model.config() != model.config():
+            raise SystemExit(f"--init {a.init} has architecture {init.model.config()}, not {model.config()}")
+        model.load_state_dict(init.model.state_dict())
     opt = torch.optim.Adam(model.parameters(), lr=a.lr)
     start = 0
     if a.resume and _state_path(out).exists():
@@ -199,7 +224,7 @@ def main(argv=None):
     meta = {
         "name": a.name or out.name.replace(".safetensors", ""),
         "beta": a.beta,
-        "preprocessing": Preprocessing().to_dict(),
+        "preprocessing": Preprocessing(image_size=a.image_size).to_dict(),
         "predictor_defaults": PredictorOptions().to_dict(),
         "thresholds": thresholds,
         "thresholds_note": "99th percentile inside the brain on held-out healthy subjects",
@@ -209,6 +234,7 @@ def main(argv=None):
             "data": a.data_description or f"{n_cases} healthy subjects, {int(train_sel.sum())} training slices "
                                           f"({len(val_ids)} subjects held out for calibration)",
             "epochs": done_epochs, "batch_size": a.batch_size, "lr": a.lr, "seed": a.seed,
+            "initialised_from": Path(a.init).name if a.init else None,
             "augmentation": {"max_rotation_deg": a.max_rotation, "noise": a.noise, "intensity": a.intensity},
             "time": f"{train_time:.0f} s", "hardware": hardware(a.device) + (f" x{world}" if ddp else ""),
             "final_loss": {"loss": tot[0], "rec": tot[1], "kl": tot[2]},

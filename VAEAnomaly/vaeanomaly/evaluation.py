@@ -14,9 +14,16 @@ def collect_maps(checkpoint, cases, predictors, options=None, device="cpu", prog
     scores = {p: [] for p in predictors}
     brains, labels = [], []
     cases = list(cases)
+    from .calibration import inference_kwargs
+    kwargs = inference_kwargs(checkpoint, predictors, options)  # the ensemble, Combi's constants
     for i, (name, slices, brain, label) in enumerate(cases):
+        if progress is not None and hasattr(progress, "stage"):
+            progress.stage(f"case {name} ({i + 1}/{len(cases)})")
+        case_progress = (lambda f, i=i: progress((i + f) / len(cases))) if progress else None
+        if case_progress is not None and hasattr(progress, "stage"):
+            case_progress.stage = lambda text, name=name, i=i: progress.stage(f"case {name} ({i + 1}/{len(cases)}): {text}")
         maps = compute_maps(checkpoint.model, slices, predictors, checkpoint.beta, options, device,
-                            ensemble=checkpoint.ensemble if "ensemble" in predictors else None, cancel=cancel)
+                            progress=case_progress, cancel=cancel, **kwargs)
         for p in predictors:
             scores[p].append(np.where(brain, maps[p], 0).astype(np.float32))
         brains.append(brain)
@@ -41,3 +48,68 @@ def format_table(results: dict, scope: str = "brain", metric: str = "auroc", row
         vals = [res[p][scope][metric] for p in preds]
         lines.append(f"| {label} | " + " | ".join(f"**{v:.3f}**" if v == max(vals) else f"{v:.3f}" for v in vals) + " |")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- the clinician's benchmark
+INTENSITY = "intensity"  # the plain-intensity baseline: the z-scored scan itself as the score
+
+
+def intensity_threshold(healthy_cases, q: float = 99.0) -> float:
+    """The baseline's 'calibrated' threshold: q-th percentile of the z-scored scan inside healthy brains."""
+    vals = np.concatenate([s[b] for _, s, b, _ in healthy_cases])
+    return float(np.percentile(vals, q))
+
+
+def benchmark(score_fns: dict, cases, groups: dict, thresholds: dict, progress=None) -> list[dict]:
+    """Per (family, domain) and scorer: what a clinician gets beside the oracle metrics.
+
+    score_fns: {scorer: f(slices) -> maps (N, S, S)}; cases: iterable of (name, slices, brain, label);
+    groups: {case name: (domain, family or None for healthy)}; thresholds: {scorer: calibrated threshold}.
+    Returns rows {scorer, family, domain, n_cases, auroc, ap, dice_oracle, dice_calibrated,
+    lesion_flagged_pct, healthy_flagged_pct} (healthy_flagged_pct: % of healthy brain pixels above the
+    calibrated threshold in healthy cases of that domain; AUROC/AP/Dice pool the pixels of the cases)."""
+    from .metrics import dice, pixel_metrics
+    cases = list(cases)
+    pooled = {}  # (scorer, domain, family) -> [scores in brain], [labels in brain]
+    for i, (name, slices, brain, label) in enumerate(cases):
+        dom, fam = groups[name]
+        for scorer, f in score_fns.items():
+            s = f(slices)[brain]
+            pooled.setdefault((scorer, dom, fam), ([], []))
+            pooled[(scorer, dom, fam)][0].append(s.astype(np.float32))
+            pooled[(scorer, dom, fam)][1].append(label[brain])
+        if progress:
+            progress((i + 1) / len(cases))
+    rows = []
+    for (scorer, dom, fam), (s, y) in sorted(pooled.items(), key=lambda kv: (str(kv[0][2]), kv[0][1], kv[0][0])):
+        if fam is None:
+            continue
+        s, y = np.concatenate(s), np.concatenate(y)
+        thr = thresholds.get(scorer)
+        m = pixel_metrics(s, y)
+        healthy = pooled.get((scorer, dom, None))
+        hf = float(100 * (np.concatenate(healthy[0]) > thr).mean()) if healthy and thr is not None else float("nan")
+        rows.append({"scorer": scorer, "family": fam, "domain": dom,
+                     "n_cases": sum(1 for n, _, _, _ in cases if groups[n] == (dom, fam)),
+                     "auroc": m["auroc"], "ap": m["ap"], "dice_oracle": m["dice"],
+                     "dice_calibrated": dice(s > thr, y) if thr is not None else float("nan"),
+                     "lesion_flagged_pct": float(100 * (s[y] > thr).mean()) if thr is not None else float("nan"),
+                     "healthy_flagged_pct": hf})
+    return rows
+
+
+def format_benchmark(rows: list[dict]) -> str:
+    """Markdown: one table per lesion family, rows domain x scorer."""
+    out = []
+    for fam in dict.fromkeys(r["family"] for r in rows):
+        out += [f"### {fam}", "",
+                "| domain | scorer | cases | healthy brain flagged % (calibrated) | Dice (calibrated) | "
+                "lesion recall % (calibrated) | AUROC | AP | best Dice (oracle threshold) |",
+                "|---|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            if r["family"] == fam:
+                out.append(f"| {r['domain']} | {r['scorer']} | {r['n_cases']} | {r['healthy_flagged_pct']:.2f} | "
+                           f"{r['dice_calibrated']:.3f} | {r['lesion_flagged_pct']:.1f} | {r['auroc']:.3f} | "
+                           f"{r['ap']:.3f} | {r['dice_oracle']:.3f} |")
+        out.append("")
+    return "\n".join(out)
