@@ -2,12 +2,17 @@
 
 Metadata keys: format, model (architecture, latent_dim, image_size, channels), beta,
 preprocessing, training (data, command, time, hardware), library_version, optional
-ensemble (see ensemble.py), thresholds ({predictor: value}) and evaluation.
+ensemble (see ensemble.py), thresholds ({predictor: value}), thresholds_options (the predictor
+options the thresholds hold for), combi_normalisation (Combi's fixed constants), calibration
+(what the thresholds were computed on; see calibration.py) and evaluation.
+
+Bundled models are found by globbing `*.safetensors` in the module's Resources/Models folder (a
+source checkout, the Slicer module) or, in an installed wheel, in the package data
+`vaeanomaly.bundled` (the same folder, shipped by pyproject.toml), through importlib.resources.
 """
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,8 +22,33 @@ from .model import ARCHITECTURE, VAE
 
 FORMAT = "vaeanomaly-checkpoint/1"
 META_KEY = "vaeanomaly"
-MODELS_DIR = Path(__file__).resolve().parent.parent / "Resources" / "Models"
 DEFAULT_MODEL = "bvae-l64-b10"  # best Dice and AP on the held-out lesion cohort (docs/table2_beta.md)
+
+
+def resources_dir() -> Path:
+    """The Resources folder: package data of an installed wheel (importlib.resources), else the
+    folder beside the package (source checkout, Slicer module)."""
+    import importlib.resources
+    try:
+        root = Path(str(importlib.resources.files("vaeanomaly.bundled")))
+        if (root / "Models").is_dir():
+            return root
+    except (ModuleNotFoundError, TypeError, ValueError):
+        pass
+    return Path(__file__).resolve().parent.parent / "Resources"
+
+
+MODELS_DIR = resources_dir() / "Models"
+SAMPLE_DIR = resources_dir() / "SampleData"
+
+
+def sample_data(name: str = "VAEAnomalySample_T2.nrrd") -> Path:
+    """A bundled sample-data file (the Slicer module's sample case)."""
+    p = SAMPLE_DIR / name
+    if not p.is_file():
+        have = ", ".join(sorted(q.name for q in SAMPLE_DIR.glob("*"))) or "none"
+        raise FileNotFoundError(f"no bundled sample data '{name}' (have: {have})")
+    return p
 
 
 class CheckpointError(ValueError):
@@ -48,6 +78,18 @@ class Checkpoint:
         return self.meta.get("thresholds", {})
 
     @property
+    def threshold_options(self) -> dict:
+        """The predictor options the calibrated thresholds hold for. Checkpoints written before this was
+        recorded were calibrated by training/train.py with the defaults but 50 projection steps."""
+        from .calibration import LEGACY_THRESHOLD_OPTIONS
+        return self.meta.get("thresholds_options") or dict(LEGACY_THRESHOLD_OPTIONS)
+
+    @property
+    def combi_normalisation(self):
+        """{'min', 'max', 'options'} from healthy calibration data, or None (older checkpoints)."""
+        return self.meta.get("combi_normalisation")
+
+    @property
     def ensemble(self):
         from .ensemble import Ensemble
         e = self.meta.get("ensemble")
@@ -65,6 +107,13 @@ class Checkpoint:
                          ", ".join(f"{k} {v:.3f}" for k, v in ev.items()))
         if self.thresholds:
             lines.append("calibrated thresholds: " + ", ".join(f"{k} {v:.3g}" for k, v in self.thresholds.items()))
+            if "thresholds_options" in m:
+                o = m["thresholds_options"]
+                lines.append(f"  hold for: smoothing {'on' if o.get('smooth') else 'off'}, projection "
+                             f"{o.get('proj_steps')} steps, lambda {o.get('proj_lambda')}")
+            else:
+                lines.append("  (older calibration: no ensemble threshold, no Combi constants; re-calibrate with "
+                             "training/calibrate.py)")
         if m.get("ensemble"):
             lines.append("ensemble: " + ", ".join(m["ensemble"]["features"]))
         if t.get("command"):
@@ -79,22 +128,24 @@ def save_checkpoint(path, model: VAE, meta: dict, fp16: bool = False) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     full = {"format": FORMAT, "library_version": __version__, **meta, "model": model.config()}
     tensors = {k: (v.half() if fp16 else v.float()).contiguous().cpu() for k, v in model.state_dict().items()}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(full)})
-    os.replace(tmp, path)
+    from .io import atomic_path
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(full)})
     return path
 
 
 def update_metadata(path, **changes) -> Checkpoint:
-    """Rewrite a checkpoint with metadata keys replaced (weights untouched, dtype kept)."""
+    """Rewrite a checkpoint with metadata keys replaced (a value None removes the key); weights
+    untouched, dtype kept. Written to a temporary file and renamed: never half-written."""
     from safetensors.torch import load_file, save_file
+
+    from .io import atomic_path
     ck = load_checkpoint(path)
-    meta = {**ck.meta, **changes}
-    tensors = load_file(str(path))
-    tmp = Path(str(path) + ".tmp")
-    save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta)})
-    os.replace(tmp, path)
-    return load_checkpoint(path)
+    meta = {k: v for k, v in {**ck.meta, **changes}.items() if v is not None}
+    tensors = load_file(str(ck.path))
+    with atomic_path(ck.path) as tmp:
+        save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta)})
+    return load_checkpoint(ck.path)
 
 
 def resolve_model(name_or_path=None) -> Path:
@@ -112,6 +163,7 @@ def resolve_model(name_or_path=None) -> Path:
 
 
 def bundled_models() -> list[str]:
+    """Every bundled model (globbed, so newly bundled ones appear without code changes)."""
     return sorted(p.name[:-len(".safetensors")] for p in MODELS_DIR.glob("*.safetensors"))
 
 

@@ -1,115 +1,309 @@
-"""The `vaeanomaly` command: score, evaluate, generate, info, demo."""
+"""The `vaeanomaly` command: score, evaluate, generate, info, demo.
+
+Everything the user asked for is checked before any computation (options, predictors, thresholds,
+output paths against the inputs); every file is written to a temporary file and renamed; errors
+end with one line saying what to do (`--debug` shows the traceback).
+"""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import time
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
-from .predictors import ALL_OUTPUTS, PREDICTORS, PredictorOptions, parse_predictors
+from .predictors import PredictorOptions, parse_predictors
+from .registry import DEFAULT_PREDICTOR, ENSEMBLE, PAPER_PREDICTORS, PREDICTOR_INFO, RECONSTRUCTION
+
+IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 
 
 class Progress:
-    """tqdm bar on stderr, or 'PROGRESS <fraction>' lines for a parent process (the Slicer module)."""
+    """tqdm bar with ETA on stderr, or 'PROGRESS <fraction> ETA <seconds>s <stage>' lines for a parent
+    process (the Slicer module reads the fraction). `stage(text)` names what runs now."""
 
-    def __init__(self, mode: str, desc: str):
-        self.mode, self.bar = mode, None
+    def __init__(self, mode: str, desc: str, min_interval: float = 0.1):
+        self.mode, self.bar, self.desc, self.text = mode, None, desc, ""
+        self.first, self.last, self.min_interval = None, 0.0, min_interval  # (time, fraction) of the first report
         if mode == "bar":
             from tqdm import tqdm
-            self.bar = tqdm(total=1000, desc=desc, file=sys.stderr, bar_format="{l_bar}{bar}| {elapsed}<{remaining}")
+            self.bar = tqdm(total=1000, desc=desc, file=sys.stderr,
+                            bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining} {postfix}")
+
+    def stage(self, text: str) -> None:
+        self.text = text
+        if self.bar is not None:
+            self.bar.set_postfix_str(text[:60], refresh=True)
+
+    def eta(self, frac: float) -> Optional[float]:
+        """Seconds left, from the rate since the first report (so set-up time does not skew it)."""
+        now = time.monotonic()
+        if self.first is None:
+            self.first = (now, frac)
+            return None
+        t0, f0 = self.first
+        return (now - t0) * (1 - frac) / (frac - f0) if frac > f0 else None
 
     def __call__(self, frac: float):
+        frac = min(max(frac, 0.0), 1.0)
         if self.bar is not None:
-            self.bar.n = int(1000 * min(frac, 1.0))
+            self.bar.n = int(1000 * frac)
             self.bar.refresh()
         elif self.mode == "lines":
-            print(f"PROGRESS {frac:.4f}", file=sys.stderr, flush=True)
+            now = time.monotonic()
+            eta = self.eta(frac)
+            if frac < 1 and now - self.last < self.min_interval:
+                return
+            self.last = now
+            print(f"PROGRESS {frac:.4f} ETA {'?' if eta is None else f'{eta:.0f}s'} {self.text}".rstrip(),
+                  file=sys.stderr, flush=True)
 
     def close(self):
         if self.bar is not None:
             self.bar.close()
 
 
+# --------------------------------------------------------------------------- options
 def _options(a) -> PredictorOptions:
-    if getattr(a, "options", None):  # one serialised PredictorOptions (the Slicer module's job)
-        import json
-        return PredictorOptions.from_dict(json.loads(Path(a.options).read_text()))
-    return PredictorOptions(smooth=not a.no_smooth, proj_steps=a.proj_steps, proj_lambda=a.proj_lambda,
-                            proj_lr=a.proj_lr, proj_weighted=a.proj_weighted, batch_size=a.batch_size)
+    """The predictor options from the flags, or from --options OPTIONS.json (the Slicer module's job);
+    checked before any computation."""
+    if getattr(a, "options", None):  # one serialised PredictorOptions
+        p = Path(a.options)
+        try:
+            d = json.loads(p.read_text())
+        except FileNotFoundError:
+            raise ValueError(f"--options file '{p}' does not exist") from None
+        except (OSError, json.JSONDecodeError) as err:
+            raise ValueError(f"--options file '{p}' is not readable JSON: {err}") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"--options file '{p}' must hold a JSON object (PredictorOptions.to_dict())")
+        unknown = sorted(set(d) - set(PredictorOptions.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"--options file '{p}': unknown option(s) {', '.join(unknown)}; known: "
+                             f"{', '.join(PredictorOptions.__dataclass_fields__)}")
+        opts = PredictorOptions.from_dict(d)
+    else:
+        opts = PredictorOptions(smooth=not a.no_smooth, proj_steps=a.proj_steps, proj_lambda=a.proj_lambda,
+                                proj_lr=a.proj_lr, proj_weighted=a.proj_weighted, batch_size=a.batch_size)
+    problems = []
+    if not isinstance(opts.proj_steps, int) or opts.proj_steps < 0:
+        problems.append(f"--proj-steps must be a whole number >= 0 (got {opts.proj_steps})")
+    if not opts.proj_lambda >= 0:
+        problems.append(f"--proj-lambda must be >= 0 (got {opts.proj_lambda})")
+    if not opts.proj_lr > 0:
+        problems.append(f"--proj-lr must be > 0 (got {opts.proj_lr})")
+    if not isinstance(opts.batch_size, int) or opts.batch_size < 1:
+        problems.append(f"--batch-size must be a whole number >= 1 (got {opts.batch_size})")
+    if not (opts.smooth_sigma > 0 and int(opts.smooth_kernel) >= 1):
+        problems.append("smoothing needs sigma > 0 and a kernel of at least 1 pixel")
+    if problems:
+        raise ValueError("; ".join(problems))
+    return opts
 
 
-def _add_model_args(p):
-    p.add_argument("--model", help="checkpoint file or bundled model name (default: the bundled default)")
-    p.add_argument("--predictor", default="rec-grad",
-                   help=f"one of {', '.join(PREDICTORS)}, ensemble; a comma-separated list; or 'all'")
+def parse_threshold(spec: str) -> tuple[str, float]:
+    """'auto' -> ('auto', nan); 'p99' -> ('percentile', 99.0); '0.8' -> ('absolute', 0.8)."""
+    s = str(spec).strip().lower()
+    if s == "auto":
+        return "auto", float("nan")
+    try:
+        if s.startswith("p"):
+            q = float(s[1:])
+            if not 0 <= q <= 100:
+                raise ValueError(f"--threshold percentile {q:g} is outside 0-100")
+            return "percentile", q
+        v = float(s)
+        if not np.isfinite(v):
+            raise ValueError
+        return "absolute", v
+    except ValueError as err:
+        if "outside" in str(err):
+            raise
+        raise ValueError(f"--threshold '{spec}' is not a number, a percentile like p99, or 'auto' "
+                         f"(the checkpoint's calibrated threshold)") from None
+
+
+def _predictors(spec: str, ck, opts: PredictorOptions, explicit_all_note: bool = True) -> list[str]:
+    """Validated predictor names for this checkpoint and these options. 'all' is the six paper
+    predictors plus the ensemble when the checkpoint carries one that runs with these options."""
+    names = parse_predictors(spec, with_ensemble=ck.ensemble is not None)
+    if spec.strip() == "all":
+        if ck.ensemble is None:
+            print("vaeanomaly: note: 'all' without the ensemble: this checkpoint carries none "
+                  "(fit one with training/fit_ensemble.py)", file=sys.stderr)
+        else:
+            try:
+                ck.ensemble.check_options(opts)
+            except ValueError as err:
+                names.remove(ENSEMBLE)
+                print(f"vaeanomaly: note: 'all' without the ensemble: {err}", file=sys.stderr)
+    elif ENSEMBLE in names:
+        if ck.ensemble is None:
+            raise ValueError(f"'{ck.name}' carries no ensemble; fit one with training/fit_ensemble.py, or choose "
+                             f"another predictor")
+        ck.ensemble.check_options(opts)
+    return names
+
+
+def _add_model_args(p, predictor_default: str = DEFAULT_PREDICTOR):
+    from .checkpoint import DEFAULT_MODEL
+    d = PredictorOptions()
+    p.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint file (.safetensors) or bundled model name "
+                                                          "(`vaeanomaly info --list`)")
+    p.add_argument("--predictor", default=predictor_default, metavar="NAME[,NAME...]",
+                   help=f"{', '.join(PREDICTOR_INFO)}; a comma-separated list; 'all' (the six paper predictors and "
+                        f"the checkpoint's ensemble); '{RECONSTRUCTION}' adds the model's reconstruction (z-score "
+                        f"units, for display)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (falls back to cpu if unavailable)")
-    p.add_argument("--no-smooth", action="store_true", help="no Gaussian smoothing of gradient maps")
-    p.add_argument("--proj-steps", type=int, default=100, help="Proj-Rec-Error: projection steps N")
-    p.add_argument("--proj-lambda", type=float, default=0.5, help="Proj-Rec-Error: L1 weight λ")
-    p.add_argument("--proj-lr", type=float, default=0.03, help="Proj-Rec-Error: Adam step α")
+    p.add_argument("--no-smooth", action="store_true",
+                   help=f"no Gaussian smoothing of gradient maps (default: smoothing on, sigma {d.smooth_sigma:g}, "
+                        f"kernel {d.smooth_kernel}); calibrated thresholds and the ensemble hold only with smoothing")
+    p.add_argument("--proj-steps", type=int, default=d.proj_steps, help="Proj-Rec-Error: projection steps N")
+    p.add_argument("--proj-lambda", type=float, default=d.proj_lambda, help="Proj-Rec-Error: L1 weight λ")
+    p.add_argument("--proj-lr", type=float, default=d.proj_lr, help="Proj-Rec-Error: Adam step α")
     p.add_argument("--proj-weighted", action="store_true", help="Dehaene et al.'s error-weighted step")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help="slices per batch (the fused maps report progress every 16 slices at most)")
     p.add_argument("--options", metavar="OPTIONS.json",
                    help="PredictorOptions as JSON (PredictorOptions.to_dict()); replaces the option flags above")
-    p.add_argument("--progress", choices=["bar", "lines", "none"], default="bar")
+    p.add_argument("--progress", choices=["bar", "lines", "none"], default="bar",
+                   help="progress bar with ETA, 'PROGRESS <fraction> ETA <s>' lines (for a parent process), or none")
 
 
 def pick_device(name: str) -> str:
     import torch
     if name.startswith("cuda") and not torch.cuda.is_available():
-        print("warning: CUDA not available, using the CPU", file=sys.stderr)
+        print("vaeanomaly: warning: CUDA not available, using the CPU", file=sys.stderr)
         return "cpu"
     return name
 
 
-def cmd_score(a) -> int:
+# --------------------------------------------------------------------------- score
+@dataclass
+class ScorePlan:
+    """Everything `score` will do, decided and checked before any computation."""
+    checkpoint: object
+    names: list                      # maps to compute (may include 'reconstruction')
+    options: PredictorOptions
+    outputs: dict                    # {map name: output path}
+    labels: dict = field(default_factory=dict)         # {predictor: label path}
+    threshold: Optional[str] = None                     # the --threshold spec (checked by parse_threshold)
+    calibrated: dict = field(default_factory=dict)      # {predictor: calibrated threshold} for 'auto'
+
+
+def _is_image_path(p: Path) -> bool:
+    return p.name.lower().endswith(IMAGE_SUFFIXES)
+
+
+def plan_score(a) -> ScorePlan:
+    """Check every option, the predictors, the thresholds and the output paths; nothing is computed
+    or written. Raises ValueError (and subclasses) with a message that says what to do."""
+    from .calibration import calibrated_threshold
+    from .checkpoint import load_checkpoint
+    from .io import OutputError, check_outputs
+    opts = _options(a)
+    if a.threshold is not None and not a.label:
+        raise ValueError("--threshold needs --label LABEL.nii.gz (where to write the thresholded label map)")
+    if a.label and a.threshold is None:
+        raise ValueError("--label needs --threshold (a number, a percentile such as p99, or 'auto')")
+    threshold = parse_threshold(a.threshold) if a.threshold is not None else None  # checked before any work
+    ck = load_checkpoint(a.model)
+    names = _predictors(a.predictor, ck, opts)
+    heat = [n for n in names if n != RECONSTRUCTION]
+    out = Path(a.output)
+    if _is_image_path(out):
+        if len(names) > 1:
+            raise OutputError(f"-o {out} names one file but {len(names)} maps were asked for ({', '.join(names)}); "
+                              f"give a folder (-o maps/) for one <name>.nii.gz per map, or one predictor")
+        if out.is_dir():
+            raise OutputError(f"-o {out} is an existing folder; give a file name or a folder without an image suffix")
+        outputs = {names[0]: out}
+    else:
+        if out.suffix and not out.is_dir() and not out.suffix[1:].isdigit():
+            raise OutputError(f"-o {out}: '{out.suffix}' is not a volume format this command writes "
+                              f"({', '.join(IMAGE_SUFFIXES)}); give OUT.nii.gz, or a folder name without a suffix")
+        if out.exists() and not out.is_dir():
+            raise OutputError(f"-o {out} is an existing file, not a folder; give a folder for several maps")
+        outputs = {n: out / f"{n}.nii.gz" for n in names}
+    labels = {}
+    if a.label:
+        if not heat:
+            raise ValueError("--label needs a predictor to threshold ('reconstruction' is not a heatmap)")
+        lab = Path(a.label)
+        if len(heat) == 1 and _is_image_path(lab):
+            labels = {heat[0]: lab}
+        elif len(heat) == 1:
+            raise OutputError(f"--label {lab}: give a label file such as anomaly.nii.gz")
+        elif _is_image_path(lab):
+            raise OutputError(f"--label {lab} names one file but {len(heat)} predictors were asked for "
+                              f"({', '.join(heat)}): give a folder for one <predictor>_label.nii.gz per predictor, "
+                              f"or ask for one predictor")
+        else:
+            labels = {n: lab / f"{n}_label.nii.gz" for n in heat}
+    calibrated = {}
+    if threshold and threshold[0] == "auto":  # calibrated for these options? (else: say what to do, now)
+        for n in heat:
+            calibrated[n] = calibrated_threshold(ck, n, opts)
+    ins = {"input volume": a.input, "brain mask": a.mask, "checkpoint": ck.path,
+           "options file": getattr(a, "options", None)}
+    outs = {f"output ({n} map)": p for n, p in outputs.items()}
+    outs.update({f"label ({n})": p for n, p in labels.items()})
+    check_outputs(outs, ins)
+    return ScorePlan(ck, names, opts, outputs, labels, a.threshold, calibrated)
+
+
+def write_score_outputs(plan: ScorePlan, maps: dict) -> None:
+    """Heatmaps (and labels) onto their paths, each written whole or not at all."""
     import SimpleITK as sitk
 
-    from .checkpoint import load_checkpoint
+    from .io import write_image
     from .threshold import resolve_threshold
-    from .volume import read_image, score_volume
-    names = parse_predictors(a.predictor)
-    ck = load_checkpoint(a.model)
-    img = read_image(a.input)
-    mask = read_image(a.mask, "mask") if a.mask else None
-    prog = Progress(a.progress, "scoring")
-    maps = score_volume(ck, img, mask, names, _options(a), pick_device(a.device), progress=prog)
-    prog.close()
-    out = Path(a.output)
-    image_suffix = out.name.lower().endswith((".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd"))
-    many = len(names) > 1 or a.predictor == "all" or not image_suffix
-    if many:
-        out.mkdir(parents=True, exist_ok=True)
-    for name, m in maps.items():
-        path = out / f"{name}.nii.gz" if many else out
-        sitk.WriteImage(m, str(path))
+    for name, path in plan.outputs.items():
+        write_image(maps[name], path)
         print(f"wrote {path}", file=sys.stderr)
-    if a.threshold is not None:
-        if not a.label:
-            raise ValueError("--threshold needs --label LABEL.nii.gz")
-        name = names[0]
+    for name, path in plan.labels.items():
         arr = sitk.GetArrayFromImage(maps[name])
-        t = resolve_threshold(a.threshold, arr, arr > 0, ck.thresholds, name)
+        t = resolve_threshold(plan.threshold, arr, arr > 0, plan.calibrated, name)
         lab = sitk.GetImageFromArray((arr > t).astype(np.uint8))
         lab.CopyInformation(maps[name])
-        sitk.WriteImage(lab, str(a.label))
-        print(f"wrote {a.label}: {name} > {t:.4g}, {int((arr > t).sum())} voxels", file=sys.stderr)
+        write_image(lab, path)
+        print(f"wrote {path}: {name} > {t:.4g}, {int((arr > t).sum())} voxels", file=sys.stderr)
+
+
+def cmd_score(a) -> int:
+    from .volume import read_image, score_volume
+    plan = plan_score(a)                                 # everything checked, nothing computed yet
+    img = read_image(a.input)                            # read whole and checked
+    mask = read_image(a.mask, "mask") if a.mask else None
+    prog = Progress(a.progress, "scoring")
+    try:
+        maps = score_volume(plan.checkpoint, img, mask, plan.names, plan.options, pick_device(a.device),
+                            progress=prog)
+    finally:
+        prog.close()
+    write_score_outputs(plan, maps)
     return 0
 
 
+# --------------------------------------------------------------------------- other commands
 def cmd_evaluate(a) -> int:
     from .checkpoint import load_checkpoint
     from .data import brats_items, build_cache
     from .evaluation import evaluate, format_table
-    names = parse_predictors(a.predictor)
+    opts = _options(a)
     ck = load_checkpoint(a.model)
+    names = [n for n in _predictors(a.predictor, ck, opts) if n != RECONSTRUCTION]
     items = brats_items(a.folder)
     prog = Progress(a.progress, "preprocessing")
     cache = build_cache(items, progress=prog)
     prog.close()
     prog = Progress(a.progress, "scoring")
-    res = evaluate(ck, cache.cases(), names, _options(a), pick_device(a.device), progress=prog)
+    res = evaluate(ck, cache.cases(), names, opts, pick_device(a.device), progress=prog)
     prog.close()
     print(f"{ck.name}: {len(items)} cases, pixels at the model grid ({ck.model.image_size}x{ck.model.image_size} slices)")
     for scope in ("brain", "all"):
@@ -133,9 +327,14 @@ def cmd_generate(a) -> int:
 
 
 def cmd_info(a) -> int:
-    from .checkpoint import bundled_models, load_checkpoint
+    from .checkpoint import DEFAULT_MODEL, MODELS_DIR, bundled_models, load_checkpoint
     if a.list:
-        print("\n".join(bundled_models()))
+        models = bundled_models()
+        if not models:
+            print(f"no bundled models in {MODELS_DIR}", file=sys.stderr)
+            return 1
+        for m in models:
+            print(f"{m}  (default)" if m == DEFAULT_MODEL else m)
         return 0
     print(load_checkpoint(a.model).card())
     return 0
@@ -147,19 +346,20 @@ def cmd_demo(a) -> int:
 
     from .checkpoint import load_checkpoint
     from .figures import overlay_figure
+    from .io import check_outputs, write_image
     from .metrics import pixel_metrics
     from .synth import make_subject
     from .volume import score_volume
     out = Path(a.output)
-    (out / "heatmaps").mkdir(parents=True, exist_ok=True)
     ck = load_checkpoint(a.model)
+    check_outputs({"demo output folder": out / "heatmaps" / "x"}, {"checkpoint": ck.path})
     print(ck.card(), "\n")
     sub = make_subject(a.seed, lesion=True)
     for name, im in (("case_t2", sub.t2), ("case_seg", sub.seg), ("case_brainmask", sub.mask)):
-        sitk.WriteImage(im, str(out / f"{name}.nii.gz"))
-    names = [p for p in PREDICTORS if p != "proj-rec-error" or a.with_projection]
+        write_image(im, out / f"{name}.nii.gz")
+    names = [p for p in PAPER_PREDICTORS if p != "proj-rec-error" or a.with_projection]
     if ck.ensemble is not None:
-        names.append("ensemble")
+        names.append(ENSEMBLE)
     prog = Progress(a.progress, "scoring")
     maps = score_volume(ck, sub.t2, sub.mask, names, progress=prog)
     prog.close()
@@ -168,7 +368,7 @@ def cmd_demo(a) -> int:
     arrays = {}
     print(f"pixel AUROC inside the brain, demo case (seed {a.seed}, never seen in training):")
     for name, m in maps.items():
-        sitk.WriteImage(m, str(out / "heatmaps" / f"{name}.nii.gz"))
+        write_image(m, out / "heatmaps" / f"{name}.nii.gz")
         arrays[name] = sitk.GetArrayFromImage(m)
         r = pixel_metrics(arrays[name][brain], gt[brain])
         print(f"  {name:15s} AUROC {r['auroc']:.3f}   AP {r['ap']:.3f}   best Dice {r['dice']:.3f}")
@@ -178,54 +378,115 @@ def cmd_demo(a) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- parser and errors
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every default in --help; flags (off unless given) and optional paths say nothing."""
+
+    def _get_help_string(self, action):
+        h = action.help or ""
+        if "(default" in h or action.default in (None, False, argparse.SUPPRESS):
+            return h
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="vaeanomaly", description="Unsupervised anomaly maps for brain MRI (VAE / β-VAE).")
+    fmt = _DefaultsFormatter
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show the full traceback on errors (default: one line saying what to do)")
+    ap = argparse.ArgumentParser(prog="vaeanomaly", formatter_class=fmt,
+                                 description="Unsupervised anomaly maps for brain MRI (VAE / β-VAE).")
+    ap.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("score", help="heatmap(s) for one volume, on the input's grid")
+    p = sub.add_parser("score", parents=[debug], formatter_class=fmt,
+                       help="heatmap(s) for one volume, on the input's grid")
     p.add_argument("input", help="3D volume (NIfTI, NRRD, MHA, ...) or a DICOM series folder")
     p.add_argument("-o", "--output", required=True,
-                   help="OUT.nii.gz (one predictor), or a folder: one <predictor>.nii.gz per map")
+                   help="OUT.nii.gz (one map), or a folder (no suffix): one <name>.nii.gz per map. Never an input")
     p.add_argument("--mask", help="brain mask on the input grid (default: automatic foreground mask, "
                                   "for skull-stripped input)")
-    p.add_argument("--threshold", help="number, percentile in the brain (p99), or 'auto' (calibrated)")
-    p.add_argument("--label", help="with --threshold: write the thresholded label map here")
+    p.add_argument("--threshold", help="number, percentile inside the brain (p99), or 'auto' (the checkpoint's "
+                                       "calibrated 99th percentile on healthy brains); needs --label")
+    p.add_argument("--label", help="with --threshold: the label map (one predictor), or a folder: one "
+                                   "<predictor>_label.nii.gz per predictor")
     _add_model_args(p)
     p.set_defaults(func=cmd_score)
-    p = sub.add_parser("evaluate", help="metrics tables over a BraTS-layout folder")
-    p.add_argument("folder")
-    _add_model_args(p)
-    p.set_defaults(func=cmd_evaluate, predictor="all")
-    p = sub.add_parser("generate", help="write N synthetic subjects (healthy: HCP layout; --lesion: BraTS layout)")
-    p.add_argument("output")
-    p.add_argument("--n", type=int, default=4)
-    p.add_argument("--lesion", action="store_true")
+    p = sub.add_parser("evaluate", parents=[debug], formatter_class=fmt,
+                       help="metrics tables over a BraTS-layout folder")
+    p.add_argument("folder", help="<case>/<case>_t2.nii.gz + <case>_seg.nii.gz folders")
+    _add_model_args(p, predictor_default="all")
+    p.set_defaults(func=cmd_evaluate)
+    p = sub.add_parser("generate", parents=[debug], formatter_class=fmt,
+                       help="write N synthetic subjects (healthy: HCP layout; --lesion: BraTS layout)")
+    p.add_argument("output", help="folder")
+    p.add_argument("--n", type=int, default=4, help="number of subjects")
+    p.add_argument("--lesion", action="store_true", help="lesion cases in BraTS layout")
     p.add_argument("--sample", action="store_true", help="write the Slicer module's sample case (use --seed 9001)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--progress", choices=["bar", "lines", "none"], default="bar")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--progress", choices=["bar", "lines", "none"], default="bar", help="progress display")
     p.set_defaults(func=cmd_generate)
-    p = sub.add_parser("info", help="a checkpoint's model card")
-    p.add_argument("model", nargs="?")
-    p.add_argument("--list", action="store_true", help="list the bundled models")
+    from .checkpoint import DEFAULT_MODEL
+    p = sub.add_parser("info", parents=[debug], formatter_class=fmt, help="a checkpoint's model card")
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help="checkpoint file or bundled model name")
+    p.add_argument("--list", action="store_true", help="list the bundled models, the default marked")
     p.set_defaults(func=cmd_info)
-    p = sub.add_parser("demo", help="generate a lesion case, score it, write heatmaps and a figure")
-    p.add_argument("--output", default="demo_output")
-    p.add_argument("--model")
-    p.add_argument("--seed", type=int, default=9001)
+    p = sub.add_parser("demo", parents=[debug], formatter_class=fmt,
+                       help="generate a lesion case, score it, write heatmaps and a figure")
+    p.add_argument("--output", default="demo_output", help="folder")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint file or bundled model name")
+    p.add_argument("--seed", type=int, default=9001, help="random seed of the generated case")
     p.add_argument("--with-projection", action="store_true", help="include Proj-Rec-Error (slower)")
-    p.add_argument("--progress", choices=["bar", "lines", "none"], default="bar")
+    p.add_argument("--progress", choices=["bar", "lines", "none"], default="bar", help="progress display")
     p.set_defaults(func=cmd_demo)
     return ap
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"vaeanomaly: warning: {message}", file=sys.stderr)
+
+
 def main(argv=None) -> int:
     from .checkpoint import CheckpointError
+    from .predictors import Cancelled
     from .volume import VolumeError
     a = build_parser().parse_args(argv)
+    debug = getattr(a, "debug", False)
+    old = warnings.showwarning
+    warnings.showwarning = _show_warning
     try:
         return a.func(a)
-    except (VolumeError, CheckpointError, ValueError, FileNotFoundError) as err:
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("vaeanomaly: interrupted; no output was written partially", file=sys.stderr)
+        return 130
+    except Cancelled:
+        print("vaeanomaly: cancelled", file=sys.stderr)
+        return 130
+    except (VolumeError, CheckpointError, ValueError, OSError) as err:  # files, permissions, a full disk
+        if debug:
+            raise
         print(f"vaeanomaly: error: {err}", file=sys.stderr)
         return 2
+    except MemoryError:
+        if debug:
+            raise
+        print("vaeanomaly: error: out of memory; crop or resample the volume, or lower --batch-size",
+              file=sys.stderr)
+        return 2
+    except Exception as err:  # noqa: BLE001  (unforeseen: one line, the traceback with --debug)
+        if debug:
+            raise
+        msg = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        if "out of memory" in msg.lower():
+            print(f"vaeanomaly: error: out of memory on the device ({msg}); lower --batch-size or use "
+                  f"--device cpu", file=sys.stderr)
+            return 2
+        print(f"vaeanomaly: error: unexpected {type(err).__name__}: {msg} (run again with --debug for the "
+              f"traceback, and please report it)", file=sys.stderr)
+        return 1
+    finally:
+        warnings.showwarning = old
 
 
 if __name__ == "__main__":

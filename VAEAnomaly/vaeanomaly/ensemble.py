@@ -1,18 +1,49 @@
 """Logistic-regression ensemble over predictor maps (Zhou et al. 2020, 'Complementariness').
 
 Each pixel is one sample; its features are the chosen predictor values. Stored as plain JSON
-(coefficients, intercept, feature standardisation) inside the checkpoint metadata: no pickle.
+(coefficients, intercept, feature standardisation, and the predictor options the features were
+computed with) inside the checkpoint metadata: no pickle. An ensemble refuses to run on features
+computed with other settings (e.g. unsmoothed gradient maps): its weights would not hold.
 """
 from __future__ import annotations
 
 import numpy as np
 
 DEFAULT_FEATURES = ("rec-error", "kl-grad", "rec-grad")
+SMOOTHING_KEYS = ("smooth", "smooth_sigma", "smooth_kernel")
+PROJECTION_KEYS = ("proj_steps", "proj_lambda", "proj_lr", "proj_weighted")
+GRADIENT_FEATURES = {"rec-grad", "kl-grad", "elbo-grad", "combi"}
+# Ensembles stored before the settings were recorded were all fitted by training/fit_ensemble.py with
+# the default options (smoothing sigma 3, kernel 7; projection 100 steps, lambda 0.5, lr 0.03).
+LEGACY_OPTIONS = {"smooth": True, "smooth_sigma": 3.0, "smooth_kernel": 7,
+                  "proj_steps": 100, "proj_lambda": 0.5, "proj_lr": 0.03, "proj_weighted": False}
+
+
+def relevant_keys(features) -> tuple:
+    """The PredictorOptions fields that change the value of these predictor maps."""
+    keys = ()
+    if set(features) & GRADIENT_FEATURES:
+        keys += SMOOTHING_KEYS
+    if "proj-rec-error" in features:
+        keys += PROJECTION_KEYS
+    return keys
+
+
+def options_mismatch(recorded: dict, options, features) -> list[str]:
+    """Human-readable differences between recorded settings and `options` (a PredictorOptions),
+    restricted to the fields that matter for `features`; smoothing parameters only matter when on."""
+    cur = options.to_dict()
+    keys = [k for k in relevant_keys(features)
+            if not (k in ("smooth_sigma", "smooth_kernel") and not recorded.get("smooth", True) and not cur["smooth"])]
+    return [f"{k}={cur[k]!r} (fitted/calibrated with {recorded[k]!r})" for k in keys
+            if k in recorded and cur.get(k) != recorded[k]]
 
 
 class Ensemble:
-    def __init__(self, features=DEFAULT_FEATURES, coef=None, intercept=0.0, mean=None, scale=None):
+    def __init__(self, features=DEFAULT_FEATURES, coef=None, intercept=0.0, mean=None, scale=None, options=None):
         self.features = tuple(features)
+        # the feature settings (PredictorOptions fields that matter for these features) it was fitted with
+        self.options = dict(options) if options is not None else None
         self.coef = None if coef is None else np.asarray(coef, dtype=np.float64)
         self.intercept = float(intercept)
         self.mean = None if mean is None else np.asarray(mean, dtype=np.float64)
@@ -24,8 +55,12 @@ class Ensemble:
             raise ValueError(f"ensemble needs maps {missing}")
         return np.stack([np.asarray(maps[f], dtype=np.float64).ravel() for f in self.features], 1)
 
-    def fit(self, maps: dict, labels, max_samples: int = 500_000, seed: int = 0) -> "Ensemble":
-        """maps: {feature: array}, labels: same-shaped 0/1 array (pixels to use, e.g. in-brain)."""
+    def fit(self, maps: dict, labels, max_samples: int = 500_000, seed: int = 0, options=None) -> "Ensemble":
+        """maps: {feature: array}, labels: same-shaped 0/1 array (pixels to use, e.g. in-brain).
+        options: the PredictorOptions the feature maps were computed with (recorded; default: the defaults)."""
+        from .predictors import PredictorOptions
+        opts = (options or PredictorOptions()).to_dict()
+        self.options = {k: opts[k] for k in relevant_keys(self.features)}
         from sklearn.linear_model import LogisticRegression
         X, y = self._stack(maps), np.asarray(labels).ravel().astype(bool)
         if len(X) != len(y):
@@ -45,6 +80,23 @@ class Ensemble:
         """Weights on the unstandardised features (the scale the paper reports)."""
         return self.coef / self.scale
 
+    @property
+    def fitted_options(self) -> dict:
+        """The recorded feature settings (for ensembles stored before they were recorded: the defaults
+        fit_ensemble.py always used)."""
+        if self.options is not None:
+            return self.options
+        return {k: LEGACY_OPTIONS[k] for k in relevant_keys(self.features)}
+
+    def check_options(self, options) -> None:
+        """Raise ValueError, saying what to change, if `options` compute the features differently from
+        the settings the ensemble was fitted with."""
+        diff = options_mismatch(self.fitted_options, options, self.features)
+        if diff:
+            hint = " (drop --no-smooth / turn gradient smoothing back on)" if any(d.startswith("smooth=") for d in diff) else ""
+            raise ValueError("the ensemble was fitted on features computed with other settings: " + "; ".join(diff) +
+                             f". Run it with the settings it was fitted with{hint}, or choose another predictor.")
+
     def predict_maps(self, maps: dict) -> np.ndarray:
         if self.coef is None:
             raise ValueError("ensemble is not fitted")
@@ -53,13 +105,16 @@ class Ensemble:
         return (1.0 / (1.0 + np.exp(-logit))).reshape(shape).astype(np.float32)
 
     def to_dict(self) -> dict:
-        return {"features": list(self.features), "coef": self.coef.tolist(), "intercept": self.intercept,
-                "mean": self.mean.tolist(), "scale": self.scale.tolist()}
+        d = {"features": list(self.features), "coef": self.coef.tolist(), "intercept": self.intercept,
+             "mean": self.mean.tolist(), "scale": self.scale.tolist()}
+        if self.options is not None:
+            d["options"] = dict(self.options)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "Ensemble":
         try:
-            e = cls(d["features"], d["coef"], d["intercept"], d["mean"], d["scale"])
+            e = cls(d["features"], d["coef"], d["intercept"], d["mean"], d["scale"], d.get("options"))
         except (KeyError, TypeError) as err:
             raise ValueError(f"malformed ensemble entry in checkpoint metadata: {err}") from None
         if not (len(e.features) == len(e.coef) == len(e.mean) == len(e.scale)):

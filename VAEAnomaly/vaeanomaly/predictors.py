@@ -50,11 +50,12 @@ class PredictorOptions:
         return cls(**known)
 
 
-def parse_predictors(spec: str | Iterable[str], allow_ensemble: bool = True) -> list[str]:
-    """'all', 'rec-grad' or 'rec-error,kl-grad' -> validated list of predictor names."""
+def parse_predictors(spec: str | Iterable[str], allow_ensemble: bool = True, with_ensemble: bool = False) -> list[str]:
+    """'all', 'rec-grad' or 'rec-error,kl-grad' -> validated list of predictor names.
+    'all' is the six paper predictors, plus the ensemble when with_ensemble (a checkpoint carries one)."""
     names = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else list(spec)
     if names == ["all"]:
-        return list(PREDICTORS)
+        return list(PREDICTORS) + ([ENSEMBLE] if with_ensemble and allow_ensemble else [])
     valid = PREDICTORS + ((ENSEMBLE,) if allow_ensemble else ()) + (RECONSTRUCTION,)
     bad = [n for n in names if n not in valid]
     if bad or not names:
@@ -111,11 +112,13 @@ def _fused_batch(model: VAE, x: torch.Tensor, need: set[str]) -> dict[str, torch
     return out
 
 
-def _project(model: VAE, x0: torch.Tensor, opts: PredictorOptions) -> torch.Tensor:
-    """Dehaene et al.'s iterative projection; returns (VAE(x_N) - x0)^2."""
+def _project(model: VAE, x0: torch.Tensor, opts: PredictorOptions,
+             step_done: Optional[Callable[[int], None]] = None) -> torch.Tensor:
+    """Dehaene et al.'s iterative projection; returns (VAE(x_N) - x0)^2. step_done(k) after each step
+    (progress, and the caller's chance to cancel)."""
     x = x0.detach().clone().requires_grad_(True)
     optim = torch.optim.Adam([x], lr=opts.proj_lr)
-    for _ in range(opts.proj_steps):
+    for k in range(opts.proj_steps):
         x_rec = model.decode(model.encode(x)[0])
         energy = rec_loss(x, x_rec).sum() + opts.proj_lambda * (x - x0).abs().sum()
         (g,) = torch.autograd.grad(energy, x)
@@ -124,28 +127,53 @@ def _project(model: VAE, x0: torch.Tensor, opts: PredictorOptions) -> torch.Tens
         optim.zero_grad(set_to_none=True)
         x.grad = g
         optim.step()
+        if step_done:
+            step_done(k + 1)
     with torch.no_grad():
         return (model.decode(model.encode(x)[0]) - x0).pow(2)
 
 
-def _normalise(a: torch.Tensor) -> torch.Tensor:
-    lo, hi = a.min(), a.max()
+def _normalise(a: torch.Tensor, constants: Optional[tuple[float, float]] = None) -> torch.Tensor:
+    """Min-max normalisation: over `a` itself (the reference code: whatever slices are passed), or
+    with fixed (min, max) constants, so a voxel's value does not depend on the crop."""
+    lo, hi = (a.min(), a.max()) if constants is None else (float(constants[0]), float(constants[1]))
     return (a - lo) / (hi - lo) if hi > lo else torch.zeros_like(a)
+
+
+def combi_map(kl_grad: np.ndarray, rec_error: np.ndarray, constants: Optional[tuple[float, float]] = None) -> np.ndarray:
+    """Combi = min-max normalised KL-grad x Rec-Error (constants: see _normalise)."""
+    return (_normalise(torch.from_numpy(np.asarray(kl_grad)), constants) * torch.from_numpy(np.asarray(rec_error))).numpy()
+
+
+PROGRESS_SLICES = 16  # the fused pass runs (and reports progress) in batches of at most this many slices
+
+
+def _stage(progress, text: str) -> None:
+    """Tell a progress reporter that has a `stage` method (the CLI's) what runs now."""
+    if progress is not None and hasattr(progress, "stage"):
+        progress.stage(text)
 
 
 def compute_maps(model: VAE, slices, predictors: Iterable[str], beta: float = 1.0,
                  options: Optional[PredictorOptions] = None, device: str | torch.device = "cpu",
                  ensemble=None, progress: Optional[Callable[[float], None]] = None,
-                 cancel: Optional[Callable[[], bool]] = None) -> dict[str, np.ndarray]:
-    """Anomaly maps for all slices of ONE volume (Combi is normalised over the volume).
+                 cancel: Optional[Callable[[], bool]] = None,
+                 combi_norm: Optional[tuple[float, float]] = None) -> dict[str, np.ndarray]:
+    """Anomaly maps for all slices of ONE volume.
 
     slices: (N, H, W) array of preprocessed slices. Returns {name: (N, H, W) float32 array}.
+    Combi: KL-grad min-max normalised with the checkpoint's constants `combi_norm` = (min, max) from
+    healthy calibration data; without them (older checkpoints), over the slices passed (the reference code).
+    progress(fraction) is called after every batch of at most PROGRESS_SLICES slices of the fused pass
+    and after every projection step; cancel() is checked as often.
     """
     opts = options or PredictorOptions()
     names = list(dict.fromkeys(predictors))
     if ENSEMBLE in names and ensemble is None:
         raise ValueError("the ensemble predictor needs a checkpoint that carries ensemble weights "
                          "(fit one with training/fit_ensemble.py)")
+    if ENSEMBLE in names:
+        ensemble.check_options(opts)  # refuses feature settings other than those it was fitted with
     need = set(names) | (set(ensemble.features) if ENSEMBLE in names else set())
     if "combi" in need:
         need |= {"kl-grad", "rec-error"}
@@ -155,14 +183,26 @@ def compute_maps(model: VAE, slices, predictors: Iterable[str], beta: float = 1.
     model = model.to(device).eval().requires_grad_(False)
     fused = need - {"proj-rec-error"}
     n, bs = len(x_all), opts.batch_size
-    proj_weight = opts.proj_steps / 20 if "proj-rec-error" in need else 0  # a projection step ~ 1/20 of a fused pass
-    total = ((1 if fused else 0) + proj_weight) or 1.0
+    project = "proj-rec-error" in need
+    step_cost = 1 / 20  # one projection step costs about 1/20 of a fused pass over the same slices
+    total = ((1 if fused else 0) + (opts.proj_steps * step_cost if project else 0)) or 1.0
     done, acc = 0.0, {k: [] for k in need | {RECONSTRUCTION}}
-    for start in range(0, n, bs):
+
+    def report(amount: float) -> None:
+        nonlocal done
+        done += amount
+        if progress:
+            progress(min(done / total, 1.0))
         if cancel and cancel():
             raise Cancelled("cancelled")
-        x = x_all[start:start + bs, None].to(device)
-        if fused:
+
+    if cancel and cancel():
+        raise Cancelled("cancelled")
+    if fused:
+        _stage(progress, ", ".join(sorted(fused - {ENSEMBLE})))
+        small = max(1, min(bs, PROGRESS_SLICES))
+        for start in range(0, n, small):
+            x = x_all[start:start + small, None].to(device)
             r = _fused_batch(model, x, fused)
             maps = {"rec-error": r["rec-error"], RECONSTRUCTION: r["x_rec"]}
             grads = {}
@@ -179,17 +219,16 @@ def compute_maps(model: VAE, slices, predictors: Iterable[str], beta: float = 1.
             for k in acc:
                 if k in maps:
                     acc[k].append(maps[k][:, 0].detach().cpu())
-            done += len(x) / n
-            if progress:
-                progress(done / total)
-        if "proj-rec-error" in need:
-            acc["proj-rec-error"].append(_project(model, x, opts)[:, 0].cpu())
-            done += len(x) / n * proj_weight
-            if progress:
-                progress(done / total)
+            report(len(x) / n)
+    if project:
+        for start in range(0, n, bs):
+            x = x_all[start:start + bs, None].to(device)
+            _stage(progress, f"proj-rec-error, slices {start + 1}-{start + len(x)} of {n}, {opts.proj_steps} steps")
+            frac = len(x) / n * step_cost
+            acc["proj-rec-error"].append(_project(model, x, opts, lambda k: report(frac))[:, 0].cpu())
     out = {k: torch.cat(v).numpy() for k, v in acc.items() if v}
     if "combi" in need:
-        out["combi"] = (_normalise(torch.from_numpy(out["kl-grad"])) * torch.from_numpy(out["rec-error"])).numpy()
+        out["combi"] = combi_map(out["kl-grad"], out["rec-error"], combi_norm)
     if ENSEMBLE in names:
         out[ENSEMBLE] = ensemble.predict_maps(out)
     return {k: out[k].astype(np.float32) for k in names}

@@ -65,28 +65,144 @@ def _check_header(dim: int, size, components: int, what: str) -> None:
     check_memory(size, what=what)
 
 
+NIFTI_DTYPE_BITS = {2: 8, 4: 16, 8: 32, 16: 32, 32: 64, 64: 64, 128: 24, 256: 8, 512: 16, 768: 32,
+                    1024: 64, 1280: 64, 1536: 128, 1792: 128, 2048: 256, 2304: 32}
+
+
+def _read_whole(path: Path, what: str) -> tuple[bytes, int]:
+    """The first 1 kB of a file (decompressed) and its whole (decompressed) length. A gzip file is
+    decompressed to the end, so truncation or corruption anywhere is found (CRC and length check)."""
+    import gzip
+    import zlib
+    with open(path, "rb") as f:
+        gz = f.read(2) == b"\x1f\x8b"
+    if not gz:
+        with open(path, "rb") as f:
+            return f.read(1024), path.stat().st_size
+    head, n = b"", 0
+    try:
+        with gzip.open(path, "rb") as f:
+            while chunk := f.read(1 << 22):
+                if len(head) < 1024:
+                    head += chunk[:1024 - len(head)]
+                n += len(chunk)
+    except EOFError:
+        raise VolumeError(f"{what} '{path}' is truncated: its compressed data stop before the end of the stream "
+                          f"(an incomplete download or copy?). Copy the complete file again.") from None
+    except (gzip.BadGzipFile, zlib.error, OSError) as err:
+        raise VolumeError(f"{what} '{path}' is corrupt: its gzip compression is damaged ({err}). "
+                          f"Copy the complete file again.") from None
+    return head, n
+
+
+def _check_nifti_size(path: Path, head: bytes, n_bytes: int, what: str) -> None:
+    """The data a NIfTI-1/2 header declares (vox_offset + voxels x bytes) must be in the file."""
+    import struct
+    for order in "<>":
+        if len(head) >= 4 and struct.unpack(order + "i", head[:4])[0] in (348, 540):
+            break
+    else:
+        return  # not a NIfTI header we know: SimpleITK's own checks apply
+    if struct.unpack(order + "i", head[:4])[0] == 348:
+        dims = struct.unpack(order + "8h", head[40:56])
+        datatype, bitpix = struct.unpack(order + "hh", head[70:74])
+        offset = struct.unpack(order + "f", head[108:112])[0]
+    else:
+        if len(head) < 540:
+            return
+        datatype, bitpix = struct.unpack(order + "hh", head[12:16])
+        dims = struct.unpack(order + "8q", head[16:80])
+        offset = struct.unpack(order + "q", head[168:176])[0]
+    nd = dims[0]
+    if not 1 <= nd <= 7 or any(d < 1 for d in dims[1:nd + 1]):
+        raise VolumeError(f"{what} '{path}' has an invalid NIfTI header (dimensions {dims[:nd + 1]})")
+    voxels = int(np.prod([int(d) for d in dims[1:nd + 1]], dtype=np.int64))
+    bits = bitpix if bitpix > 0 else NIFTI_DTYPE_BITS.get(datatype, 0)
+    need = int(max(offset, 352 if dims[0] else 0)) + voxels * bits // 8
+    if bits and n_bytes < need:
+        raise VolumeError(f"{what} '{path}' is truncated or its header disagrees with its data: the header declares "
+                          f"{'x'.join(str(d) for d in dims[1:nd + 1])} voxels of {bits // 8} bytes "
+                          f"({need:,} bytes with the header) but the file holds {n_bytes:,} bytes. "
+                          f"Copy the complete file again, or re-export it.")
+
+
+def _read_dicom_series(path: Path, what: str) -> sitk.Image:
+    ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path))
+    if not ids:
+        raise VolumeError(f"{what} folder '{path}' contains no DICOM series; give a volume file or a folder of "
+                          f"DICOM files")
+    if len(ids) > 1:
+        raise VolumeError(f"{what} folder '{path}' contains {len(ids)} DICOM series; put the one to score in a "
+                          f"folder of its own (series: {', '.join(ids[:5])}{', ...' if len(ids) > 5 else ''})")
+    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), ids[0])
+    if len(files) < 3:
+        raise VolumeError(f"{what} folder '{path}' holds a DICOM series of {len(files)} slice(s); a 3D volume "
+                          f"needs the whole series")
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files)
+    reader.MetaDataDictionaryArrayUpdateOn()
+    warn = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK's own 'non uniform sampling' warning: checked below
+    try:
+        img = reader.Execute()
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(warn)
+    try:
+        pos = np.array([[float(v) for v in reader.GetMetaData(i, "0020|0032").split("\\")] for i in range(len(files))])
+        o = [float(v) for v in reader.GetMetaData(0, "0020|0037").split("\\")]
+    except (RuntimeError, ValueError):
+        return img  # no position/orientation tags: SimpleITK's geometry is all there is
+    normal = np.cross(o[:3], o[3:6])
+    gaps = np.diff(pos @ normal)
+    step = float(np.median(np.abs(gaps)))
+    if step <= 1e-6 or (np.abs(gaps) < 1e-3).any():
+        raise VolumeError(f"{what} '{path}': the DICOM series has slices at the same position (duplicates, or "
+                          f"several acquisitions in one series); export one volume per series")
+    if (np.sign(gaps) != np.sign(gaps[0])).any():
+        raise VolumeError(f"{what} '{path}': the DICOM slices are not ordered along the slice direction")
+    rel = np.abs(np.abs(gaps) - step) / step
+    if rel.max() > 0.05:
+        k = int(np.argmax(rel))
+        ratio = abs(gaps[k]) / step
+        if ratio > 1.5 and abs(ratio - round(ratio)) < 0.1:
+            raise VolumeError(f"{what} '{path}': the DICOM series has missing slices (a gap of {abs(gaps[k]):.3g} mm "
+                              f"after slice {k + 1} of {len(files)} where the spacing is {step:.3g} mm, so about "
+                              f"{round(ratio) - 1} slice(s) missing). Copy the complete series again.")
+        raise VolumeError(f"{what} '{path}': the DICOM series has uneven slice spacing ({abs(gaps).min():.3g} to "
+                          f"{abs(gaps).max():.3g} mm); resample it to a regular grid (e.g. in 3D Slicer) first")
+    return img
+
+
 def read_image(path, what: str = "input") -> sitk.Image:
-    """Read any 3D scalar volume SimpleITK reads (NIfTI, NRRD, MHA, ...) or a DICOM series folder."""
+    """Read any 3D scalar volume SimpleITK reads (NIfTI, NRRD, MHA, ...) or a DICOM series folder.
+    The whole file is checked: truncated or corrupt compressed data, a header that declares more data
+    than the file holds, DICOM series with missing slices or uneven spacing each stop with a message."""
     path = Path(path)
     if not path.exists():
         raise VolumeError(f"{what} '{path}' does not exist")
     try:
         if path.is_dir():
-            ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path))
-            if not ids:
-                raise VolumeError(f"{what} folder '{path}' contains no DICOM series")
-            files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), ids[0])
-            reader = sitk.ImageSeriesReader()
-            reader.SetFileNames(files)
-            img = reader.Execute()
-        else:
-            reader = sitk.ImageFileReader()
-            reader.SetFileName(str(path))
-            reader.ReadImageInformation()
-            _check_header(reader.GetDimension(), reader.GetSize(), reader.GetNumberOfComponents(), f"{what} '{path}'")
-            img = reader.Execute()
+            return _read_dicom_series(path, what)
+        if path.stat().st_size == 0:
+            raise VolumeError(f"{what} '{path}' is an empty file")
+        head, n_bytes = _read_whole(path, what)
+        if path.name.lower().endswith((".nii", ".nii.gz", ".hdr", ".img", ".img.gz")):
+            _check_nifti_size(path, head, n_bytes, what)
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        reader.ReadImageInformation()
+        _check_header(reader.GetDimension(), reader.GetSize(), reader.GetNumberOfComponents(), f"{what} '{path}'")
+        img = reader.Execute()
     except RuntimeError as err:
-        raise VolumeError(f"cannot read {what} '{path}': {str(err).strip().splitlines()[-1]}") from None
+        lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
+        detail = next((ln for ln in lines if "not read completely" in ln or "expected" in ln or "got only" in ln), None)
+        if detail:
+            raise VolumeError(f"{what} '{path}' is truncated or its header disagrees with its data ({detail}). "
+                              f"Copy the complete file again.") from None
+        reason = next((ln for ln in reversed(lines) if "No such file" not in ln), lines[-1] if lines else "")
+        raise VolumeError(f"cannot read {what} '{path}': {reason}. Is it a complete volume file "
+                          f"(NIfTI, NRRD, MHA, ...)? A truncated or corrupt file also gives this error.") \
+            from None
     return img
 
 
@@ -119,6 +235,8 @@ def mask_for(img: sitk.Image, mask: Optional[sitk.Image]) -> sitk.Image:
     """Check a given mask against the image grid (or make the automatic one)."""
     if mask is None:
         m = auto_mask(img)
+        from .brainmask import check_automatic_mask
+        check_automatic_mask(img, m)  # a head that is not skull-stripped: refuse, saying how to get a mask
     else:
         if mask.GetSize() != img.GetSize():
             raise VolumeError(f"mask size {mask.GetSize()} differs from the volume's {img.GetSize()}; "
@@ -224,11 +342,11 @@ def score_volume(checkpoint, img: sitk.Image, mask: Optional[sitk.Image] = None,
                  options=None, device="cpu", progress: Optional[Callable[[float], None]] = None,
                  cancel: Optional[Callable[[], bool]] = None) -> dict[str, sitk.Image]:
     """Heatmaps on the exact input grid, one per requested predictor (and 'reconstruction')."""
+    from .calibration import inference_kwargs
     from .predictors import compute_maps
     p = prepare(img, mask, Preprocessing.from_dict(checkpoint.preprocessing))
     maps = compute_maps(checkpoint.model, p.slices, predictors, checkpoint.beta, options, device,
-                        ensemble=checkpoint.ensemble if "ensemble" in predictors else None,
-                        progress=progress, cancel=cancel)
+                        progress=progress, cancel=cancel, **inference_kwargs(checkpoint, predictors, options))
     out = {}
     for name, m in maps.items():  # 'reconstruction' stays in z-score units
         out[name] = to_input_grid(np.where(p.brain, m, 0), p)

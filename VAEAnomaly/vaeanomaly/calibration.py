@@ -1,0 +1,202 @@
+"""Calibration on held-out healthy brains: the one place thresholds and constants are computed.
+
+`calibrate(model, beta, healthy_cases, options, ensemble)` scores healthy cases with exactly the
+options inference uses (the defaults, unless told otherwise) and returns the checkpoint metadata
+updates:
+
+- ``thresholds``: the q-th (99th) percentile inside the brain of every paper predictor and, when the
+  checkpoint carries one, of the ensemble;
+- ``thresholds_options``: the predictor options those thresholds hold for (a threshold is refused,
+  with a message, when inference runs with options that change that predictor's values);
+- ``combi_normalisation``: Combi's fixed min-max constants for KL-grad (the median over the healthy
+  cases of each whole volume's minimum and maximum), so a voxel's Combi value does not depend on
+  which slices are scored together;
+- ``calibration``: what they were computed on (cases, slices, quantile, library version);
+- plus whatever the registered hooks return (see HOOKS).
+
+training/train.py, training/fit_ensemble.py and training/calibrate.py (re-calibrate an existing
+checkpoint in place) all call `calibrate`.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Optional
+
+import numpy as np
+
+from .ensemble import options_mismatch, relevant_keys
+from .predictors import PredictorOptions, combi_map, compute_maps
+from .registry import ENSEMBLE, PAPER_PREDICTORS
+
+QUANTILE = 99.0
+OPTION_KEYS = ("smooth", "smooth_sigma", "smooth_kernel", "proj_steps", "proj_lambda", "proj_lr", "proj_weighted")
+# training/train.py calibrated with PredictorOptions(proj_steps=50) before the options were recorded
+LEGACY_THRESHOLD_OPTIONS = {**{k: v for k, v in PredictorOptions().to_dict().items() if k in OPTION_KEYS},
+                            "proj_steps": 50}
+RECALIBRATE = ("re-calibrate the checkpoint with `python training/calibrate.py CHECKPOINT --cache HEALTHY.npz` "
+               "(held-out healthy subjects)")
+
+
+@dataclass
+class CalibrationData:
+    """What a calibration hook sees: the healthy maps (brain pixels only, per case) and the settings."""
+    model: object
+    beta: float
+    options: PredictorOptions
+    case_names: list
+    brain_values: dict = field(default_factory=dict)   # {predictor: [1D float32 array per case]}
+    maps: dict = field(default_factory=dict)           # {predictor: [(nz, S, S) array per case]} (non-projection)
+    brains: list = field(default_factory=list)         # [(nz, S, S) bool per case]
+    slices: list = field(default_factory=list)         # [(nz, S, S) float32 per case]: the preprocessed input
+    quantile: float = QUANTILE
+
+
+# Extra calibration steps, called by calibrate() after the thresholds: fn(CalibrationData) -> dict of
+# metadata updates (merged into calibrate()'s result). The verdict limits (issue 8) belong here, e.g.
+# `calibration.HOOKS.append(verdict.calibrate_limits)` in verdict.py, or pass hooks=[...] to calibrate().
+HOOKS: list[Callable[[CalibrationData], dict]] = []
+
+
+def option_subset(options: PredictorOptions) -> dict:
+    d = options.to_dict()
+    return {k: d[k] for k in OPTION_KEYS}
+
+
+def held_out_cases(n_cases: int, val_fraction: float = 0.1, seed: int = 0) -> list[int]:
+    """The case indices training/train.py holds out for calibration (same rule, same generator)."""
+    rng = np.random.default_rng(seed)
+    if n_cases <= 1 or val_fraction <= 0:
+        return []
+    return sorted(rng.choice(n_cases, max(1, int(round(val_fraction * n_cases))), replace=False).tolist())
+
+
+def cases_from_cache(cache, case_ids=None) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """[(name, slices float32, brain)] from a SliceCache, all cases or the given indices."""
+    ids = range(len(cache.names)) if case_ids is None else case_ids
+    return [(n, s, b) for n, s, b, _ in cache.cases_in(ids)]
+
+
+def calibrate(model, beta: float, healthy_cases: Iterable, options: Optional[PredictorOptions] = None,
+              ensemble=None, q: float = QUANTILE, device: str = "cpu", max_projection_slices: int = 512,
+              progress: Optional[Callable[[float], None]] = None, hooks: Optional[list] = None) -> dict:
+    """Thresholds (q-th percentile inside the brain) for every paper predictor and the ensemble,
+    Combi's constants and the options they hold for, from held-out healthy cases.
+
+    healthy_cases: [(name, slices (nz, S, S) float32, brain (nz, S, S) bool)] — whole volumes on the model
+    grid (Combi's constants are per-volume minima/maxima). options: the predictor options inference
+    uses (default: PredictorOptions(), the defaults). Returns metadata updates for `update_metadata`.
+    """
+    opts = options or PredictorOptions()
+    cases = [(str(c[0]), np.asarray(c[1], np.float32), np.asarray(c[2], bool)) for c in healthy_cases]
+    if not cases:
+        raise ValueError("calibration needs at least one healthy case")
+    if ensemble is not None:
+        ensemble.check_options(opts)
+    fused = [p for p in PAPER_PREDICTORS if p not in ("proj-rec-error", "combi")]
+    data = CalibrationData(model, beta, opts, [c[0] for c in cases], quantile=q,
+                           brain_values={p: [] for p in PAPER_PREDICTORS + ((ENSEMBLE,) if ensemble else ())},
+                           maps={p: [] for p in fused}, brains=[c[2] for c in cases],
+                           slices=[c[1] for c in cases])
+    n_total = sum(len(c[1]) for c in cases)
+    # the projection is costly: evenly spaced slices of the pooled cases, at most max_projection_slices
+    pooled_sel = np.linspace(0, n_total - 1, min(n_total, max_projection_slices)).astype(int)
+    proj_cost = opts.proj_steps / 20
+    total, done = len(cases) + proj_cost * len(pooled_sel) / n_total, 0.0
+    kl_min, kl_max = [], []
+    for name, slices, brain in cases:
+        maps = compute_maps(model, slices, fused, beta, opts, device)
+        for p in fused:
+            data.maps[p].append(maps[p])
+        kl_min.append(float(maps["kl-grad"].min()))
+        kl_max.append(float(maps["kl-grad"].max()))
+        done += 1
+        if progress:
+            progress(done / total)
+    lo, hi = float(np.median(kl_min)), float(np.median(kl_max))
+    for i, brain in enumerate(data.brains):
+        maps = {p: data.maps[p][i] for p in fused}
+        maps["combi"] = combi_map(maps["kl-grad"], maps["rec-error"], (lo, hi))
+        data.maps.setdefault("combi", []).append(maps["combi"])
+        if ensemble is not None:
+            data.brain_values[ENSEMBLE].append(ensemble.predict_maps(maps)[brain])
+        for p in fused + ["combi"]:
+            data.brain_values[p].append(maps[p][brain])
+    x = np.concatenate([c[1] for c in cases])[pooled_sel]
+    b = np.concatenate(data.brains)[pooled_sel]
+    proj_progress = (lambda f: progress((done + f * proj_cost * len(pooled_sel) / n_total) / total)) \
+        if progress else None
+    proj = compute_maps(model, x, ["proj-rec-error"], beta, opts, device, progress=proj_progress)["proj-rec-error"]
+    data.brain_values["proj-rec-error"] = [proj[b]]
+    thresholds = {p: float(np.percentile(np.concatenate(v), q)) for p, v in data.brain_values.items() if v}
+    out = {
+        "thresholds": {p: thresholds[p] for p in list(PAPER_PREDICTORS) + ([ENSEMBLE] if ensemble else [])},
+        "thresholds_options": option_subset(opts),
+        "thresholds_note": f"{q:g}th percentile inside the brain on held-out healthy subjects",
+        "combi_normalisation": {"min": lo, "max": hi, "options": {k: option_subset(opts)[k] for k in relevant_keys(["kl-grad"])},
+                                "note": "KL-grad min-max constants: median over the healthy calibration cases of "
+                                        "each whole volume's minimum and maximum (model grid)"},
+        "calibration": {"quantile": q, "cases": data.case_names, "n_slices": int(n_total),
+                        "n_projection_slices": int(len(pooled_sel)), "ensemble": ensemble is not None},
+    }
+    from .verdict import calibration_hook  # the out-of-distribution verdict's limits (issue 8)
+    for hook in [calibration_hook] + list(HOOKS) + list(hooks or []):
+        out.update(hook(data) or {})
+    if progress:
+        progress(1.0)
+    return out
+
+
+# --------------------------------------------------------------------------- using the calibration
+def calibrated_threshold(checkpoint, predictor: str, options: Optional[PredictorOptions] = None) -> float:
+    """The checkpoint's calibrated threshold for `predictor`, or ValueError saying why it does not hold
+    for these options and what to do."""
+    opts = options or PredictorOptions()
+    thr = checkpoint.thresholds
+    legacy = "thresholds_options" not in checkpoint.meta
+    if predictor not in thr:
+        why = ("the checkpoint's ensemble has no calibrated threshold (calibrated before ensembles had one)"
+               if predictor == ENSEMBLE else f"the checkpoint has no calibrated threshold for '{predictor}'")
+        raise ValueError(f"{why}; {RECALIBRATE}, or give --threshold as a number or a percentile such as p99")
+    if predictor == "combi" and not checkpoint.combi_normalisation:
+        raise ValueError("the checkpoint's Combi threshold was calibrated before Combi used fixed normalisation "
+                         f"constants, so it does not hold; {RECALIBRATE}, or give a percentile such as p99")
+    features = checkpoint.ensemble.features if predictor == ENSEMBLE and checkpoint.ensemble else [predictor]
+    if predictor == "combi":
+        features = ["kl-grad"]
+    diff = options_mismatch(checkpoint.threshold_options, opts, features)
+    if diff:
+        note = " (older checkpoint: train.py calibrated Proj-Rec-Error with 50 steps)" if legacy else ""
+        raise ValueError(f"the calibrated '{predictor}' threshold holds for other options{note}: you asked "
+                         + "; ".join(diff) + f". Use those options, give a percentile such as p99, or {RECALIBRATE} "
+                         "with your options (--proj-steps ..., --no-smooth)")
+    return float(thr[predictor])
+
+
+def combi_constants(checkpoint, options: Optional[PredictorOptions] = None, warn: bool = True):
+    """(min, max) for Combi's normalisation when the checkpoint has constants for these options, else
+    None (Combi is then normalised over the scored volume, with a warning)."""
+    opts = options or PredictorOptions()
+    c = checkpoint.combi_normalisation
+    problem = None
+    if not c:
+        problem = "the checkpoint has no Combi normalisation constants (an older calibration)"
+    elif options_mismatch(c.get("options", {}), opts, ["kl-grad"]):
+        problem = "the checkpoint's Combi constants hold for other smoothing settings"
+    if problem:
+        if warn:
+            warnings.warn(f"{problem}: Combi is normalised over this volume, so its values depend on the crop; "
+                          f"{RECALIBRATE}", stacklevel=2)
+        return None
+    return float(c["min"]), float(c["max"])
+
+
+def inference_kwargs(checkpoint, predictors, options: Optional[PredictorOptions] = None) -> dict:
+    """The checkpoint-held extras compute_maps needs for these predictors: the ensemble (checked against
+    the options) and Combi's constants."""
+    kw = {}
+    if ENSEMBLE in predictors:
+        kw["ensemble"] = checkpoint.ensemble
+    if "combi" in predictors:
+        kw["combi_norm"] = combi_constants(checkpoint, options)
+    return kw
