@@ -114,13 +114,13 @@ def load_state(path: Path, model, opt) -> int:
     return epoch
 
 
-def calibrate(model, beta, slices, brain, device, q=99.0) -> dict:
-    """Per-predictor q-th percentile inside the brain on held-out healthy slices."""
-    opts = PredictorOptions(proj_steps=50)
-    names = [p for p in PREDICTORS]
-    sel = np.linspace(0, len(slices) - 1, min(len(slices), 512)).astype(int)  # projection is costly
-    maps = compute_maps(model, slices[sel], names, beta, opts, device)
-    return {n: float(np.percentile(maps[n][brain[sel]], q)) for n in names}
+def calibrate(model, beta, cache, case_ids, device) -> dict:
+    """Metadata updates from the held-out healthy subjects: thresholds (99th percentile inside the brain)
+    for every predictor, Combi's constants and the options they hold for (the inference defaults).
+    One implementation: vaeanomaly.calibration.calibrate (also used by training/calibrate.py)."""
+    from vaeanomaly.calibration import calibrate as calibrate_checkpoint, cases_from_cache
+    return calibrate_checkpoint(model, beta, cases_from_cache(cache, sorted(case_ids)), PredictorOptions(),
+                                device=device)
 
 
 def main(argv=None):
@@ -217,10 +217,10 @@ def main(argv=None):
         return
     train_time = time.time() - t0
     val_sel = np.isin(cache.case, list(val_ids))
-    thresholds = {}
+    calib = {}
     if val_sel.any():
-        thresholds = calibrate(model.eval(), a.beta, cache.slices[val_sel].astype(np.float32),
-                               cache.brain[val_sel], a.device)
+        calib = calibrate(model.eval(), a.beta, cache, val_ids, a.device)
+    thresholds = calib.get("thresholds", {})
     meta = {
         "name": a.name or out.name.replace(".safetensors", ""),
         "beta": a.beta,
@@ -240,7 +240,7 @@ def main(argv=None):
             "final_loss": {"loss": tot[0], "rec": tot[1], "kl": tot[2]},
         },
     }
-    save_checkpoint(out, model.cpu(), meta, fp16=a.fp16)
+    save_checkpoint(out, model.cpu(), {**meta, **calib}, fp16=a.fp16)  # calib: thresholds, their options, Combi
     print(f"wrote {out} ({train_time:.0f} s, final loss {tot[0]:.2f}; log {log_path})", file=sys.stderr)
     if ddp:
         torch.distributed.destroy_process_group()
