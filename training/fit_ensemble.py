@@ -1,7 +1,14 @@
 """Fit the paper's logistic-regression ensemble on 10% of the lesion cohort (by case), evaluate it
-on the other 90%, and store it (plain JSON weights) in the checkpoint's metadata.
+on the other 90%, and store it (plain JSON weights, and the feature settings it was fitted with) in
+the checkpoint's metadata, with its calibrated threshold.
 
-    python training/fit_ensemble.py --checkpoint runs/l64_b10.safetensors --cache data/lesion.npz
+    python training/fit_ensemble.py --checkpoint runs/l64_b10.safetensors --cache data/lesion.npz \
+        --healthy-cache data/healthy.npz
+
+The ensemble's threshold (99th percentile on held-out healthy brains) is recomputed by
+vaeanomaly.calibration.calibrate on the checkpoint's calibration cases of --healthy-cache (the ones
+train.py held out); without --healthy-cache any old ensemble threshold is removed and the script says
+how to add one (training/calibrate.py).
 """
 from __future__ import annotations
 
@@ -30,6 +37,8 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default=None)
     ap.add_argument("--out", help="write a Markdown report here")
+    ap.add_argument("--healthy-cache", help="healthy slice cache (.npz) holding the checkpoint's held-out calibration "
+                                            "cases: recompute all thresholds, the ensemble's included")
     a = ap.parse_args(argv)
     import torch
 
@@ -43,9 +52,9 @@ def main(argv=None):
     if not test_ids:
         raise SystemExit("need at least two cases: one to fit, one to evaluate")
     ck = load_checkpoint(a.checkpoint, device)
-    opts = PredictorOptions(batch_size=256)
+    opts = PredictorOptions(batch_size=256)  # the inference defaults (batch size changes nothing)
     maps, brain, label = collect_maps(ck, cache.cases_in(fit_ids), features, opts, device)
-    ens = Ensemble(features).fit({f: m[brain] for f, m in maps.items()}, label[brain], seed=a.seed)
+    ens = Ensemble(features).fit({f: m[brain] for f, m in maps.items()}, label[brain], seed=a.seed, options=opts)
     ck.meta["ensemble"] = ens.to_dict()
     scores, brain, label = collect_maps(ck, cache.cases_in(test_ids), features + ["ensemble"],
                                         opts, device)
@@ -53,7 +62,17 @@ def main(argv=None):
     report = {"fit_cases": [cache.names[i] for i in fit_ids], "n_test_cases": len(test_ids),
               "raw_weights": dict(zip(features, ens.raw_weights.tolist())),
               "test_auroc_brain": res, "command": command_line()}
-    update_metadata(a.checkpoint, ensemble=ens.to_dict(), ensemble_evaluation=report)
+    calib = {}
+    if a.healthy_cache:
+        from calibrate import recalibrate
+        calib = recalibrate(ck, a.healthy_cache, device=device, ensemble=ens)
+    elif "ensemble" in ck.thresholds:  # a threshold of an earlier ensemble would not hold for this one
+        calib = {"thresholds": {k: v for k, v in ck.thresholds.items() if k != "ensemble"}}
+    update_metadata(a.checkpoint, ensemble=ens.to_dict(), ensemble_evaluation=report, **calib)
+    if not a.healthy_cache:
+        print("note: the ensemble has no calibrated threshold yet (--threshold auto will refuse it); add one with "
+              f"`python training/calibrate.py {a.checkpoint} --cache HEALTHY.npz`, or pass --healthy-cache",
+              file=sys.stderr)
     lines = [f"# Ensemble for {ck.name}", "",
              f"Logistic regression on {', '.join(features)}, fitted on {len(fit_ids)} case(s) "
              f"({100 * a.fraction:.0f}%), evaluated on the other {len(test_ids)}.", "",

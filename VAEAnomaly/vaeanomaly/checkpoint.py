@@ -30,10 +30,11 @@ def resources_dir() -> Path:
     folder beside the package (source checkout, Slicer module)."""
     import importlib.resources
     try:
-        root = Path(str(importlib.resources.files("vaeanomaly.bundled")))
-        if (root / "Models").is_dir():
-            return root
-    except (ModuleNotFoundError, TypeError, ValueError):
+        models = importlib.resources.files("vaeanomaly.bundled").joinpath("Models")
+        if models.is_dir():
+            with importlib.resources.as_file(models) as folder:  # files on disk: the folder itself
+                return Path(folder).parent
+    except (ModuleNotFoundError, TypeError, ValueError, NotImplementedError):
         pass
     return Path(__file__).resolve().parent.parent / "Resources"
 
