@@ -1,6 +1,9 @@
 """The module's Logic against a real MRML scene from slicer-core (headless)."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -11,7 +14,7 @@ from conftest import make_phantom, oblique_direction  # noqa: E402
 from VAEAnomalyLib.logic import (ScoringJob, SegmentEditedError, VAEAnomalyLogic, geometry_of,  # noqa: E402
                                  image_from_node, set_node_from_image)
 from vaeanomaly.checkpoint import load_checkpoint  # noqa: E402
-from vaeanomaly.predictors import Cancelled  # noqa: E402
+from vaeanomaly.predictors import Cancelled, PredictorOptions  # noqa: E402
 from vaeanomaly.volume import VolumeError, score_volume  # noqa: E402
 
 
@@ -90,15 +93,33 @@ def test_subprocess_job_equals_in_process(scene, tiny_checkpoint):
     node = add_volume(scene, img)
     logic = VAEAnomalyLogic(scene)
     n_before = scene.GetNumberOfNodes()
-    job = ScoringJob(logic, node, None, str(tiny_checkpoint), "kl-grad", reconstruction=True).start()
+    opts = PredictorOptions(smooth=False, batch_size=7)  # not the defaults: the child must get these
+    job = ScoringJob(logic, node, None, str(tiny_checkpoint), "kl-grad", opts, reconstruction=True)
+    # the options travel as one serialised object, not as flags rebuilt by hand
+    assert "--options" in job.cmd and not {"--no-smooth", "--proj-steps", "--batch-size"} & set(job.cmd)
+    sent = json.loads(Path(job.cmd[job.cmd.index("--options") + 1]).read_text())
+    assert PredictorOptions.from_dict(sent) == opts
+    job.start()
     assert job.wait(300) == 0, job.messages
     assert job.progress == pytest.approx(1.0)
     assert scene.GetNumberOfNodes() == n_before  # nothing touched until finish()
-    heat = job.finish()
-    ref = score_volume(load_checkpoint(tiny_checkpoint), img, None, ["kl-grad"])["kl-grad"]
+    result = job.finish()
+    heat = result.heatmap
+    ck = load_checkpoint(tiny_checkpoint)
+    ref = score_volume(ck, img, None, ["kl-grad"], opts)["kl-grad"]
     np.testing.assert_allclose(logic.heatmap_array(heat), sitk.GetArrayFromImage(ref), rtol=1e-4, atol=1e-7)
-    assert logic.lastReconstruction is not None
+    smoothed = score_volume(ck, img, None, ["kl-grad"])["kl-grad"]
+    assert not np.allclose(logic.heatmap_array(heat), sitk.GetArrayFromImage(smoothed), rtol=1e-3, atol=1e-6)
+    assert result.reconstruction is not None and logic.lastReconstruction is result.reconstruction
+    # the calibrated threshold is a number from the checkpoint, not a string attribute parsed back
+    assert result.calibrated == pytest.approx(float(ck.thresholds["kl-grad"]))
+    assert heat.GetAttribute("VAEAnomaly.CalibratedThreshold") is None
+    assert result.verdict is None or not (job.tmp / "report.json").exists()
     assert not job.tmp.exists()
+    n_after = scene.GetNumberOfNodes()
+    with pytest.raises(RuntimeError, match="already"):  # a second finish adds nothing
+        job.finish()
+    assert scene.GetNumberOfNodes() == n_after
 
 
 def test_cancel_leaves_scene_unchanged(scene, tiny_checkpoint):
@@ -259,7 +280,8 @@ def test_sample_data_end_to_end_with_bundled_model(scene):
     gt = logic.heatmap_array(lesion) > 0
     brain = arr > 0
     assert pixel_metrics(arr[brain], gt[brain])["auroc"] > 0.9
-    t = logic.resolve_threshold(heat, "auto")
+    t = logic.resolve_threshold(heat, "auto", logic.lastCalibratedThreshold)
+    assert t == pytest.approx(float(load_checkpoint(None).thresholds["elbo-grad"]))
     seg = logic.create_segment(heat, t, None, t2)
     found = logic._segment_array(seg, seg.GetSegmentation().GetSegmentIdBySegmentName("Anomaly"), t2)
     assert dice(found, gt) > 0.2 and found[gt].mean() > 0.5  # most of the lesion is outlined

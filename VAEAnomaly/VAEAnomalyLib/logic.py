@@ -15,6 +15,8 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -22,6 +24,19 @@ import numpy as np
 
 SEGMENT_NAME = "Anomaly"
 HASH_TAG = "VAEAnomaly.LabelHash"
+# Standard terminology of the segment, in Slicer's TerminologyEntry format (7 parts separated by '~',
+# codes as scheme^value^meaning: Slicer Docs/developer_guide/modules/segmentations.md "TerminologyEntry tag";
+# set with vtkSegment.GetTerminologyEntryTagName() as lassoan/SlicerTotalSegmentator setTerminology() does).
+# Codes from Slicer Modules/Loadable/Terminologies/Resources/SegmentationCategoryTypeModifier-DICOM-Master.json
+# (category "Morphologically Altered Structure", type "Mass") and AnatomicRegionAndModifier-DICOM-Master.json (Brain).
+TERMINOLOGY_ENTRY = ("Segmentation category and type - DICOM master list"
+                     "~SCT^49755003^Morphologically Altered Structure"
+                     "~SCT^4147007^Mass"
+                     "~^^"
+                     "~Anatomic codes - DICOM master list"
+                     "~SCT^12738006^Brain"
+                     "~^^")
+SEGMENT_COLOR = (144 / 255, 238 / 255, 144 / 255)  # the type's recommendedDisplayRGBValue in the same file
 HEAT_TABLE_NAME = "VAEAnomaly Heat"
 MODULE_DIR = Path(__file__).resolve().parent.parent  # holds the vaeanomaly core package
 
@@ -193,6 +208,8 @@ class VAEAnomalyLogic:
     def add_results(self, inputVolume, maps: dict, checkpoint, predictor: str, options=None, heatmapNode=None):
         """Put computed maps (SimpleITK images on the input grid) into the scene."""
         import slicer
+        if predictor not in maps:  # checked before anything in the scene changes
+            raise RuntimeError(f"the scoring produced no '{predictor}' map")
         node = heatmapNode
         if node is None:
             node = slicer.vtkMRMLScalarVolumeNode()
@@ -201,9 +218,9 @@ class VAEAnomalyLogic:
         set_node_from_image(node, maps[predictor])
         opts = options.to_dict() if options is not None else {}
         for k, v in {"VAEAnomaly.Model": checkpoint.name, "VAEAnomaly.Predictor": predictor,
-                     "VAEAnomaly.Input": inputVolume.GetID(), "VAEAnomaly.Options": json.dumps(opts),
-                     "VAEAnomaly.CalibratedThreshold": str(checkpoint.thresholds.get(predictor, ""))}.items():
-            node.SetAttribute(k, v)
+                     "VAEAnomaly.Input": inputVolume.GetID(), "VAEAnomaly.Options": json.dumps(opts)}.items():
+            node.SetAttribute(k, v)  # provenance only; nothing parses these back
+        self.lastCalibratedThreshold = calibrated_threshold(checkpoint, predictor)
         self._display_heatmap(node)
         self.lastReconstruction = None
         if "reconstruction" in maps:
@@ -234,13 +251,13 @@ class VAEAnomalyLogic:
         d = node.GetImageData()
         return vtk_to_numpy(d.GetPointData().GetScalars()).reshape(d.GetDimensions()[::-1])
 
-    def resolve_threshold(self, heatmapNode, spec) -> float:
-        """A number, 'pNN' (percentile inside the brain) or 'auto' (the checkpoint's calibration)."""
+    def resolve_threshold(self, heatmapNode, spec, calibrated: Optional[float] = None) -> float:
+        """A number, 'pNN' (percentile inside the brain) or 'auto' (`calibrated`: the checkpoint's
+        healthy-brain threshold for this predictor, a number carried by the job's result)."""
         from vaeanomaly.threshold import resolve_threshold
         arr = self.heatmap_array(heatmapNode)
-        cal = heatmapNode.GetAttribute("VAEAnomaly.CalibratedThreshold") or ""
         pred = heatmapNode.GetAttribute("VAEAnomaly.Predictor") or ""
-        return resolve_threshold(spec, arr, arr > 0, {pred: float(cal)} if cal else {}, pred)
+        return resolve_threshold(spec, arr, arr > 0, {pred: float(calibrated)} if calibrated is not None else {}, pred)
 
     def preview_threshold(self, heatmapNode, threshold: Optional[float]):
         """Live preview: show only voxels above the threshold (display only; voxels unchanged)."""
@@ -317,7 +334,8 @@ class VAEAnomalyLogic:
         if new_ids:
             s = seg.GetSegment(new_ids[0])
             s.SetName(SEGMENT_NAME)
-            s.SetColor(1.0, 0.85, 0.1)
+            s.SetTag(s.GetTerminologyEntryTagName(), TERMINOLOGY_ENTRY)
+            s.SetColor(*SEGMENT_COLOR)
             s.SetTag(HASH_TAG, self._hash(self._segment_array(segmentationNode, new_ids[0], ref)))
         if show3D:
             segmentationNode.CreateClosedSurfaceRepresentation()
@@ -333,43 +351,146 @@ class VAEAnomalyLogic:
 
 
 # ----------------------------------------------------------------------------- the subprocess job
+def calibrated_threshold(checkpoint, predictor: str) -> Optional[float]:
+    """The checkpoint's healthy-brain threshold for `predictor` as a number, or None."""
+    from vaeanomaly.registry import PREDICTOR_INFO
+    info = PREDICTOR_INFO.get(predictor)
+    value = checkpoint.thresholds.get(predictor)
+    if value is None or (info is not None and not info.calibrated):
+        return None
+    return float(value)
+
+
 def python_executable() -> str:
     """Slicer's own Python launcher inside the application, else this interpreter."""
     return shutil.which("PythonSlicer") or sys.executable
 
 
-class ScoringJob:
-    """Scores in a child process through the project's own command-line tool, so the application
-    stays responsive: start(), poll() from a timer, cancel() kills it, finish() loads the result.
-    The scene is not touched until finish()."""
+def cli_supports(option: str, command: str = "score") -> bool:
+    """Whether this version of the `vaeanomaly` command line knows `option` (e.g. --report)."""
+    import argparse
 
-    def __init__(self, logic: VAEAnomalyLogic, inputVolume, maskNode=None, model=None, predictor="rec-grad",
-                 options=None, device="cpu", reconstruction=False):
+    from vaeanomaly.cli import build_parser
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return option in sub.choices[command]._option_string_actions
+
+
+def kill_process_tree(proc: subprocess.Popen, grace: float = 5.0) -> None:
+    """Stop a child and everything it started. Inside Slicer the child is the PythonSlicer launcher and
+    the real Python runs as *its* child, so killing only `proc` leaves the computation running
+    (lassoan/SlicerMONAIAuto3DSeg MONAIAuto3DSegLib/process.py _killProcess kills the children for the
+    same reason). The job starts the child in a new session (POSIX: its own process group) or a new
+    process group (Windows), so the whole group can be stopped."""
+    if proc is None:
+        return
+    if os.name == "posix":
+        import signal
+        pgid = proc.pid  # start_new_session=True: the child leads its own process group
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(pgid, sig)
+            except ProcessLookupError:
+                break
+            if _wait_group_gone(proc, pgid, grace):
+                break
+        proc.poll()
+    else:  # Windows: taskkill /T ends the launcher and its children
+        subprocess.run(["taskkill", "/F", "/T", "/PID", str(proc.pid)], capture_output=True)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def _wait_group_gone(proc, pgid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        proc.poll()  # reap our own child
+        try:
+            os.killpg(pgid, 0)  # anyone left in the group?
+        except ProcessLookupError:
+            return True
+        if _group_only_zombies(pgid):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _group_only_zombies(pgid: int) -> bool:
+    """Linux: True when every process left in the group is a zombie (dead, awaiting its parent)."""
+    proc_dir = Path("/proc")
+    if not proc_dir.is_dir():
+        return False
+    states = []
+    for d in proc_dir.iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:  # fields after ')': state, ppid, pgrp, ...
+            states.append(fields[0])
+    return all(st == "Z" for st in states)
+
+
+@dataclass
+class JobResult:
+    """What a finished job put into the scene and what it learned: the calibrated threshold as a number,
+    and the out-of-distribution verdict (None when the command line wrote no report)."""
+    heatmap: object
+    reconstruction: object = None
+    calibrated: Optional[float] = None
+    verdict: Optional[dict] = None
+    warnings: list = field(default_factory=list)
+
+
+class ScoringJob:
+    """Scores in a child process through the project's own command line (`vaeanomaly score`), so the
+    application stays responsive: start(), poll() from a timer, cancel() stops the whole process tree,
+    finish() loads the result. The scene is not touched until finish().
+
+    The options travel as one serialised object (`--options options.json`, PredictorOptions.to_dict());
+    the checkpoint is loaded once here (name, calibrated threshold) and once in the child."""
+
+    def __init__(self, logic: VAEAnomalyLogic, inputVolume, maskNode=None, model=None, predictor=None,
+                 options=None, device="cpu", reconstruction=False, launcher: Optional[str] = None):
         import SimpleITK as sitk
-        from vaeanomaly.checkpoint import load_checkpoint, resolve_model
-        self.logic, self.inputVolume, self.predictor, self.options = logic, inputVolume, predictor, options
+
+        from vaeanomaly.checkpoint import load_checkpoint
+        from vaeanomaly.predictors import PredictorOptions
+        from vaeanomaly.registry import DEFAULT_PREDICTOR, RECONSTRUCTION
+        predictor = predictor or DEFAULT_PREDICTOR
+        self.logic, self.inputVolume, self.predictor = logic, inputVolume, predictor
+        self.options = options if options is not None else PredictorOptions()
         img, mask = logic.input_images(inputVolume, maskNode)  # validate before any work
         self.checkpoint = load_checkpoint(model)
+        self.calibrated = calibrated_threshold(self.checkpoint, predictor)
         self.tmp = Path(tempfile.mkdtemp(prefix="vaeanomaly-"))
         sitk.WriteImage(img, str(self.tmp / "input.nrrd"))
-        names = [predictor] + (["reconstruction"] if reconstruction else [])
-        self.cmd = [python_executable(), "-m", "vaeanomaly.cli", "score", str(self.tmp / "input.nrrd"),
+        (self.tmp / "options.json").write_text(json.dumps(self.options.to_dict()))
+        names = [predictor] + ([RECONSTRUCTION] if reconstruction else [])
+        self.report_path = self.tmp / "report.json"
+        self.cmd = [launcher or python_executable(), "-m", "vaeanomaly.cli", "score", str(self.tmp / "input.nrrd"),
                     "-o", str(self.tmp / "out"), "--predictor", ",".join(names),
-                    "--model", str(resolve_model(model)), "--device", device, "--progress", "lines"]
+                    "--model", str(self.checkpoint.path), "--device", device, "--progress", "lines",
+                    "--options", str(self.tmp / "options.json")]
+        if cli_supports("--report"):  # the out-of-distribution verdict, where the command line has it
+            self.cmd += ["--report", str(self.report_path)]
         if mask is not None:
             sitk.WriteImage(mask, str(self.tmp / "mask.nrrd"))
             self.cmd += ["--mask", str(self.tmp / "mask.nrrd")]
-        if options is not None:
-            self.cmd += ["--proj-steps", str(options.proj_steps), "--proj-lambda", str(options.proj_lambda),
-                         "--proj-lr", str(options.proj_lr), "--batch-size", str(options.batch_size)]
-            self.cmd += (["--no-smooth"] if not options.smooth else []) + (["--proj-weighted"] if options.proj_weighted else [])
         self.proc, self.progress, self.messages = None, 0.0, []
         self._q: queue.Queue = queue.Queue()
+        self._done = False
 
     def start(self):
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([str(MODULE_DIR)] + [p for p in [env.get("PYTHONPATH")] if p])
-        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+        group = ({"start_new_session": True} if os.name == "posix"
+                 else {"creationflags": getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0)})
+        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                     env=env, **group)
         threading.Thread(target=self._read, daemon=True).start()
         return self
 
@@ -382,7 +503,10 @@ class ScoringJob:
         while not self._q.empty():
             line = self._q.get_nowait()
             if line.startswith("PROGRESS "):
-                self.progress = float(line.split()[1])
+                try:
+                    self.progress = float(line.split()[1])
+                except (IndexError, ValueError):
+                    pass
             elif line:
                 self.messages.append(line)
         return None if self.proc is None else self.proc.poll()
@@ -398,25 +522,45 @@ class ScoringJob:
         return (errs or self.messages or ["the scoring process failed"])[-1]
 
     def cancel(self):
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        """Stop the child and its children, then remove the temporary folder (nothing can recreate it)."""
+        if self.proc is not None:
+            kill_process_tree(self.proc)
         self.cleanup()
 
-    def finish(self, heatmapNode=None):
-        """After a successful run: load the maps into the scene. Returns the heatmap node."""
+    def finish(self, heatmapNode=None) -> JobResult:
+        """After a successful run: load the maps into the scene. Everything is checked before the scene
+        changes; the temporary folder is removed whatever happens."""
         import SimpleITK as sitk
         try:
+            if self._done:
+                raise RuntimeError("this job's result was already loaded")
+            self._done = True
+            if self.inputVolume is None or self.inputVolume.GetScene() is not self.logic.scene:
+                raise RuntimeError("the input volume was removed from the scene during the computation")
             out = self.tmp / "out"
-            maps = {p.name[:-len(".nii.gz")]: sitk.ReadImage(str(p)) for p in out.glob("*.nii.gz")}
-            return self.logic.add_results(self.inputVolume, maps, self.checkpoint, self.predictor, self.options,
+            maps = {p.name[:-len(".nii.gz")]: sitk.ReadImage(str(p)) for p in out.glob("*.nii.gz")} \
+                if out.is_dir() else {}
+            if self.predictor not in maps:
+                raise RuntimeError(f"the scoring process wrote no '{self.predictor}' heatmap "
+                                   f"({'; '.join(self.messages[-3:]) or 'no output'})")
+            verdict, warnings = self.read_report()
+            heat = self.logic.add_results(self.inputVolume, maps, self.checkpoint, self.predictor, self.options,
                                           heatmapNode)
+            return JobResult(heat, self.logic.lastReconstruction, self.calibrated, verdict, warnings)
         finally:
             self.cleanup()
+
+    def read_report(self):
+        """(verdict dict or None, warnings) from the report the command line wrote, if it wrote one."""
+        if not self.report_path.is_file():
+            return None, []
+        try:
+            verdict = json.loads(self.report_path.read_text())
+        except (OSError, ValueError) as err:
+            return None, [f"The out-of-distribution report could not be read ({err}); judge the heatmap with care."]
+        if not isinstance(verdict, dict):
+            return None, ["The out-of-distribution report is malformed; judge the heatmap with care."]
+        return verdict, [str(w) for w in verdict.get("warnings") or []]
 
     def cleanup(self):
         shutil.rmtree(self.tmp, ignore_errors=True)

@@ -1,0 +1,465 @@
+"""The panel's behaviour, without Qt: what may be pressed when, Apply -> background job -> progress ->
+result, error or cancel, scene close during a run, threshold modes and live preview, Create segment with
+the protected edited segment, the out-of-distribution verdict and its warnings.
+
+The Slicer Widget (VAEAnomaly.py) wires Qt signals to these methods, calls `poll()` from a timer while
+`running`, and renders `state()`. Everything here runs headless on a real vtkMRMLScene (slicer-core).
+Dialogs go through a small `Dialogs` object: message boxes in Slicer, a scripted user in the tests.
+
+Rules: a failure never escapes a method (it becomes a status line and an error dialog), the user's input
+volume, mask and an edited segment are never modified, and the scene is not touched until a job succeeds.
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+from dataclasses import dataclass, field, fields
+from typing import Callable, Optional
+
+from .logic import ScoringJob, SegmentEditedError, VAEAnomalyLogic
+from .panel import (CUSTOM_MODEL, DEFAULT_PERCENTILE, DEFAULT_PREDICTOR, DEFAULT_THRESHOLD_MODE, OPTION_DEFAULTS,
+                    PREDICTOR_INFO, bundled_models, default_model)
+
+REQUIRED_MODULES = ("torch", "safetensors", "sklearn")
+
+
+class Dialogs:
+    """The questions and messages the panel shows. Slicer: slicer.util message boxes. The defaults
+    answer "no" and only record, which is what a headless caller wants."""
+
+    def __init__(self):
+        self.shown: list[tuple[str, str]] = []
+
+    def confirm(self, text: str) -> bool:
+        self.shown.append(("confirm", text))
+        return False
+
+    def error(self, text: str) -> None:
+        self.shown.append(("error", text))
+
+    def warning(self, text: str) -> None:
+        self.shown.append(("warning", text))
+
+
+@dataclass
+class PanelParams:
+    """The panel's parameters with their defaults. In Slicer the parameter node (VAEAnomalyParameterNode,
+    same names and defaults, checked by test_conformance.py) plays this role and is saved with the scene."""
+    inputVolume: object = None
+    brainMask: object = None
+    model: str = field(default_factory=default_model)
+    customModelPath: str = ""
+    predictor: str = DEFAULT_PREDICTOR
+    projectionSteps: int = OPTION_DEFAULTS["proj_steps"]
+    projectionLambda: float = OPTION_DEFAULTS["proj_lambda"]
+    smoothGradients: bool = OPTION_DEFAULTS["smooth"]
+    useGPU: bool = False
+    showReconstruction: bool = False
+    opacity: float = 0.6
+    thresholdMode: str = DEFAULT_THRESHOLD_MODE
+    threshold: float = 0.0
+    calibratedThreshold: Optional[float] = None
+    show3D: bool = False
+    heatmap: object = None
+    segmentation: object = None
+
+
+PARAMETER_NAMES = tuple(f.name for f in fields(PanelParams))
+
+
+@dataclass
+class PanelState:
+    """Everything the Widget renders."""
+    apply_enabled: bool = False
+    apply_text: str = "Apply"
+    apply_tooltip: str = ""
+    running: bool = False
+    progress: int = 0
+    progress_visible: bool = False
+    status: str = ""
+    inputs_enabled: bool = True
+    custom_path_visible: bool = False
+    model_card: str = ""
+    outputs_enabled: bool = False
+    threshold_maximum: float = 1.0
+    threshold_step: float = 0.01
+    threshold_decimals: int = 4
+    threshold_value: float = 0.0
+    create_segment_enabled: bool = False
+    verdict: Optional[dict] = None
+    verdict_text: str = ""
+    warnings: list = field(default_factory=list)
+
+
+def dependencies_present() -> bool:
+    return all(importlib.util.find_spec(m) is not None for m in REQUIRED_MODULES)
+
+
+def verdict_text(verdict: Optional[dict]) -> str:
+    """One line summarising the report of `vaeanomaly score --report` (empty without a report)."""
+    if not verdict:
+        return ""
+    ok = verdict.get("in_distribution")
+    head = ("Looks like the healthy scans the model was trained on" if ok is True else
+            "Out of distribution: the model has not seen scans like this; do not trust the heatmap"
+            if ok is False else "No out-of-distribution verdict")
+    parts = []
+    if isinstance(verdict.get("fit"), (int, float)):
+        parts.append(f"fit {verdict['fit']:.3g}")
+    if isinstance(verdict.get("brain_volume_ml"), (int, float)):
+        parts.append(f"brain {verdict['brain_volume_ml']:.0f} ml")
+    if verdict.get("mask"):
+        parts.append(f"mask {verdict['mask']}")
+    if isinstance(verdict.get("flagged_percent"), (int, float)):
+        parts.append(f"{verdict['flagged_percent']:.1f}% of the brain flagged")
+    return head + (f" ({', '.join(parts)})" if parts else "") + "."
+
+
+class PanelController:
+    def __init__(self, scene, params=None, dialogs: Optional[Dialogs] = None, logic: Optional[VAEAnomalyLogic] = None,
+                 color_logic=None, launcher: Optional[str] = None,
+                 gpu_available: Optional[Callable[[], bool]] = None,
+                 memory_warning: Optional[Callable[[object], str]] = None):
+        self.scene = scene
+        self.logic = logic or VAEAnomalyLogic(scene)
+        self.params = params
+        self.dialogs = dialogs or Dialogs()
+        self.color_logic = color_logic
+        self.launcher = launcher
+        self._gpu_available = gpu_available or _torch_gpu_available
+        self._memory_warning = memory_warning or _memory_warning
+        self.job: Optional[ScoringJob] = None
+        self.status = ""
+        self.verdict: Optional[dict] = None
+        self.warnings: list[str] = []
+        self.model_card = ""
+        self.new_result = False  # set when a job's heatmap was just shown; the Widget fits the views once
+        self._observers = [scene.AddObserver(scene.StartCloseEvent, self._on_scene_start_close)]
+
+    # ------------------------------------------------------------------ lifecycle
+    def set_params(self, params) -> None:
+        """A new parameter node (module entered, scene closed or loaded). A running job keeps running."""
+        self.params = params
+        if params is not None:
+            self.update_model_card()
+
+    def close(self) -> None:
+        """Module cleanup: stop a running job, stop observing the scene."""
+        self.cancel("Stopped.")
+        for tag in self._observers:
+            self.scene.RemoveObserver(tag)
+        self._observers = []
+
+    def _on_scene_start_close(self, caller=None, event=None) -> None:
+        if self.job is not None:
+            self.cancel("Cancelled: the scene was closed during the computation.")
+        self.verdict, self.warnings = None, []
+
+    @property
+    def running(self) -> bool:
+        return self.job is not None
+
+    # ------------------------------------------------------------------ models
+    @staticmethod
+    def model_choices() -> list[tuple[str, str]]:
+        """(label, value) for the model combo: bundled models, then a custom file."""
+        return [(m, m) for m in bundled_models()] + [("Custom file...", CUSTOM_MODEL)]
+
+    def select_model(self, value: str, custom_path: Optional[str] = None) -> None:
+        p = self.params
+        if p is None:
+            return
+        p.model = value
+        if custom_path is not None:
+            p.customModelPath = custom_path
+        self.update_model_card()
+
+    def model_path(self) -> Optional[str]:
+        """What ScoringJob / load_checkpoint get: a bundled name, a file, or None (custom, no file yet)."""
+        p = self.params
+        if p.model == CUSTOM_MODEL:
+            return p.customModelPath or None
+        return p.model
+
+    def update_model_card(self) -> str:
+        if not dependencies_present():
+            self.model_card = "Model card available once PyTorch is installed (press Apply)."
+        elif self.params is not None and self.params.model == CUSTOM_MODEL and not self.params.customModelPath:
+            self.model_card = "Choose a checkpoint file (.safetensors)."
+        else:
+            try:
+                from vaeanomaly.checkpoint import load_checkpoint
+                self.model_card = load_checkpoint(self.model_path() if self.params else None).card()
+            except Exception as err:  # a card is informative only; never fail the panel
+                self.model_card = f"Model unavailable: {err}"
+        return self.model_card
+
+    # ------------------------------------------------------------------ apply / cancel
+    def can_apply(self) -> tuple[bool, str]:
+        p = self.params
+        if p is None:
+            return False, "No parameter node"
+        if self.running:
+            return True, "Stop the running computation"
+        if p.inputVolume is None:
+            return False, "Select an input volume first"
+        if p.model == CUSTOM_MODEL and not p.customModelPath:
+            return False, "Choose a checkpoint file first"
+        return True, "Compute the anomaly heatmap"
+
+    def apply_or_cancel(self) -> bool:
+        """The Apply button: Cancel while running, else start. Returns whether a job runs afterwards."""
+        if self.running:
+            self.cancel()
+            return False
+        return self.apply()
+
+    def apply(self) -> bool:
+        """Start a job. Refused (False, with a status line) while one runs or when inputs are missing."""
+        p = self.params
+        if self.running:
+            self.status = "A computation is already running: cancel it first."
+            return True
+        ok, why = self.can_apply()
+        if not ok:
+            self.status = why + "."
+            return False
+        device = "cpu"
+        if p.useGPU:
+            if self._gpu_available():
+                device = "cuda"
+            else:
+                self.dialogs.warning("No CUDA GPU is available to PyTorch; computing on the CPU.")
+        warning = self._memory_warning(p.inputVolume)
+        if warning and not self.dialogs.confirm(warning):
+            self.status = "Not started."
+            return False
+        try:
+            from vaeanomaly.predictors import PredictorOptions
+            opts = PredictorOptions(**{**OPTION_DEFAULTS, "smooth": bool(p.smoothGradients),
+                                       "proj_steps": int(p.projectionSteps),
+                                       "proj_lambda": float(p.projectionLambda)})
+            self.job = ScoringJob(self.logic, p.inputVolume, p.brainMask, self.model_path(), p.predictor, opts,
+                                  device, bool(p.showReconstruction), launcher=self.launcher).start()
+        except Exception as err:
+            self.job = None
+            self.status = "Could not start the computation."
+            self.dialogs.error(f"Could not start the computation:\n{err}")
+            return False
+        title = PREDICTOR_INFO[p.predictor].title if p.predictor in PREDICTOR_INFO else p.predictor
+        self.status = f"Computing {title}..."
+        self.verdict, self.warnings = None, []
+        return True
+
+    def cancel(self, message: str = "Cancelled.") -> None:
+        job, self.job = self.job, None
+        if job is not None:
+            try:
+                job.cancel()
+            finally:
+                self.status = message
+
+    def progress(self) -> int:
+        return int(round(100 * self.job.progress)) if self.job is not None else 0
+
+    def poll(self) -> bool:
+        """Called from a timer while running: progress, then the result or the error, exactly once.
+        Returns whether the job is still running. Never raises."""
+        job = self.job
+        if job is None:
+            return False
+        try:
+            rc = job.poll()
+        except Exception as err:
+            rc, job.messages = 1, job.messages + [str(err)]
+        if rc is None:
+            return True
+        self.job = None  # the job ends here, whatever happens below: no second finish, no loop
+        if rc != 0:
+            err = job.error()
+            job.cleanup()
+            self.status = "Failed."
+            self.dialogs.error(f"Computing the heatmap failed:\n{err}")
+            return False
+        p = self.params
+        try:
+            if p is None:
+                raise RuntimeError("the module's parameters were reset during the computation")
+            result = job.finish(self._reusable_heatmap(job))
+        except Exception as err:
+            self.status = "Failed to load the result."
+            self.dialogs.error(f"Could not load the result:\n{err}")
+            return False
+        try:
+            p.heatmap = result.heatmap
+            p.calibratedThreshold = result.calibrated
+            self.verdict, self.warnings = result.verdict, list(result.warnings)
+            self.show_heatmap()
+            self.update_threshold()
+            self.status = "Done." if not self.warnings else "Done, with warnings: read them before using the heatmap."
+            self.new_result = True
+        except Exception as err:
+            self.status = "The heatmap was computed but could not be displayed."
+            self.dialogs.error(f"Could not display the result:\n{err}")
+        return False
+
+    def _reusable_heatmap(self, job):
+        """Re-running for the same input and predictor overwrites the panel's current heatmap (our own node)."""
+        heat = self.params.heatmap
+        if heat is not None and heat.GetScene() is self.scene \
+                and heat.GetAttribute("VAEAnomaly.Input") == job.inputVolume.GetID() \
+                and heat.GetAttribute("VAEAnomaly.Predictor") == job.predictor:
+            return heat
+        return None
+
+    # ------------------------------------------------------------------ display
+    def show_heatmap(self) -> None:
+        """Input as background, heatmap as foreground in every slice view, with a colour legend
+        (slicer.util.setSliceViewerLayers does the same on the slice composite nodes)."""
+        p = self.params
+        for i in range(self.scene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode")):
+            comp = self.scene.GetNthNodeByClass(i, "vtkMRMLSliceCompositeNode")
+            comp.SetBackgroundVolumeID(p.inputVolume.GetID() if p.inputVolume is not None else None)
+            comp.SetForegroundVolumeID(p.heatmap.GetID())
+            comp.SetForegroundOpacity(float(p.opacity))
+        if self.color_logic is not None:
+            try:
+                self.color_logic.AddDefaultColorLegendDisplayNode(p.heatmap)
+            except Exception:  # the legend is optional
+                pass
+
+    def set_opacity(self, value: float) -> None:
+        """Only the slice views that show this heatmap change (not every view's foreground)."""
+        p = self.params
+        if p is None:
+            return
+        p.opacity = float(value)
+        heat = p.heatmap
+        if heat is None:
+            return
+        for i in range(self.scene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode")):
+            comp = self.scene.GetNthNodeByClass(i, "vtkMRMLSliceCompositeNode")
+            if comp.GetForegroundVolumeID() == heat.GetID() and comp.GetForegroundOpacity() != float(value):
+                comp.SetForegroundOpacity(float(value))
+
+    # ------------------------------------------------------------------ threshold
+    def _heat_max(self) -> float:
+        arr = self.logic.heatmap_array(self.params.heatmap)
+        return float(arr.max()) if arr.size else 1.0
+
+    def threshold_range(self) -> tuple[float, float, int]:
+        """(maximum, step, decimals) for the slider."""
+        p = self.params
+        hi = self._heat_max() if p is not None and p.heatmap is not None and p.heatmap.GetImageData() else 1.0
+        hi = hi if hi > 0 else 1.0
+        step = hi / 500
+        decimals = max(2, 1 - math.floor(math.log10(step)))
+        return hi, step, decimals
+
+    def set_threshold_mode(self, mode: str) -> None:
+        if self.params is None:
+            return
+        self.params.thresholdMode = mode
+        self.update_threshold()
+
+    def update_threshold(self) -> None:
+        """The threshold the mode gives (calibrated, percentile); 'absolute' keeps the current value."""
+        p = self.params
+        if p is None or p.heatmap is None:
+            return
+        mode = p.thresholdMode
+        try:
+            if mode == "calibrated":
+                if p.calibratedThreshold is None:
+                    value = self.logic.resolve_threshold(p.heatmap, f"p{DEFAULT_PERCENTILE:g}")
+                    self.status = (f"The model has no calibrated threshold for {p.predictor}: showing the "
+                                   f"{DEFAULT_PERCENTILE:g}th percentile of this heatmap instead.")
+                else:
+                    value = float(p.calibratedThreshold)
+            elif mode == "percentile":
+                value = self.logic.resolve_threshold(p.heatmap, f"p{DEFAULT_PERCENTILE:g}")
+            else:
+                value = float(p.threshold)
+        except ValueError as err:
+            self.status = str(err)
+            return
+        p.threshold = value
+        self.logic.preview_threshold(p.heatmap, value)
+
+    def set_threshold(self, value: float) -> None:
+        """The slider moved. A value other than the mode's own turns the mode to 'absolute'."""
+        p = self.params
+        if p is None or p.heatmap is None:
+            return
+        _, step, decimals = self.threshold_range()
+        if abs(float(value) - float(p.threshold)) > step / 2 + 10 ** -decimals:
+            p.threshold = float(value)
+            if p.thresholdMode != "absolute":
+                p.thresholdMode = "absolute"
+        self.logic.preview_threshold(p.heatmap, float(p.threshold))
+
+    # ------------------------------------------------------------------ segment
+    def create_segment(self) -> bool:
+        p = self.params
+        if p is None or p.heatmap is None:
+            self.status = "Compute a heatmap first."
+            return False
+        if self.running:
+            self.status = "Wait for the computation to finish."
+            return False
+        kw = dict(show3D=bool(p.show3D))
+        try:
+            try:
+                seg = self.logic.create_segment(p.heatmap, float(p.threshold), p.segmentation, p.inputVolume, **kw)
+            except SegmentEditedError as err:
+                if not self.dialogs.confirm(f"{err}\n\nOverwrite your edits?"):
+                    self.status = "Kept your edited segment."
+                    return False
+                seg = self.logic.create_segment(p.heatmap, float(p.threshold), p.segmentation, p.inputVolume,
+                                                overwrite=True, **kw)
+        except Exception as err:
+            self.status = "Could not create the segment."
+            self.dialogs.error(f"Could not create the segment:\n{err}")
+            return False
+        p.segmentation = seg
+        self.status = "Segment 'Anomaly' written: edit it in the Segment Editor."
+        return True
+
+    # ------------------------------------------------------------------ what the Widget renders
+    def state(self) -> PanelState:
+        p = self.params
+        ok, why = self.can_apply()
+        s = PanelState(apply_enabled=ok, apply_tooltip=why, running=self.running, status=self.status,
+                       apply_text="Cancel" if self.running else "Apply", progress=self.progress(),
+                       progress_visible=self.running, inputs_enabled=not self.running, model_card=self.model_card,
+                       verdict=self.verdict, verdict_text=verdict_text(self.verdict), warnings=list(self.warnings))
+        if p is None:
+            return s
+        s.custom_path_visible = p.model == CUSTOM_MODEL
+        has_heat = p.heatmap is not None and p.heatmap.GetImageData() is not None
+        s.outputs_enabled = has_heat and not self.running
+        s.create_segment_enabled = s.outputs_enabled
+        if has_heat:
+            s.threshold_maximum, s.threshold_step, s.threshold_decimals = self.threshold_range()
+            s.threshold_value = float(p.threshold)
+        return s
+
+
+def _torch_gpu_available() -> bool:
+    try:
+        import torch
+        return bool(torch.cuda.is_available())
+    except Exception:
+        return False
+
+
+def _memory_warning(volume) -> str:
+    """A question when scoring this volume would use more than half of the free memory."""
+    from vaeanomaly.volume import available_memory, memory_needed
+    data = volume.GetImageData() if volume is not None else None
+    dims = data.GetDimensions() if data is not None else (0, 0, 0)
+    need, avail = memory_needed(dims), available_memory()
+    if need > 0.5 * avail:
+        return (f"Scoring this volume needs about {need / 2**30:.1f} GB of the {avail / 2**30:.1f} GB free; "
+                f"Slicer may become slow. Continue?")
+    return ""

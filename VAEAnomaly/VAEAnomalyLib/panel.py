@@ -1,0 +1,57 @@
+"""What the Slicer panel offers and its defaults, taken from the one registry.
+
+Imported by VAEAnomaly.py when Slicer loads the module, so it uses the standard library only (no torch,
+numpy or Qt): the parameter node's choices come from `vaeanomaly.registry`, and its option defaults
+are read from `vaeanomaly.predictors.PredictorOptions` without importing that module (it imports torch,
+which may not be installed yet when Slicer starts).
+"""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from vaeanomaly.registry import (DEFAULT_PERCENTILE, DEFAULT_PREDICTOR, DEFAULT_THRESHOLD_MODE, PREDICTOR_INFO,
+                                 THRESHOLD_MODES, predictor_names)
+
+MODULE_DIR = Path(__file__).resolve().parent.parent
+MODELS_DIR = MODULE_DIR / "Resources" / "Models"
+CUSTOM_MODEL = "custom"  # the model combo's "Custom file..." entry
+
+PREDICTOR_CHOICES = tuple(predictor_names())
+THRESHOLD_MODE_CHOICES = tuple(THRESHOLD_MODES)
+__all__ = ["PREDICTOR_CHOICES", "THRESHOLD_MODE_CHOICES", "DEFAULT_PREDICTOR", "DEFAULT_THRESHOLD_MODE",
+           "DEFAULT_PERCENTILE", "PREDICTOR_INFO", "CUSTOM_MODEL", "bundled_models", "default_model",
+           "option_defaults", "OPTION_DEFAULTS"]
+
+
+def bundled_models() -> list[str]:
+    """Names of the checkpoints shipped with the module (same rule as vaeanomaly.checkpoint.bundled_models)."""
+    return sorted(p.name[:-len(".safetensors")] for p in MODELS_DIR.glob("*.safetensors"))
+
+
+def default_model() -> str:
+    """vaeanomaly.checkpoint.DEFAULT_MODEL, read without importing torch."""
+    return _module_constants(MODULE_DIR / "vaeanomaly" / "checkpoint.py")["DEFAULT_MODEL"]
+
+
+def option_defaults() -> dict:
+    """Field -> default of `PredictorOptions`, from its class body (no torch import)."""
+    tree = ast.parse((MODULE_DIR / "vaeanomaly" / "predictors.py").read_text(encoding="utf-8"))
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "PredictorOptions")
+    return {n.target.id: ast.literal_eval(n.value) for n in cls.body
+            if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name) and n.value is not None}
+
+
+def _module_constants(path: Path) -> dict:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    out = {}
+    for n in tree.body:
+        if isinstance(n, ast.Assign) and len(n.targets) == 1 and isinstance(n.targets[0], ast.Name):
+            try:
+                out[n.targets[0].id] = ast.literal_eval(n.value)
+            except ValueError:
+                pass
+    return out
+
+
+OPTION_DEFAULTS = option_defaults()
