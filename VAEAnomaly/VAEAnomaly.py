@@ -15,10 +15,14 @@ import vtk
 from slicer import (vtkMRMLLabelMapVolumeNode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode)
 from slicer.i18n import tr as _
 from slicer.i18n import translate
-from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
 from slicer.util import VTKObservationMixin
+# the module's own package (its folder is on sys.path when Slicer loads the module: Base/QTGUI/
+# qSlicerScriptedLoadableModuleFactory.cxx); panel.py needs only the standard library
+from VAEAnomalyLib.panel import (CUSTOM_MODEL, DEFAULT_PREDICTOR, DEFAULT_THRESHOLD_MODE, OPTION_DEFAULTS,
+                                 PREDICTOR_CHOICES, PREDICTOR_INFO, THRESHOLD_MODE_CHOICES, default_model)
 
 MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
 SAMPLE_DIR = os.path.join(MODULE_DIR, "Resources", "SampleData")
@@ -26,7 +30,6 @@ SAMPLE_FILES = {  # file name -> SHA256 (checked by Sample Data on load)
     "VAEAnomalySample_T2.nrrd": "8d37d5c044dfda356528ba92634ff3c32693225cd688a5b0ddad78c086bb27d7",
     "VAEAnomalySample_Lesion.nrrd": "7216d9d6eef6d15eb2d16ea1632ad4192c9fbb858aed102a2ed78160cdf390d5",
 }
-PREDICTORS = ["rec-grad", "elbo-grad", "kl-grad", "rec-error", "combi", "proj-rec-error"]
 
 
 class VAEAnomaly(ScriptedLoadableModule):
@@ -61,41 +64,67 @@ def registerSampleData():
         fileNames=list(SAMPLE_FILES),
         checksums=[f"SHA256:{s}" for s in SAMPLE_FILES.values()],
         nodeNames=["VAEAnomalySample_T2", "VAEAnomalySample_Lesion"],
-        loadFileTypes=["VolumeFile", "LabelMapVolumeFile"],
+        # file types are reader names (qSlicerIO::fileType(): qSlicerVolumesReader "VolumeFile",
+        # qSlicerSegmentationsReader "SegmentationFile", which also reads a plain label-map .nrrd)
+        loadFileTypes=["VolumeFile", "SegmentationFile"],
     )
 
 
 @parameterNodeWrapper
 class VAEAnomalyParameterNode:
+    """Saved with the scene. Names and defaults match VAEAnomalyLib.controller.PanelParams (checked by
+    Testing/Python/test_conformance.py against Slicer's GUI connectors, guiConnectors.py)."""
     inputVolume: vtkMRMLScalarVolumeNode
     brainMask: Union[vtkMRMLLabelMapVolumeNode, vtkMRMLSegmentationNode, None] = None
-    model: str = "bvae-l64-b10"
-    customModelPath: str = ""  # kept in sync by hand: ctkPathLineEdit has no str binding
-    predictor: str = "rec-grad"
-    projectionSteps: Annotated[int, WithinRange(0, 1000)] = 100
-    projectionLambda: Annotated[float, WithinRange(0.0, 100.0)] = 0.5
-    smoothGradients: bool = True
+    # model and customModelPath are kept in sync by hand (not bound): the combo's "Custom file..." item
+    # carries item data that the Choice connector would clear, and ctkPathLineEdit binds only to pathlib.Path
+    model: str = default_model()
+    customModelPath: str = ""
+    predictor: Annotated[str, Choice(PREDICTOR_CHOICES)] = DEFAULT_PREDICTOR
+    projectionSteps: Annotated[int, WithinRange(0, 1000)] = OPTION_DEFAULTS["proj_steps"]
+    projectionLambda: Annotated[float, WithinRange(0.0, 100.0)] = OPTION_DEFAULTS["proj_lambda"]
+    smoothGradients: bool = OPTION_DEFAULTS["smooth"]
     useGPU: bool = False
     showReconstruction: bool = False
     opacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.6
-    thresholdMode: str = "calibrated"
-    threshold: float = 0.0
+    thresholdMode: Annotated[str, Choice(THRESHOLD_MODE_CHOICES)] = DEFAULT_THRESHOLD_MODE
+    threshold: float = 0.0  # not bound: the slider's range follows the heatmap (the controller sets it)
+    calibratedThreshold: Optional[float] = None  # the checkpoint's threshold for the heatmap's predictor
     show3D: bool = False
     heatmap: vtkMRMLScalarVolumeNode
     segmentation: vtkMRMLSegmentationNode
 
 
+class _SlicerDialogs:
+    """The controller's questions and messages as Slicer message boxes."""
+
+    @staticmethod
+    def confirm(text: str) -> bool:
+        return slicer.util.confirmOkCancelDisplay(text)
+
+    @staticmethod
+    def error(text: str) -> None:
+        slicer.util.errorDisplay(text)
+
+    @staticmethod
+    def warning(text: str) -> None:
+        slicer.util.warningDisplay(text)
+
+
 class VAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """Wires Qt signals to VAEAnomalyLib.controller.PanelController and renders its state; nothing else."""
+
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
         self.logic = None
+        self.controller = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
-        self._job = None
+        self._rendering = False
         self._timer = qt.QTimer()
         self._timer.setInterval(150)
-        self._timer.connect("timeout()", self._pollJob)
+        self._timer.connect("timeout()", self._onTimer)
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -104,41 +133,44 @@ class VAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = VAEAnomalyLogic()
-        for name in self.logic.bundledModels():
-            self.ui.modelSelector.addItem(name)
-        self.ui.modelSelector.addItem(_("Custom file..."), "custom")
-        for p in PREDICTORS:
-            self.ui.predictorSelector.addItem(p)
-        for mode in ("calibrated", "percentile", "absolute"):
-            self.ui.thresholdModeSelector.addItem(mode)
+        from VAEAnomalyLib.controller import PanelController
+        self.controller = PanelController(slicer.mrmlScene, None, _SlicerDialogs(), logic=self.logic.lib,
+                                          color_logic=slicer.modules.colors.logic())
+        for label, value in self.controller.model_choices():
+            self.ui.modelSelector.addItem(_(label) if value == CUSTOM_MODEL else label, value)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
-        self.ui.createSegmentButton.connect("clicked(bool)", self.onCreateSegment)
-        self.ui.modelSelector.connect("currentIndexChanged(int)", self._updateModelCard)
-        self.ui.customModelPath.connect("currentPathChanged(QString)", self._updateModelCard)
-        self.ui.thresholdSlider.connect("valueChanged(double)", self._previewThreshold)
-        self.ui.thresholdModeSelector.connect("currentIndexChanged(int)", self._thresholdModeChanged)
-        self.ui.opacitySlider.connect("valueChanged(double)", self._setOpacity)
+        self.ui.createSegmentButton.connect("clicked(bool)", lambda checked: self._call(self.controller.create_segment))
+        self.ui.modelSelector.connect("currentIndexChanged(int)", self.onModelChanged)
+        self.ui.customModelPath.connect("currentPathChanged(QString)", self.onModelChanged)
+        self.ui.thresholdSlider.connect("valueChanged(double)", lambda v: self._call(self.controller.set_threshold, v))
+        self.ui.thresholdModeSelector.connect(
+            "currentIndexChanged(int)",
+            lambda i: self._call(self.controller.set_threshold_mode, self.ui.thresholdModeSelector.currentText))
+        self.ui.opacitySlider.connect("valueChanged(double)", lambda v: self._call(self.controller.set_opacity, v))
+        self.ui.heatmapSelector.connect("currentNodeChanged(vtkMRMLNode*)",
+                                        lambda node: self._call(self.controller.heatmap_selected, node))
         self.initializeParameterNode()
-        self._updateModelCard()
 
     def cleanup(self) -> None:
+        self._timer.stop()
         self.removeObservers()
-        if self._job is not None:
-            self._job.cancel()
+        if self.controller is not None:
+            self.controller.close()  # stops a running job and its whole process tree
 
     def enter(self) -> None:
         self.initializeParameterNode()
 
     def exit(self) -> None:
+        # a running job keeps running (the timer polls it); only the GUI binding goes
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._render)
 
     def onSceneStartClose(self, caller, event) -> None:
-        self.setParameterNode(None)
+        self.setParameterNode(None)  # the controller cancels a running job on the same event
 
     def onSceneEndClose(self, caller, event) -> None:
         if self.parent.isEntered:
@@ -148,147 +180,113 @@ class VAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.setParameterNode(self.logic.getParameterNode())
         if not self._parameterNode.inputVolume:
             first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
-            if first and not first.GetAttribute("VAEAnomaly.Predictor"):
+            if first and not first.IsA("vtkMRMLLabelMapVolumeNode") and not first.GetAttribute("VAEAnomaly.Predictor"):
                 self._parameterNode.inputVolume = first
 
-    def setParameterNode(self, inputParameterNode: Optional[VAEAnomalyParameterNode]) -> None:
+    def setParameterNode(self, inputParameterNode) -> None:
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._render)
         self._parameterNode = inputParameterNode
+        self.controller.set_params(inputParameterNode)
         if self._parameterNode:
-            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            # the connectors fill and write the widgets (the Choice connector clears and refills its combo:
+            # Slicer guiConnectors.py QComboBoxToStringableConnector); those signals are not user actions
+            self._rendering = True
+            try:
+                self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            finally:
+                self._rendering = False
+            # the Choice connector refills the predictor combo on every connectGui: add the tooltips after it
+            for i, name in enumerate(PREDICTOR_CHOICES):
+                self.ui.predictorSelector.setItemData(i, PREDICTOR_INFO[name].description, qt.Qt.ToolTipRole)
+            wasBlocked = [w.blockSignals(True) for w in (self.ui.modelSelector, self.ui.customModelPath)]
+            index = self.ui.modelSelector.findData(self._parameterNode.model)
+            self.ui.modelSelector.currentIndex = max(index, 0)
             self.ui.customModelPath.currentPath = self._parameterNode.customModelPath
-            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
-            self._checkCanApply()
+            for w, b in zip((self.ui.modelSelector, self.ui.customModelPath), wasBlocked):
+                w.blockSignals(b)
+            if index < 0:
+                self.onModelChanged()
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._render)
+        self._render()
 
-    def _checkCanApply(self, caller=None, event=None) -> None:
-        p = self._parameterNode
-        running = self._job is not None
-        self.ui.applyButton.enabled = bool(p and p.inputVolume) or running
-        self.ui.applyButton.text = _("Cancel") if running else _("Apply")
-        self.ui.applyButton.toolTip = _("Stop the running computation") if running else \
-            _("Compute the anomaly heatmap") if p and p.inputVolume else _("Select an input volume first")
-        has_heat = bool(p and p.heatmap)
-        self.ui.outputsCollapsibleButton.enabled = has_heat
-        self.ui.customModelPath.visible = self.ui.modelSelector.currentData == "custom"
-
-    # ------------------------------------------------------------------ model card
-    def _modelChoice(self):
-        if self.ui.modelSelector.currentData == "custom":
-            return self.ui.customModelPath.currentPath or None
-        return self.ui.modelSelector.currentText
-
-    def _updateModelCard(self, *args) -> None:
-        if self._parameterNode and self._parameterNode.customModelPath != self.ui.customModelPath.currentPath:
-            self._parameterNode.customModelPath = self.ui.customModelPath.currentPath
-        self._checkCanApply()
+    # ------------------------------------------------------------------ events -> controller
+    def _call(self, method, *args):
+        """Every controller call goes through here: a bug never escapes into Slicer, the panel is redrawn."""
+        if self._rendering or self.controller is None:
+            return None
         try:
-            self.ui.modelCardLabel.text = self.logic.modelCard(self._modelChoice())
-        except Exception as err:  # a card is informative only; never fail the panel
-            self.ui.modelCardLabel.text = _("Model unavailable: {err}").format(err=err)
+            return method(*args)
+        except Exception:  # the controller reports its own failures; this is the last guard
+            logging.exception("VAEAnomaly panel")
+        finally:
+            self._render()
 
-    # ------------------------------------------------------------------ apply / cancel
+    def onModelChanged(self, *args) -> None:
+        self._call(self.controller.select_model, self.ui.modelSelector.currentData, self.ui.customModelPath.currentPath)
+
     def onApplyButton(self) -> None:
-        if self._job is not None:
-            self._job.cancel()
-            self._endJob(_("Cancelled."))
+        if self.controller.running:
+            self._call(self.controller.cancel)
+            self._timer.stop()
             return
         if not self.logic.ensureDependencies():
+            self._render()
             return
-        p = self._parameterNode
-        device = "cuda" if p.useGPU else "cpu"
-        if p.useGPU and not self.logic.gpuAvailable():
-            slicer.util.warningDisplay(_("No CUDA GPU is available to PyTorch; computing on the CPU."))
-            device = "cpu"
-        warning = self.logic.memoryWarning(p.inputVolume)
-        if warning and not slicer.util.confirmOkCancelDisplay(warning):
-            return
-        with slicer.util.tryWithErrorDisplay(_("Could not start the computation."), waitCursor=True):
-            self._job = self.logic.startJob(p.inputVolume, p.brainMask, self._modelChoice(), p.predictor,
-                                            steps=p.projectionSteps, lam=p.projectionLambda,
-                                            smooth=p.smoothGradients, device=device,
-                                            reconstruction=p.showReconstruction)
-            self.ui.progressBar.value = 0
-            self.ui.progressBar.visible = True
-            self.ui.statusLabel.text = _("Computing {predictor}...").format(predictor=p.predictor)
+        self.controller.update_model_card()
+        if self._call(self.controller.apply):
             self._timer.start()
-        self._checkCanApply()
 
-    def _pollJob(self) -> None:
-        job = self._job
-        if job is None:
+    def _onTimer(self) -> None:
+        running = self._call(self.controller.poll)
+        if not running:
+            self._timer.stop()
+            if self.controller.take_new_result():
+                slicer.util.resetSliceViews()
+
+    # ------------------------------------------------------------------ state -> widgets
+    def _render(self, caller=None, event=None) -> None:
+        if self._rendering or self.controller is None:
             return
-        rc = job.poll()
-        self.ui.progressBar.value = int(100 * job.progress)
-        if rc is None:
-            return
-        if rc != 0:
-            err = job.error()
-            job.cleanup()
-            self._endJob(_("Failed."))
-            slicer.util.errorDisplay(_("Computing the heatmap failed:\n{err}").format(err=err))
-            return
-        with slicer.util.tryWithErrorDisplay(_("Could not load the result."), waitCursor=True):
-            heat = job.finish()
-            self._parameterNode.heatmap = heat
-            self.logic.showHeatmap(self._parameterNode.inputVolume, heat, self._parameterNode.opacity)
-            self._initThreshold(heat)
-        self._endJob(_("Done."))
-
-    def _endJob(self, message: str) -> None:
-        self._timer.stop()
-        self._job = None
-        self.ui.progressBar.visible = False
-        self.ui.statusLabel.text = message
-        self._checkCanApply()
-
-    # ------------------------------------------------------------------ outputs
-    def _initThreshold(self, heat) -> None:
-        arr = self.logic.lib.heatmap_array(heat)
-        hi = float(arr.max()) if arr.size else 1.0
-        self.ui.thresholdSlider.maximum = hi
-        self.ui.thresholdSlider.singleStep = hi / 500 if hi > 0 else 0.01
-        self._thresholdModeChanged()
-
-    def _thresholdModeChanged(self, *args) -> None:
-        heat = self._parameterNode.heatmap if self._parameterNode else None
-        if heat is None:
-            return
-        mode = self.ui.thresholdModeSelector.currentText
-        spec = {"calibrated": "auto", "percentile": "p99"}.get(mode)
-        if spec is not None:
-            try:
-                self.ui.thresholdSlider.value = self.logic.lib.resolve_threshold(heat, spec)
-            except ValueError as err:
-                self.ui.statusLabel.text = str(err)
-
-    def _previewThreshold(self, value) -> None:
-        heat = self._parameterNode.heatmap if self._parameterNode else None
-        if heat is not None:
-            self.logic.lib.preview_threshold(heat, value)
-
-    def _setOpacity(self, value) -> None:
-        slicer.util.setSliceViewerLayers(foregroundOpacity=value)
-
-    def onCreateSegment(self) -> None:
-        from VAEAnomalyLib.logic import SegmentEditedError
-        p = self._parameterNode
-        with slicer.util.tryWithErrorDisplay(_("Could not create the segment."), waitCursor=True):
-            try:
-                seg = self.logic.lib.create_segment(p.heatmap, self.ui.thresholdSlider.value, p.segmentation,
-                                                    p.inputVolume, show3D=p.show3D)
-            except SegmentEditedError as err:
-                if not slicer.util.confirmYesNoDisplay(str(err) + "\n\n" + _("Overwrite your edits?")):
-                    return
-                seg = self.logic.lib.create_segment(p.heatmap, self.ui.thresholdSlider.value, p.segmentation,
-                                                    p.inputVolume, overwrite=True, show3D=p.show3D)
-            p.segmentation = seg
-            self.ui.statusLabel.text = _("Segment 'Anomaly' written: edit it in the Segment Editor.")
+        self._rendering = True
+        try:
+            s = self.controller.state()
+            ui = self.ui
+            ui.applyButton.enabled = s.apply_enabled
+            ui.applyButton.text = _("Cancel") if s.running else _("Apply")
+            ui.applyButton.toolTip = _(s.apply_tooltip)
+            ui.progressBar.visible = s.progress_visible
+            ui.progressBar.value = s.progress
+            ui.statusLabel.text = s.status
+            ui.inputsCollapsibleButton.enabled = s.inputs_enabled
+            ui.advancedCollapsibleButton.enabled = s.inputs_enabled
+            ui.customModelPath.visible = s.custom_path_visible
+            ui.customModelPathLabel.visible = s.custom_path_visible
+            ui.modelCardLabel.text = s.model_card
+            ui.outputsCollapsibleButton.enabled = s.outputs_enabled
+            ui.createSegmentButton.enabled = s.create_segment_enabled
+            ui.verdictLabel.text = s.verdict_text
+            ui.verdictLabel.visible = bool(s.verdict_text)
+            ui.verdictLabel.styleSheet = "" if not s.verdict or s.verdict.get("in_distribution") else "color: #c0392b"
+            ui.warningsLabel.text = "\n".join(f"\u26a0 {w}" for w in s.warnings)
+            ui.warningsLabel.visible = bool(s.warnings)
+            ui.warningsLabel.styleSheet = "color: #b9770e"
+            slider = ui.thresholdSlider
+            wasBlocked = slider.blockSignals(True)
+            slider.decimals = s.threshold_decimals
+            slider.minimum = 0.0
+            slider.maximum = s.threshold_maximum
+            slider.singleStep = s.threshold_step
+            slider.value = s.threshold_value
+            slider.blockSignals(wasBlocked)
+        finally:
+            self._rendering = False
 
 
 class VAEAnomalyLogic(ScriptedLoadableModuleLogic):
-    """Slicer-side glue: the parameter node, dependencies, layout. The work is in VAEAnomalyLib."""
+    """Slicer-side glue: the parameter node and the dependencies. The work is in VAEAnomalyLib."""
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
@@ -299,33 +297,23 @@ class VAEAnomalyLogic(ScriptedLoadableModuleLogic):
 
     @property
     def lib(self):
+        from VAEAnomalyLib.logic import VAEAnomalyLogic as LibLogic
         if self._lib is None:
-            from VAEAnomalyLib.logic import VAEAnomalyLogic as LibLogic
             self._lib = LibLogic(slicer.mrmlScene)
         if self._lib.scene is not slicer.mrmlScene:
             self._lib.scene = slicer.mrmlScene
         return self._lib
 
     @staticmethod
-    def bundledModels():
-        models = os.path.join(MODULE_DIR, "Resources", "Models")
-        return sorted(f[:-len(".safetensors")] for f in os.listdir(models) if f.endswith(".safetensors")) \
-            if os.path.isdir(models) else []
-
-    def modelCard(self, model) -> str:
-        if not self.dependenciesPresent():
-            return _("Model card available once PyTorch is installed (press Apply).")
-        from vaeanomaly.checkpoint import load_checkpoint
-        return load_checkpoint(model).card()
-
-    @staticmethod
     def dependenciesPresent() -> bool:
-        import importlib.util
-        return all(importlib.util.find_spec(m) for m in ("torch", "safetensors", "sklearn"))
+        from VAEAnomalyLib.controller import dependencies_present
+        return dependencies_present()
 
     def ensureDependencies(self) -> bool:
-        """torch through the PyTorch extension (with consent), the rest from requirements.txt."""
+        """torch through the PyTorch extension, the rest from requirements.txt, each only with consent.
+        Returns False (after telling the user why) when they are not there afterwards."""
         import importlib.util
+        import traceback
         if importlib.util.find_spec("torch") is None:
             try:
                 import PyTorchUtils
@@ -337,65 +325,51 @@ class VAEAnomalyLogic(ScriptedLoadableModuleLogic):
             if not torchLogic.torchInstalled():
                 if not slicer.util.confirmOkCancelDisplay(_("VAEAnomaly needs PyTorch (a large download). Install it now?")):
                     return False
-                if torchLogic.installTorch(askConfirmation=False) is None:
-                    slicer.util.errorDisplay(_("PyTorch could not be installed; see the Python console."))
+                try:  # installTorch raises when light-the-torch or pip fails (fepegar/SlicerPyTorch PyTorchUtils.py)
+                    torch = torchLogic.installTorch(askConfirmation=False)
+                except Exception as err:
+                    slicer.util.errorDisplay(_("PyTorch could not be installed: {err}").format(err=err),
+                                             detailedText=traceback.format_exc())
+                    return False
+                if torch is None:
+                    slicer.util.errorDisplay(_("PyTorch was not installed."))
                     return False
         requirements = os.path.join(MODULE_DIR, "Resources", "requirements.txt")
         try:
-            import slicer.pydeps as pydeps
-            reqs = pydeps.load_requirements(requirements)
-            if not pydeps.pip_check(reqs):
-                if not slicer.util.confirmOkCancelDisplay(_("VAEAnomaly needs a few Python packages "
-                                                            "(safetensors, scikit-learn). Install them now?")):
-                    return False
-                pydeps.pip_ensure(reqs, requester="VAEAnomaly")
-        except ImportError:  # Slicer < 5.11
-            if not self.dependenciesPresent():
+            # Slicer Base/Python/slicer/packaging.py: pip_ensure asks by itself, raises RuntimeError when the
+            # user declines and CalledProcessError when pip fails; it skips installing in testing mode
+            import slicer.packaging as packaging
+        except ImportError:  # older Slicer: slicer.util.pip_install only
+            packaging = None
+        try:
+            if packaging is not None:
+                reqs = packaging.load_requirements(requirements)
+                if not packaging.pip_check(reqs):
+                    packaging.pip_ensure(reqs, requester="VAEAnomaly")
+            elif not self.dependenciesPresent():
                 if not slicer.util.confirmOkCancelDisplay(_("VAEAnomaly needs a few Python packages "
                                                             "(safetensors, scikit-learn). Install them now?")):
                     return False
                 slicer.util.pip_install(["-r", requirements])
+        except Exception as err:
+            slicer.util.errorDisplay(_("The Python packages VAEAnomaly needs were not installed: {err}").format(err=err),
+                                     detailedText=traceback.format_exc())
+            return False
+        if not self.dependenciesPresent():
+            slicer.util.errorDisplay(_("VAEAnomaly needs PyTorch, safetensors and scikit-learn; they are not all "
+                                       "installed. See the module's README (Troubleshooting)."))
+            return False
         return True
 
-    @staticmethod
-    def memoryWarning(volume) -> str:
-        """A warning when scoring this volume would use more than half of the free memory."""
-        from vaeanomaly.volume import available_memory, memory_needed
-        dims = volume.GetImageData().GetDimensions() if volume and volume.GetImageData() else (0, 0, 0)
-        need, avail = memory_needed(dims), available_memory()
-        if need > 0.5 * avail:
-            return _("Scoring this volume needs about {need:.1f} GB of the {avail:.1f} GB free; Slicer may become "
-                     "slow. Continue?").format(need=need / 2**30, avail=avail / 2**30)
-        return ""
-
-    @staticmethod
-    def gpuAvailable() -> bool:
-        import torch
-        return torch.cuda.is_available()
-
-    def startJob(self, inputVolume, brainMask, model, predictor, steps=100, lam=0.5, smooth=True,
-                 device="cpu", reconstruction=False):
-        from VAEAnomalyLib.logic import ScoringJob
-        from vaeanomaly.predictors import PredictorOptions
-        opts = PredictorOptions(smooth=smooth, proj_steps=steps, proj_lambda=lam)
-        return ScoringJob(self.lib, inputVolume, brainMask, model, predictor, opts, device, reconstruction).start()
-
-    def process(self, inputVolume, brainMask=None, model=None, predictor="rec-grad", **kwargs):
-        """Scripting entry point (blocking, in this process)."""
+    def process(self, inputVolume, brainMask=None, model=None, predictor=DEFAULT_PREDICTOR, **kwargs):
+        """Scripting entry point (blocking, in this process). Returns the heatmap node; the checkpoint's
+        calibrated threshold for it is then `logic.lib.lastCalibratedThreshold`."""
         return self.lib.process(inputVolume, brainMask, model, predictor, **kwargs)
-
-    @staticmethod
-    def showHeatmap(inputVolume, heatmap, opacity=0.6) -> None:
-        slicer.util.setSliceViewerLayers(background=inputVolume, foreground=heatmap, foregroundOpacity=opacity,
-                                         fit=True)
-        try:  # colour legend (Colors module)
-            slicer.modules.colors.logic().AddDefaultColorLegendDisplayNode(heatmap)
-        except Exception as err:  # legend is optional
-            logging.debug(f"no colour legend: {err}")
 
 
 class VAEAnomalyTest(ScriptedLoadableModuleTest):
-    """Runs inside Slicer on the sample data, on the CPU: the same checks as the headless tests."""
+    """Runs inside Slicer on the sample data, on the CPU: the same checks as the headless tests, plus the
+    panel itself (parameter node bound to the .ui, Apply enabled once an input is selected)."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
@@ -404,6 +378,8 @@ class VAEAnomalyTest(ScriptedLoadableModuleTest):
         self.setUp()
         self.test_SampleChecksums()
         self.setUp()
+        self.test_Panel()
+        self.setUp()
         self.test_HeatmapAndSegment()
 
     def test_SampleChecksums(self):
@@ -411,28 +387,53 @@ class VAEAnomalyTest(ScriptedLoadableModuleTest):
             with open(os.path.join(SAMPLE_DIR, name), "rb") as f:
                 self.assertEqual(hashlib.sha256(f.read()).hexdigest(), sha)
 
+    def _loadSample(self):
+        registerSampleData()
+        import SampleData
+        nodes = SampleData.downloadSamples("VAEAnomalyBrainLesion")  # downloadSample returns the first only
+        self.assertEqual(len(nodes), 2)
+        t2, lesion = nodes
+        self.assertTrue(t2.IsA("vtkMRMLScalarVolumeNode") and lesion.IsA("vtkMRMLSegmentationNode"))
+        return t2, lesion
+
+    def test_Panel(self):
+        self.delayDisplay("Opening the panel")
+        t2, _lesion = self._loadSample()
+        slicer.util.selectModule("VAEAnomaly")
+        widget = slicer.modules.vaeanomaly.widgetRepresentation().self()
+        params = widget._parameterNode
+        self.assertIsNotNone(widget._parameterNodeGuiTag)  # connectGui succeeded
+        params.inputVolume = t2
+        self.assertEqual(widget.ui.inputSelector.currentNode(), t2)
+        self.assertTrue(widget.ui.applyButton.enabled)
+        self.assertEqual(widget.ui.predictorSelector.currentText, params.predictor)
+        widget.ui.thresholdModeSelector.currentIndex = THRESHOLD_MODE_CHOICES.index("percentile")
+        self.assertEqual(params.thresholdMode, "percentile")
+        widget.exit()
+        widget.enter()  # re-binding keeps the saved choice
+        self.assertEqual(params.thresholdMode, "percentile")
+
     def test_HeatmapAndSegment(self):
         import numpy as np
         self.delayDisplay("Loading sample data")
-        registerSampleData()
-        import SampleData
-        t2, lesion = SampleData.downloadSample("VAEAnomalyBrainLesion")
+        t2, lesion = self._loadSample()
         logic = VAEAnomalyLogic()
         if not logic.dependenciesPresent():
-            self.delayDisplay("PyTorch not installed: skipping the computation test")
-            return
+            self.skipTest("PyTorch, safetensors or scikit-learn is not installed: install the PyTorch extension "
+                          "and press Apply once in the module (it offers to install the rest)")
         self.delayDisplay("Computing the heatmap (CPU)")
         before = slicer.util.arrayFromVolume(t2).copy()
-        heat = logic.process(t2, None, None, "rec-grad")
+        heat = logic.process(t2, None, None, DEFAULT_PREDICTOR)
         self.assertEqual(heat.GetImageData().GetDimensions(), t2.GetImageData().GetDimensions())
         arr = slicer.util.arrayFromVolume(heat)
-        gt = slicer.util.arrayFromVolume(lesion) > 0
+        gt = logic.lib._segment_array(lesion, None, t2)
         brain = arr > 0
         from vaeanomaly.metrics import pixel_metrics
         auroc = pixel_metrics(arr[brain], gt[brain])["auroc"]
         self.delayDisplay(f"AUROC inside the brain: {auroc:.3f}")
         self.assertGreater(auroc, 0.8)
-        seg = logic.lib.create_segment(heat, logic.lib.resolve_threshold(heat, "auto"), None, t2)
+        threshold = logic.lib.resolve_threshold(heat, "auto", logic.lib.lastCalibratedThreshold)
+        seg = logic.lib.create_segment(heat, threshold, None, t2)
         self.assertTrue(seg.GetSegmentation().GetSegmentIdBySegmentName("Anomaly"))
         self.assertTrue(np.array_equal(slicer.util.arrayFromVolume(t2), before))  # input untouched
         self.delayDisplay("Test passed")

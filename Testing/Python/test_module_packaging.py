@@ -9,7 +9,8 @@ import re
 from conftest import ROOT
 
 MODULE = ROOT / "VAEAnomaly"
-STOCK = {"os", "hashlib", "logging", "typing", "qt", "ctk", "slicer", "vtk"}
+STOCK = {"os", "hashlib", "logging", "typing", "qt", "ctk", "slicer", "vtk",
+         "VAEAnomalyLib"}  # only VAEAnomalyLib.panel, standard library only (test_conformance.py checks the chain)
 
 
 def test_module_file_imports_only_what_stock_slicer_has():
@@ -63,11 +64,13 @@ def test_sample_data_checksums_match_registration():
 
 def test_ui_binds_parameters_to_widgets():
     ui = (MODULE / "Resources" / "UI" / "VAEAnomaly.ui").read_text()
-    bound = set(re.findall(r'SlicerParameterName" stdset="0"><string>(\w+)<', ui))
+    bound = set(re.findall(r'SlicerParameterName" stdset="0">\s*<string>(\w+)<', ui))
     src = (MODULE / "VAEAnomaly.py").read_text()
     wrapper = src[src.index("class VAEAnomalyParameterNode"):src.index("class VAEAnomalyWidget")]
     fields = set(re.findall(r"^    (\w+):", wrapper, re.M))
-    synced_by_hand = {"customModelPath"}  # ctkPathLineEdit: written and restored by the Widget
+    # written and restored by the Widget/controller: ctkPathLineEdit binds only to pathlib.Path, the model combo
+    # carries item data, the threshold slider's range follows the heatmap (test_conformance.py has the rules)
+    synced_by_hand = {"customModelPath", "model", "threshold", "calibratedThreshold"}
     assert bound == fields - synced_by_hand, (bound ^ fields)
     assert "self._parameterNode.customModelPath" in src
 

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field, fields
 from typing import Callable, Optional
 
 from .logic import ScoringJob, SegmentEditedError, VAEAnomalyLogic
-from .panel import (CUSTOM_MODEL, DEFAULT_PERCENTILE, DEFAULT_PREDICTOR, DEFAULT_THRESHOLD_MODE, OPTION_DEFAULTS,
-                    PREDICTOR_INFO, bundled_models, default_model)
+from .panel import (ABSOLUTE, CALIBRATED, CUSTOM_MODEL, DEFAULT_PERCENTILE, DEFAULT_PREDICTOR, DEFAULT_THRESHOLD_MODE,
+                    OPTION_DEFAULTS, PERCENTILE, PREDICTOR_INFO, bundled_models, default_model)
 
 REQUIRED_MODULES = ("torch", "safetensors", "sklearn")
 
@@ -134,6 +134,7 @@ class PanelController:
         self.warnings: list[str] = []
         self.model_card = ""
         self.new_result = False  # set when a job's heatmap was just shown; the Widget fits the views once
+        self._calibrated_for = None  # id of the heatmap whose calibrated threshold params.calibratedThreshold is
         self._observers = [scene.AddObserver(scene.StartCloseEvent, self._on_scene_start_close)]
 
     # ------------------------------------------------------------------ lifecycle
@@ -141,7 +142,25 @@ class PanelController:
         """A new parameter node (module entered, scene closed or loaded). A running job keeps running."""
         self.params = params
         if params is not None:
+            self._calibrated_for = params.heatmap.GetID() if params.heatmap is not None else None
             self.update_model_card()
+
+    def heatmap_selected(self, node) -> None:
+        """The user picked another heatmap: its calibrated threshold is not known any more."""
+        p = self.params
+        if p is None:
+            return
+        if node is None or node.GetID() != self._calibrated_for:
+            p.calibratedThreshold = None
+            self._calibrated_for = node.GetID() if node is not None else None
+        self.update_threshold()
+
+    def heatmap(self):
+        """The panel's heatmap, if it is one this module computed (never the user's own volumes)."""
+        heat = self.params.heatmap if self.params is not None else None
+        if heat is None or heat.GetImageData() is None or not heat.GetAttribute("VAEAnomaly.Predictor"):
+            return None
+        return heat
 
     def close(self) -> None:
         """Module cleanup: stop a running job, stop observing the scene."""
@@ -259,6 +278,11 @@ class PanelController:
             finally:
                 self.status = message
 
+    def take_new_result(self) -> bool:
+        """True once after a job's heatmap was shown (the Widget then fits the slice views)."""
+        new, self.new_result = self.new_result, False
+        return new
+
     def progress(self) -> int:
         return int(round(100 * self.job.progress)) if self.job is not None else 0
 
@@ -291,6 +315,7 @@ class PanelController:
             self.dialogs.error(f"Could not load the result:\n{err}")
             return False
         try:
+            self._calibrated_for = result.heatmap.GetID()
             p.heatmap = result.heatmap
             p.calibratedThreshold = result.calibrated
             self.verdict, self.warnings = result.verdict, list(result.warnings)
@@ -334,7 +359,7 @@ class PanelController:
         if p is None:
             return
         p.opacity = float(value)
-        heat = p.heatmap
+        heat = self.heatmap()
         if heat is None:
             return
         for i in range(self.scene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode")):
@@ -343,14 +368,11 @@ class PanelController:
                 comp.SetForegroundOpacity(float(value))
 
     # ------------------------------------------------------------------ threshold
-    def _heat_max(self) -> float:
-        arr = self.logic.heatmap_array(self.params.heatmap)
-        return float(arr.max()) if arr.size else 1.0
-
     def threshold_range(self) -> tuple[float, float, int]:
         """(maximum, step, decimals) for the slider."""
-        p = self.params
-        hi = self._heat_max() if p is not None and p.heatmap is not None and p.heatmap.GetImageData() else 1.0
+        heat = self.heatmap()
+        arr = self.logic.heatmap_array(heat) if heat is not None else None
+        hi = float(arr.max()) if arr is not None and arr.size else 1.0
         hi = hi if hi > 0 else 1.0
         step = hi / 500
         decimals = max(2, 1 - math.floor(math.log10(step)))
@@ -365,43 +387,46 @@ class PanelController:
     def update_threshold(self) -> None:
         """The threshold the mode gives (calibrated, percentile); 'absolute' keeps the current value."""
         p = self.params
-        if p is None or p.heatmap is None:
+        heat = self.heatmap()
+        if heat is None:
             return
         mode = p.thresholdMode
         try:
-            if mode == "calibrated":
+            if mode == CALIBRATED:
                 if p.calibratedThreshold is None:
-                    value = self.logic.resolve_threshold(p.heatmap, f"p{DEFAULT_PERCENTILE:g}")
+                    value = self.logic.resolve_threshold(heat, f"p{DEFAULT_PERCENTILE:g}")
                     self.status = (f"The model has no calibrated threshold for {p.predictor}: showing the "
                                    f"{DEFAULT_PERCENTILE:g}th percentile of this heatmap instead.")
                 else:
                     value = float(p.calibratedThreshold)
-            elif mode == "percentile":
-                value = self.logic.resolve_threshold(p.heatmap, f"p{DEFAULT_PERCENTILE:g}")
+            elif mode == PERCENTILE:
+                value = self.logic.resolve_threshold(heat, f"p{DEFAULT_PERCENTILE:g}")
             else:
                 value = float(p.threshold)
         except ValueError as err:
             self.status = str(err)
             return
         p.threshold = value
-        self.logic.preview_threshold(p.heatmap, value)
+        self.logic.preview_threshold(heat, value)
 
     def set_threshold(self, value: float) -> None:
         """The slider moved. A value other than the mode's own turns the mode to 'absolute'."""
         p = self.params
-        if p is None or p.heatmap is None:
+        heat = self.heatmap()
+        if heat is None:
             return
         _, step, decimals = self.threshold_range()
         if abs(float(value) - float(p.threshold)) > step / 2 + 10 ** -decimals:
             p.threshold = float(value)
-            if p.thresholdMode != "absolute":
-                p.thresholdMode = "absolute"
-        self.logic.preview_threshold(p.heatmap, float(p.threshold))
+            if p.thresholdMode != ABSOLUTE:
+                p.thresholdMode = ABSOLUTE
+        self.logic.preview_threshold(heat, float(p.threshold))
 
     # ------------------------------------------------------------------ segment
     def create_segment(self) -> bool:
         p = self.params
-        if p is None or p.heatmap is None:
+        heat = self.heatmap()
+        if heat is None:
             self.status = "Compute a heatmap first."
             return False
         if self.running:
@@ -410,12 +435,12 @@ class PanelController:
         kw = dict(show3D=bool(p.show3D))
         try:
             try:
-                seg = self.logic.create_segment(p.heatmap, float(p.threshold), p.segmentation, p.inputVolume, **kw)
+                seg = self.logic.create_segment(heat, float(p.threshold), p.segmentation, p.inputVolume, **kw)
             except SegmentEditedError as err:
                 if not self.dialogs.confirm(f"{err}\n\nOverwrite your edits?"):
                     self.status = "Kept your edited segment."
                     return False
-                seg = self.logic.create_segment(p.heatmap, float(p.threshold), p.segmentation, p.inputVolume,
+                seg = self.logic.create_segment(heat, float(p.threshold), p.segmentation, p.inputVolume,
                                                 overwrite=True, **kw)
         except Exception as err:
             self.status = "Could not create the segment."
@@ -436,7 +461,7 @@ class PanelController:
         if p is None:
             return s
         s.custom_path_visible = p.model == CUSTOM_MODEL
-        has_heat = p.heatmap is not None and p.heatmap.GetImageData() is not None
+        has_heat = self.heatmap() is not None
         s.outputs_enabled = has_heat and not self.running
         s.create_segment_enabled = s.outputs_enabled
         if has_heat:

@@ -191,17 +191,19 @@ class VAEAnomalyLogic:
         self.scene.RemoveNode(node)
 
     # ------------------------------------------------------------------ processing
-    def process(self, inputVolume, maskNode=None, model: Optional[str] = None, predictor: str = "rec-grad",
+    def process(self, inputVolume, maskNode=None, model: Optional[str] = None, predictor: Optional[str] = None,
                 options=None, device: str = "cpu", heatmapNode=None, reconstruction: bool = False,
                 progress: Optional[Callable[[float], None]] = None,
                 cancel: Optional[Callable[[], bool]] = None):
         """Score the input in this process. Returns the heatmap node (and sets the reconstruction node
         as self.lastReconstruction when asked). Raises before touching the scene on bad input or cancel."""
         from vaeanomaly.checkpoint import load_checkpoint
+        from vaeanomaly.registry import DEFAULT_PREDICTOR, RECONSTRUCTION
         from vaeanomaly.volume import score_volume
+        predictor = predictor or DEFAULT_PREDICTOR
         img, mask = self.input_images(inputVolume, maskNode)
         ck = load_checkpoint(model)
-        names = [predictor] + (["reconstruction"] if reconstruction else [])
+        names = [predictor] + ([RECONSTRUCTION] if reconstruction else [])
         maps = score_volume(ck, img, mask, names, options, device, progress=progress, cancel=cancel)
         return self.add_results(inputVolume, maps, ck, predictor, options, heatmapNode)
 
@@ -223,7 +225,7 @@ class VAEAnomalyLogic:
         self.lastCalibratedThreshold = calibrated_threshold(checkpoint, predictor)
         self._display_heatmap(node)
         self.lastReconstruction = None
-        if "reconstruction" in maps:
+        if "reconstruction" in maps:  # registry.RECONSTRUCTION
             rec = slicer.vtkMRMLScalarVolumeNode()
             rec.SetName(self.scene.GenerateUniqueName(f"{inputVolume.GetName()} reconstruction"))
             self.scene.AddNode(rec)

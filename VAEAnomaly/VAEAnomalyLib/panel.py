@@ -19,8 +19,10 @@ CUSTOM_MODEL = "custom"  # the model combo's "Custom file..." entry
 
 PREDICTOR_CHOICES = tuple(predictor_names())
 THRESHOLD_MODE_CHOICES = tuple(THRESHOLD_MODES)
+CALIBRATED, PERCENTILE, ABSOLUTE = "calibrated", "percentile", "absolute"
+assert set(THRESHOLD_MODE_CHOICES) == {CALIBRATED, PERCENTILE, ABSOLUTE}, "registry.THRESHOLD_MODES changed"
 __all__ = ["PREDICTOR_CHOICES", "THRESHOLD_MODE_CHOICES", "DEFAULT_PREDICTOR", "DEFAULT_THRESHOLD_MODE",
-           "DEFAULT_PERCENTILE", "PREDICTOR_INFO", "CUSTOM_MODEL", "bundled_models", "default_model",
+           "DEFAULT_PERCENTILE", "PREDICTOR_INFO", "CUSTOM_MODEL", "CALIBRATED", "PERCENTILE", "ABSOLUTE", "bundled_models", "default_model",
            "option_defaults", "OPTION_DEFAULTS"]
 
 
