@@ -16,6 +16,7 @@ def main(argv=None):
     ap.add_argument("checkpoint")
     ap.add_argument("--name", required=True)
     ap.add_argument("--dest", default=str(MODELS_DIR))
+    ap.add_argument("--note", default="", help="markdown for the model card: when to use this model")
     a = ap.parse_args(argv)
     ck = load_checkpoint(a.checkpoint)
     meta = {k: v for k, v in ck.meta.items() if k not in ("format", "library_version", "model")}
@@ -34,7 +35,8 @@ def main(argv=None):
     if ens:
         table += ("\n## Ensemble\n\nFitted on " + ", ".join(ens["fit_cases"]) + f"; tested on {ens['n_test_cases']} "
                   "other cases: " + ", ".join(f"{k} {v:.3f}" for k, v in ens["test_auroc_brain"].items()) + "\n")
-    Path(a.dest, f"{a.name}.md").write_text(f"# Model card: {a.name}\n\n```\n{card}\n```\n{table}\n"
+    note = f"\n## When to use it\n\n{a.note}\n" if a.note else ""
+    Path(a.dest, f"{a.name}.md").write_text(f"# Model card: {a.name}\n{note}\n```\n{card}\n```\n{table}\n"
                                             f"Bundled from `{a.checkpoint}` by `python training/bundle.py "
                                             f"{a.checkpoint} --name {a.name}` (weights stored as float16).\n")
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB) and its model card")
