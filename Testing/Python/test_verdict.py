@@ -1,0 +1,197 @@
+"""The out-of-distribution verdict (vaeanomaly/verdict.py) and skull handling (vaeanomaly/brainmask.py),
+with the bundled default model, calibrated on generated healthy brains, on real files."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from scipy import ndimage
+
+from vaeanomaly import verdict
+from vaeanomaly.checkpoint import load_checkpoint
+from vaeanomaly.volume import VolumeError, prepare, read_image, score_volume
+
+
+# ----------------------------------------------------------------- derived inputs (from a real generated T2)
+def _arr(img):
+    return sitk.GetArrayFromImage(img).astype(np.float32)
+
+
+def _like(a, ref):
+    out = sitk.GetImageFromArray(a.astype(np.float32))
+    out.CopyInformation(ref)
+    return out
+
+
+def t1_like(t2, mask):
+    """Inverted tissue contrast: CSF dark, white matter bright (T1-weighted)."""
+    a, m = _arr(t2), _arr(mask) > 0
+    x = np.clip(a / np.percentile(a[m], 99), 0, 1.2)
+    return _like(np.where(m, (1.25 - x) * 800, 0), t2)
+
+
+def flair_like(t2, mask):
+    """CSF nulled, grey matter brighter than white matter (T2-FLAIR)."""
+    a, m = _arr(t2), _arr(mask) > 0
+    x = a / np.percentile(a[m], 99)
+    return _like(np.where(m, np.where(x > 0.75, 0.15 + 0.1 * (1.2 - x), x) * 900, 0), t2)
+
+
+def head_like(t2, mask, seed=0):
+    """The brain inside CSF, skull and scalp, padded with air; Rician noise everywhere (not skull-stripped)."""
+    a, m = _arr(t2), _arr(mask) > 0
+    sp = np.array(t2.GetSpacing())[::-1]
+    pad = [int(round(25 / s)) for s in sp]
+    a, m = np.pad(a, [(p, p) for p in pad]), np.pad(m, [(p, p) for p in pad])
+    d = ndimage.distance_transform_edt(~m, sampling=sp)
+    hi = np.percentile(a[m], 99)
+    a[(d > 0) & (d < 3)] = 0.9 * hi      # CSF around the brain
+    a[(d >= 3) & (d < 9)] = 0.08 * hi    # skull
+    a[(d >= 9) & (d < 15)] = 0.7 * hi    # scalp
+    r = np.random.default_rng(seed)
+    s = 0.03 * hi
+    a = np.sqrt((a + r.normal(0, s, a.shape)) ** 2 + r.normal(0, s, a.shape) ** 2)
+    img = sitk.GetImageFromArray(a.astype(np.float32))
+    img.SetSpacing(t2.GetSpacing())
+    img.SetDirection(t2.GetDirection())
+    d3 = np.array(t2.GetDirection()).reshape(3, 3)
+    img.SetOrigin(tuple(np.array(t2.GetOrigin()) - d3 @ (np.array(pad[::-1]) * np.array(t2.GetSpacing()))))
+    mk = sitk.GetImageFromArray(m.astype(np.uint8))
+    mk.CopyInformation(img)
+    return img, mk
+
+
+def cut_top(t2, mask, keep=0.55):
+    """Only the lower part of the brain inside the scan (partial coverage)."""
+    a, m = _arr(t2), _arr(mask)
+    z = np.where(m.any((1, 2)))[0]
+    cut = int(z[0] + keep * (z[-1] - z[0]))
+    img = sitk.GetImageFromArray(a[:cut])
+    img.SetSpacing(t2.GetSpacing())
+    img.SetOrigin(t2.GetOrigin())
+    img.SetDirection(t2.GetDirection())
+    mk = sitk.GetImageFromArray(m[:cut].astype(np.uint8))
+    mk.CopyInformation(img)
+    return img, mk
+
+
+def noisy(t2, mask, rel=0.5, seed=0):
+    a, m = _arr(t2), _arr(mask) > 0
+    n = np.random.default_rng(seed).normal(0, rel * a[m].mean(), a.shape)
+    return _like(np.where(m, np.abs(a + n), 0), t2)
+
+
+# ----------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def healthy(cohort):
+    """The generated healthy cohort's volumes and masks (files written by the generator)."""
+    paths = sorted((cohort / "healthy").glob("*/T1w/T2w_acpc_dc_restore_brain.nii.gz"))
+    return [(read_image(p), read_image(p.parent / "brainmask_fs.nii.gz", "mask")) for p in paths]
+
+
+@pytest.fixture(scope="module")
+def calibrated(healthy):
+    """The bundled default model with its verdict calibrated on the first two healthy subjects
+    (the third is the unseen healthy scan of the tests)."""
+    ck = load_checkpoint()
+    assert "verdict" not in ck.meta or ck.meta["verdict"]
+    cases = []
+    for img, mask in healthy[:2]:
+        p = prepare(img, mask)
+        cases.append((p.slices, p.brain))
+    ck.meta = {**ck.meta, "verdict": verdict.calibrate_verdict(ck, cases)}
+    return ck
+
+
+REPORT_KEYS = {"in_distribution", "fit", "brain_volume_ml", "mask", "flagged_percent", "warnings"}
+
+
+# ----------------------------------------------------------------- tests
+def test_healthy_t2_is_in_distribution_without_warning(calibrated, healthy):
+    img, mask = healthy[2]
+    for m, kind in ((mask, "given"), (None, "automatic")):
+        r = verdict.assess(calibrated, img, m)
+        assert REPORT_KEYS <= set(r)
+        assert r["in_distribution"] is True and r["warnings"] == [], r["warnings"]
+        assert r["mask"] == kind
+        assert 1000 < r["brain_volume_ml"] < 2600
+        lo, hi = r["fit_range"]
+        assert lo < r["fit"] < hi
+        assert 0 <= r["flagged_percent"] < 5
+        json.dumps(r)  # JSON-ready
+
+
+@pytest.mark.parametrize("make", [t1_like, flair_like], ids=["t1", "flair"])
+def test_wrong_contrast_is_flagged(calibrated, healthy, make):
+    img, mask = healthy[2]
+    r = verdict.assess(calibrated, make(img, mask), mask)
+    assert r["in_distribution"] is False
+    assert any("does not look T2-weighted" in w for w in r["warnings"]), r["warnings"]
+
+
+def test_unstripped_head_without_mask_is_refused_with_how_to(calibrated, healthy):
+    img, mask = healthy[2]
+    head, brain = head_like(img, mask)
+    r = verdict.assess(calibrated, head, None)
+    assert r["in_distribution"] is False and r["mask"] == "automatic"
+    assert r["fit"] is None and r["flagged_percent"] is None  # nothing was scored
+    assert r["brain_volume_ml"] > 3000
+    assert len(r["warnings"]) == 1 and "--mask" in r["warnings"][0] and "Slicer" in r["warnings"][0]
+    with pytest.raises(VolumeError, match="not look skull-stripped"):  # scoring refuses: never scalp and air
+        score_volume(calibrated, head, None, ["rec-grad"])
+    # with its brain mask the same head is scored and trusted
+    r = verdict.assess(calibrated, head, brain)
+    assert r["mask"] == "given" and r["in_distribution"] is True, r["warnings"]
+
+
+def test_partial_coverage_is_flagged(calibrated, healthy):
+    img, mask = healthy[2]
+    part, pmask = cut_top(img, mask)
+    r = verdict.assess(calibrated, part, pmask)
+    assert r["in_distribution"] is False
+    assert any("cut off at the superior edge" in w for w in r["warnings"]), r["warnings"]
+
+
+def test_extreme_noise_is_flagged(calibrated, healthy):
+    img, mask = healthy[2]
+    r = verdict.assess(calibrated, noisy(img, mask, 0.5), mask)
+    assert r["in_distribution"] is False
+    assert any("extremely noisy" in w for w in r["warnings"]), r["warnings"]
+    assert not any("T2-weighted" in w for w in r["warnings"])  # noise is not mistaken for another contrast
+
+
+def test_old_checkpoint_without_calibration_says_so(healthy):
+    ck = load_checkpoint()
+    ck.meta = {k: v for k, v in ck.meta.items() if k != "verdict"}
+    img, mask = healthy[2]
+    r = verdict.assess(ck, img, mask)
+    assert r["in_distribution"] is False and r["fit"] is None
+    assert any("no out-of-distribution calibration" in w and "calibrate.py" in w for w in r["warnings"])
+
+
+def test_lesion_case_is_not_out_of_distribution(calibrated, cohort):
+    """A focal lesion raises flagged_percent, not the verdict: the median fit ignores it."""
+    t2 = sorted((cohort / "lesion").glob("*/*_t2.nii.gz"))[0]
+    img = read_image(t2)
+    mask = read_image(t2.parent / t2.name.replace("_t2", "_brainmask"), "mask")
+    r = verdict.assess(calibrated, img, mask)
+    assert r["in_distribution"] is True, r["warnings"]
+
+
+def test_calibration_hook_stores_the_same_limits(cohort):
+    """calibration.calibrate (train.py, training/calibrate.py) stores the verdict through the hook,
+    identical to calibrate_verdict's (one implementation of the statistics and limits)."""
+    from vaeanomaly.calibration import calibrate, cases_from_cache
+    from vaeanomaly.data import SliceCache
+    from vaeanomaly.predictors import PredictorOptions
+    ck = load_checkpoint()
+    cases = cases_from_cache(SliceCache.load(cohort / "healthy.npz"))[:2]
+    upd = calibrate(ck.model, ck.beta, cases, PredictorOptions(proj_steps=2), max_projection_slices=8)
+    v = upd["verdict"]
+    assert v["n_subjects"] == 2 and set(v["statistics"]) == set(verdict.STATISTICS)
+    direct = verdict.calibrate_verdict(ck, cases, thresholds=upd["thresholds"])
+    for s in verdict.STATISTICS:
+        assert np.allclose(v["statistics"][s]["values"], direct["statistics"][s]["values"], rtol=1e-4)
+    assert np.allclose(v["flagged_percent"], direct["flagged_percent"], atol=0.05)
