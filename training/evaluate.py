@@ -30,6 +30,35 @@ def row_label(ck, row: str) -> str:
     return {"latent": f"{ck.model.latent_dim}", "beta": f"{ck.beta:g}"}.get(row, ck.name)
 
 
+def case_verdicts(ck, cache, groups, opts, device) -> list[dict]:
+    """The out-of-distribution verdict (vaeanomaly.verdict) of every benchmark case, on the model grid."""
+    from vaeanomaly.verdict import assess_slices
+    rows = []
+    for name, slices, brain, _ in cache.cases():
+        r = assess_slices(ck, slices, brain, options=opts, device=device)
+        dom, fam = groups[name]
+        rows.append({"model": ck.name, "case": name, "domain": dom, "family": fam or "healthy",
+                     "in_distribution": r["in_distribution"], "fit": r["fit"], "flagged_percent": r["flagged_percent"],
+                     "warnings": " | ".join(r["warnings"])})
+    return rows
+
+
+def verdict_table(verdicts: list[dict], stem: str) -> str:
+    """Share of cases the verdict calls in-distribution, per model and domain (healthy / lesion cases)."""
+    if not verdicts:
+        return ""
+    lines = ["## Out-of-distribution verdict per case", "",
+             "Share of benchmark cases whose verdict is `in_distribution: true` (healthy cases / lesion cases); "
+             f"every case with its fit and warnings: [{stem}_verdicts.csv]({stem}_verdicts.csv).", "",
+             "| model | domain | healthy in-distribution | lesion cases in-distribution |", "|---|---|---|---|"]
+    keys = dict.fromkeys((v["model"], v["domain"]) for v in verdicts)
+    for m, d in keys:
+        h = [v["in_distribution"] for v in verdicts if (v["model"], v["domain"]) == (m, d) and v["family"] == "healthy"]
+        les = [v["in_distribution"] for v in verdicts if (v["model"], v["domain"]) == (m, d) and v["family"] != "healthy"]
+        lines.append(f"| {m} | {d} | {sum(h)}/{len(h)} | {sum(les)}/{len(les)} |")
+    return "\n".join(lines) + "\n"
+
+
 def run_benchmark(a, device) -> None:
     """Per lesion family x domain: healthy-brain flagged %, Dice and lesion recall at the calibrated threshold
     (what a clinician gets), and AUROC, AP and best Dice at the oracle threshold, for each checkpoint and the
@@ -44,7 +73,7 @@ def run_benchmark(a, device) -> None:
     if manifest is None:
         raise SystemExit(f"{root / 'benchmark'} has no cohort.json: make it with training/make_data.py varied")
     groups = {c["case"]: (c["domain"], c["family"]) for c in manifest.values()}
-    caches, rows, t0 = {}, [], time.time()
+    caches, rows, verdicts, t0 = {}, [], [], time.time()
     opts = PredictorOptions(batch_size=a.batch_size, proj_steps=a.proj_steps)
     preds = parse_predictors(a.predictors)
 
@@ -66,6 +95,7 @@ def run_benchmark(a, device) -> None:
         rows += benchmark(fns, bench.cases(), groups, thr,
                           progress=lambda f: bar.update(round(f * len(bench.names)) - bar.n))
         bar.close()
+        verdicts += case_verdicts(ck, bench, groups, opts, device)
     for size in sorted(caches):
         bench, ithr = caches[size]
         name = f"{INTENSITY} ({size}x{size})"
@@ -79,6 +109,11 @@ def run_benchmark(a, device) -> None:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
+    if verdicts:
+        with open(f"{out}_verdicts.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(verdicts[0]))
+            w.writeheader()
+            w.writerows(verdicts)
     doms = sorted({g[0] for g in groups.values()})
     md = [f"# {a.title or 'Benchmark: what a clinician gets'}", "",
           f"Held-out generated cohort `{root / 'benchmark'}`: {len(manifest)} cases, "
@@ -92,7 +127,7 @@ def run_benchmark(a, device) -> None:
           "as the score (threshold: 99th percentile of healthy calibration brains). Pixels inside the brain, "
           "on each model's grid.", "",
           f"Command: `{command_line()}`", f"Time: {elapsed:.0f} s on {hardware(device)}.", "",
-          format_benchmark(rows)]
+          format_benchmark(rows), verdict_table(verdicts, out.name)]
     Path(f"{out}.md").write_text("\n".join(md) + "\n")
     print(Path(f"{out}.md").read_text())
 
