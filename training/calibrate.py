@@ -29,6 +29,8 @@ from vaeanomaly.predictors import PredictorOptions
 
 def choose_cases(ck, cache: SliceCache, names=None) -> tuple[list[int], str]:
     """Case indices in `cache` to calibrate on, and a sentence saying why these."""
+    if names == "all":
+        return list(range(len(cache.names))), "every case of the cache (a dedicated healthy calibration cohort)"
     if names:
         missing = [n for n in names if n not in cache.names]
         if missing:
@@ -61,7 +63,8 @@ def choose_cases(ck, cache: SliceCache, names=None) -> tuple[list[int], str]:
                  f"the model was trained from")
 
 
-def recalibrate(ck, cache_path, device="cpu", ensemble="checkpoint", cases=None, options=None, progress=None) -> dict:
+def recalibrate(ck, cache_path, device="cpu", ensemble="checkpoint", cases=None, options=None, progress=None,
+                only=None) -> dict:
     """Metadata updates for checkpoint `ck` from the healthy cache (see calibration.calibrate)."""
     cache = SliceCache.load(cache_path)
     size = ck.model.image_size
@@ -71,7 +74,7 @@ def recalibrate(ck, cache_path, device="cpu", ensemble="checkpoint", cases=None,
     ens = ck.ensemble if ensemble == "checkpoint" else ensemble
     print(f"calibrating on {len(ids)} healthy case(s) of {cache_path}: {why}", file=sys.stderr)
     return calibrate(ck.model.eval(), ck.beta, cases_from_cache(cache, ids), options or PredictorOptions(),
-                     ensemble=ens, device=device, progress=progress)
+                     ensemble=ens, device=device, progress=progress, only=only)
 
 
 def main(argv=None):
@@ -79,6 +82,8 @@ def main(argv=None):
     ap.add_argument("checkpoint", help="checkpoint file (.safetensors), rewritten in place (weights untouched)")
     ap.add_argument("--cache", required=True, help="healthy slice cache (.npz), e.g. the training cache")
     ap.add_argument("--cases", nargs="+", help="case names to calibrate on (default: the held-out cases)")
+    ap.add_argument("--all-cases", action="store_true",
+                    help="calibrate on every case of --cache (a dedicated healthy calibration cohort, never trained on)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     d = PredictorOptions()
     ap.add_argument("--no-smooth", action="store_true", help="calibrate for unsmoothed gradient maps")
@@ -92,7 +97,7 @@ def main(argv=None):
     opts = PredictorOptions(smooth=not a.no_smooth, proj_steps=a.proj_steps, proj_lambda=a.proj_lambda,
                             proj_lr=a.proj_lr, proj_weighted=a.proj_weighted)
     bar = tqdm(total=1000, desc="calibrating", file=sys.stderr)
-    calib = recalibrate(ck, a.cache, a.device, cases=a.cases, options=opts,
+    calib = recalibrate(ck, a.cache, a.device, cases="all" if a.all_cases else a.cases, options=opts,
                         progress=lambda f: bar.update(int(1000 * f) - bar.n))
     bar.close()
     old = ck.thresholds

@@ -27,8 +27,8 @@ if [[ $stage == all || $stage == train ]]; then
   wait
 fi
 if [[ $stage == all || $stage == calibrate ]]; then
-  $PY training/calibrate.py "$RUNS/l64_b10.safetensors" --cache "$DATA/calibration_64.npz"
-  $PY training/calibrate.py "$RUNS/l128_b10.safetensors" --cache "$DATA/calibration_128.npz"
+  $PY training/calibrate.py "$RUNS/l64_b10.safetensors" --cache "$DATA/calibration_64.npz" --all-cases
+  $PY training/calibrate.py "$RUNS/l128_b10.safetensors" --cache "$DATA/calibration_128.npz" --all-cases
 fi
 if [[ $stage == all || $stage == bundle ]]; then
   $PY training/bundle.py "$RUNS/l64_b10.safetensors" --name bvae-l64-b10-v2
