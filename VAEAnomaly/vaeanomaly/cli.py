@@ -438,6 +438,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--with-projection", action="store_true", help="include Proj-Rec-Error (slower)")
     p.add_argument("--progress", choices=["bar", "lines", "none"], default="bar", help="progress display")
     p.set_defaults(func=cmd_demo)
+    from VAEAnomalyLib.web import add_parser as add_web_parser  # `vaeanomaly web` (issue 12; trame-slicer loads only when it runs)
+    add_web_parser(sub, parents=[debug], formatter_class=fmt)
     return ap
 
 
