@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -21,6 +22,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "VAEAnomaly"))
 FIVE = ["rec-error", "elbo-grad", "kl-grad", "rec-grad", "combi"]
+BUSY_LOAD = 1.5
+
+
+def busy_warning(load: float | None = None) -> str | None:
+    """A warning when the 1-minute load average says other work is running (timings then mean little)."""
+    import os
+    load = os.getloadavg()[0] if load is None else load
+    if load > BUSY_LOAD:
+        return (f"WARNING: load average {load:.2f} > {BUSY_LOAD}: the machine is busy with other work; these "
+                f"timings and ratios are not comparable to a quiet run. Re-run on a quiet machine.")
+    return None
 
 
 def run_case(case: str, threads: int, repeat: int, device: str) -> dict:
@@ -28,11 +40,11 @@ def run_case(case: str, threads: int, repeat: int, device: str) -> dict:
     import SimpleITK as sitk
     import torch
     torch.set_num_threads(threads)
-    from vaeanomaly.checkpoint import load_checkpoint
+    from vaeanomaly.checkpoint import load_checkpoint, sample_data
     from vaeanomaly.predictors import PredictorOptions, compute_maps, reference_map
     from vaeanomaly.volume import prepare, score_volume
     ck = load_checkpoint(None, device)
-    img = sitk.ReadImage(str(ROOT / "VAEAnomaly" / "Resources" / "SampleData" / "VAEAnomalySample_T2.nrrd"))
+    img = sitk.ReadImage(str(sample_data("VAEAnomalySample_T2.nrrd")))
     slices = prepare(img).slices
     opts = PredictorOptions()
 
@@ -74,8 +86,12 @@ def main():
         print(json.dumps(run_case(a.case, a.threads, a.repeat, a.device)))
         return
     cases = FIVE + ["fused-5", "one-at-a-time-5", "reference-code-5", "score-volume-5", "proj-rec-error"]
-    rows = []
+    rows, loads = [], []
     for c in cases:
+        warning = busy_warning()
+        loads.append(os.getloadavg()[0])
+        if warning:
+            print(warning, file=sys.stderr)
         r = subprocess.run([sys.executable, __file__, "--case", c, "--threads", str(a.threads), "--repeat",
                             str(a.repeat), "--device", a.device], capture_output=True, text=True, check=True)
         rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
@@ -91,6 +107,9 @@ def main():
           f"without weight gradients, {by['reference-code-5']['ms'] / by['fused-5']['ms']:.2f}x with them as the "
           f"reference code's loss.backward() computes (target >= 3)")
     print(f"proj-rec-error, 100 steps: {by['proj-rec-error']['ms'] / 1000:.1f} s (target < 30 s)")
+    worst = max(loads + [os.getloadavg()[0]])
+    print(f"\nload average during the run: up to {worst:.2f} on {os.cpu_count()} cores" +
+          (f" -- {busy_warning(worst)}" if busy_warning(worst) else " (quiet)"))
 
 
 if __name__ == "__main__":

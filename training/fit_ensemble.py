@@ -65,7 +65,12 @@ def main(argv=None):
     calib = {}
     if a.healthy_cache:
         from calibrate import recalibrate
-        calib = recalibrate(ck, a.healthy_cache, device=device, ensemble=ens)
+        from vaeanomaly.calibration import option_subset
+        if ck.meta.get("thresholds_options") == option_subset(opts):  # current calibration: add the ensemble's
+            new = recalibrate(ck, a.healthy_cache, device=device, ensemble=ens, options=opts, only=["ensemble"])
+            calib = {"thresholds": {**ck.thresholds, **new["thresholds"]}}
+        else:  # an older calibration: everything again, with the inference defaults
+            calib = recalibrate(ck, a.healthy_cache, device=device, ensemble=ens, options=opts)
     elif "ensemble" in ck.thresholds:  # a threshold of an earlier ensemble would not hold for this one
         calib = {"thresholds": {k: v for k, v in ck.thresholds.items() if k != "ensemble"}}
     update_metadata(a.checkpoint, ensemble=ens.to_dict(), ensemble_evaluation=report, **calib)

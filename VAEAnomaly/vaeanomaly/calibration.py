@@ -79,13 +79,16 @@ def cases_from_cache(cache, case_ids=None) -> list[tuple[str, np.ndarray, np.nda
 
 def calibrate(model, beta: float, healthy_cases: Iterable, options: Optional[PredictorOptions] = None,
               ensemble=None, q: float = QUANTILE, device: str = "cpu", max_projection_slices: int = 512,
-              progress: Optional[Callable[[float], None]] = None, hooks: Optional[list] = None) -> dict:
+              progress: Optional[Callable[[float], None]] = None, hooks: Optional[list] = None,
+              only: Optional[Iterable[str]] = None) -> dict:
     """Thresholds (q-th percentile inside the brain) for every paper predictor and the ensemble,
     Combi's constants and the options they hold for, from held-out healthy cases.
 
     healthy_cases: [(name, slices (nz, S, S) float32, brain (nz, S, S) bool)] — whole volumes on the model
     grid (Combi's constants are per-volume minima/maxima). options: the predictor options inference
     uses (default: PredictorOptions(), the defaults). Returns metadata updates for `update_metadata`.
+    only: thresholds for these predictors alone (e.g. ['ensemble'] after refitting it, skipping the costly
+    projection); the caller then keeps the checkpoint's other thresholds, which must hold for the same options.
     """
     opts = options or PredictorOptions()
     cases = [(str(c[0]), np.asarray(c[1], np.float32), np.asarray(c[2], bool)) for c in healthy_cases]
@@ -101,7 +104,8 @@ def calibrate(model, beta: float, healthy_cases: Iterable, options: Optional[Pre
     n_total = sum(len(c[1]) for c in cases)
     # the projection is costly: evenly spaced slices of the pooled cases, at most max_projection_slices
     pooled_sel = np.linspace(0, n_total - 1, min(n_total, max_projection_slices)).astype(int)
-    proj_cost = opts.proj_steps / 20
+    project = only is None or "proj-rec-error" in only
+    proj_cost = opts.proj_steps / 20 if project else 0
     total, done = len(cases) + proj_cost * len(pooled_sel) / n_total, 0.0
     kl_min, kl_max = [], []
     for name, slices, brain in cases:
@@ -122,23 +126,27 @@ def calibrate(model, beta: float, healthy_cases: Iterable, options: Optional[Pre
             data.brain_values[ENSEMBLE].append(ensemble.predict_maps(maps)[brain])
         for p in fused + ["combi"]:
             data.brain_values[p].append(maps[p][brain])
-    x = np.concatenate([c[1] for c in cases])[pooled_sel]
-    b = np.concatenate(data.brains)[pooled_sel]
-    proj_progress = (lambda f: progress((done + f * proj_cost * len(pooled_sel) / n_total) / total)) \
-        if progress else None
-    proj = compute_maps(model, x, ["proj-rec-error"], beta, opts, device, progress=proj_progress)["proj-rec-error"]
-    data.brain_values["proj-rec-error"] = [proj[b]]
+    if project:
+        x = np.concatenate([c[1] for c in cases])[pooled_sel]
+        b = np.concatenate(data.brains)[pooled_sel]
+        proj_progress = (lambda f: progress((done + f * proj_cost * len(pooled_sel) / n_total) / total)) \
+            if progress else None
+        proj = compute_maps(model, x, ["proj-rec-error"], beta, opts, device, progress=proj_progress)["proj-rec-error"]
+        data.brain_values["proj-rec-error"] = [proj[b]]
     thresholds = {p: float(np.percentile(np.concatenate(v), q)) for p, v in data.brain_values.items() if v}
+    wanted = list(PAPER_PREDICTORS) + ([ENSEMBLE] if ensemble else [])
     out = {
-        "thresholds": {p: thresholds[p] for p in list(PAPER_PREDICTORS) + ([ENSEMBLE] if ensemble else [])},
+        "thresholds": {p: thresholds[p] for p in wanted if only is None or p in only},
         "thresholds_options": option_subset(opts),
         "thresholds_note": f"{q:g}th percentile inside the brain on held-out healthy subjects",
         "combi_normalisation": {"min": lo, "max": hi, "options": {k: option_subset(opts)[k] for k in relevant_keys(["kl-grad"])},
                                 "note": "KL-grad min-max constants: median over the healthy calibration cases of "
                                         "each whole volume's minimum and maximum (model grid)"},
         "calibration": {"quantile": q, "cases": data.case_names, "n_slices": int(n_total),
-                        "n_projection_slices": int(len(pooled_sel)), "ensemble": ensemble is not None},
+                        "n_projection_slices": int(len(pooled_sel)) if project else 0, "ensemble": ensemble is not None},
     }
+    if only is not None:  # a partial calibration: thresholds only (the rest stays as the checkpoint has it)
+        out = {"thresholds": out["thresholds"]}
     from .verdict import calibration_hook  # the out-of-distribution verdict's limits (issue 8)
     for hook in [calibration_hook] + list(HOOKS) + list(hooks or []):
         out.update(hook(data) or {})
