@@ -100,7 +100,11 @@ class Chrome:
     def text(self, selector) -> str:
         return self.js(f"(e => e ? e.innerText : '')(document.querySelector({json.dumps(selector)}))") or ""
 
-    def rect(self, selector) -> dict:
+    def rect(self, selector, scroll=False) -> dict:
+        """The element's box in the viewport (scrolled into view first when asked)."""
+        if scroll:
+            self.js(f"document.querySelector({json.dumps(selector)}).scrollIntoView({{block: 'center'}})")
+            time.sleep(0.3)
         r = self.js(f"(e => e ? JSON.stringify(e.getBoundingClientRect()) : null)"
                     f"(document.querySelector({json.dumps(selector)}))")
         assert r, f"no element {selector}"
@@ -116,7 +120,7 @@ class Chrome:
         self.mouse("mouseReleased", x, y, 0)
 
     def click(self, selector):
-        r = self.rect(selector)
+        r = self.rect(selector, scroll=True)
         self.click_at(r["x"] + r["width"] / 2, r["y"] + r["height"] / 2)
 
     def drag(self, points):
@@ -305,6 +309,7 @@ def test_browser_workflow(tmp_path):
 
         # threshold slider: a click at 85% of the track -> absolute mode, a higher threshold, fewer hot pixels
         before = float(c.text("#threshold-value").split()[-1])
+        c.rect("#threshold-value", scroll=True)
         track = c.js("JSON.stringify(document.getElementById('threshold').closest('.v-slider')"
                      ".querySelector('.v-slider__container').getBoundingClientRect())")
         track = json.loads(track)
@@ -340,9 +345,11 @@ def test_browser_workflow(tmp_path):
         c.click("#effect-paint")
         c.wait("the paint effect", lambda: c.js("document.querySelector('#effect-paint')"
                                                 ".classList.contains('v-btn--active')"), 10)
+        time.sleep(1.5)  # the effect's pipeline is set up on the server
+        axial = c.rect("#views img.image-display-area")
         cx, cy = axial["x"] + axial["width"] * 0.5, axial["y"] + axial["height"] * 0.62
         c.drag([(cx - 60 + 10 * i, cy) for i in range(13)])
-        time.sleep(1.0)
+        time.sleep(1.5)
         c.click("#export-segmentation")
         seg2_img, seg2_geo = geometry(c.download("segmentation.nii.gz"))
         assert_same_grid(seg2_geo, in_geo)

@@ -115,6 +115,8 @@ class VAEAnomalyWebApp:
         self.max_upload_bytes = int(max_upload_mb * 2**20)
         self.slicer_app = SlicerApp()
         self.scene = self.slicer_app.scene
+        # the slice views' colour legend (vtkMRMLColorLegendDisplayableManager) needs its node class registered
+        self.scene.RegisterNodeClass(slicer.vtkMRMLColorLegendDisplayNode())
         register_rca_factories(self.slicer_app.view_manager, self.server)
         self.layout_manager = LayoutManager(self.scene, self.slicer_app.view_manager, self.server)
         axial, coronal, sagittal = (ViewLayoutDefinition.axial_view(), ViewLayoutDefinition.coronal_view(),
@@ -143,9 +145,11 @@ class VAEAnomalyWebApp:
             self.params.brainMask = load_volume_file(self.scene, mask, label=True)
         if self.params.inputVolume is not None:
             self._show_input()
-        self.render()
         if apply and self.params.inputVolume is not None:
-            self.ctrl.on_server_ready.add(lambda **_: self.on_apply())
+            # --apply: the job starts now, in its own process, while the server starts; polling once it runs
+            self._guard("Apply", self.controller.apply)
+            self.ctrl.on_server_ready.add(lambda **_: self._start_polling())
+        self.render()
 
     # ------------------------------------------------------------------ state <-> controller
     def _init_state(self):
@@ -163,7 +167,6 @@ class VAEAnomalyWebApp:
         s.errors = []
         s.question = None
         s.legend_max = 1.0
-        s.job_count = 0
         s.upload_file = None
 
     def _volume_items(self, label_ok: bool):
@@ -239,13 +242,25 @@ class VAEAnomalyWebApp:
 
     def _show_input(self):
         p = self.params
+        heat = self.controller.heatmap()
+        shown = heat is not None and heat.GetAttribute("VAEAnomaly.Input") == (
+            p.inputVolume.GetID() if p.inputVolume is not None else "")
         for v in self._slice_views():
             v.set_background_volume_id(p.inputVolume.GetID() if p.inputVolume is not None else None)
-            heat = self.controller.heatmap()
-            shown = heat is not None and heat.GetAttribute("VAEAnomaly.Input") == (
-                p.inputVolume.GetID() if p.inputVolume is not None else "")
             v.set_foreground_volume_id(heat.GetID() if shown else None)
+        if shown:
+            self._compact_legend(heat)
         self._fit_views()
+
+    @staticmethod
+    def _compact_legend(heat):
+        """Slicer's colour legend in the slice views, with a short title (its text scales to the legend)."""
+        import slicer
+        legend = slicer.vtkSlicerColorLogic.GetColorLegendDisplayNode(heat)
+        if legend is not None:
+            legend.SetTitleText(heat.GetAttribute("VAEAnomaly.Predictor") or "")
+            legend.SetSize(0.1, 0.4)
+            legend.SetLabelFormat("%.2g")
 
     def _fit_views(self):
         for v in self._slice_views():
@@ -278,12 +293,14 @@ class VAEAnomalyWebApp:
 
     def on_apply(self):
         def run():
-            running = self.controller.apply_or_cancel()
-            if running and (self._poll_task is None or self._poll_task.done()):
-                self.state.job_count = int(self.state.job_count or 0) + 1
-                self._poll_task = asyncio.ensure_future(self._poll())
+            if self.controller.apply_or_cancel():
+                self._start_polling()
             self._render_views()
         self._guard("Apply", run)
+
+    def _start_polling(self):
+        if self.controller.running and (self._poll_task is None or self._poll_task.done()):
+            self._poll_task = asyncio.ensure_future(self._poll())
 
     async def _poll(self):
         c = self.controller
@@ -497,11 +514,11 @@ class VAEAnomalyWebApp:
                                        color="orange", id="progress")
                     v3.VAlert(text=("verdict_text",), v_show=("verdict_text",), density="compact",
                               type=("verdict_ok === false ? 'error' : (verdict_ok ? 'success' : 'info')",),
-                              id="verdict")
+                              classes="text-caption", id="verdict")
                     with html.Div(v_for="(w, i) in warnings", key="i"):
-                        v3.VAlert(text=("w",), type="warning", density="compact", classes="mb-1")
+                        v3.VAlert(text=("w",), type="warning", density="compact", classes="mb-1 text-caption")
                     with html.Div(v_for="(e, i) in errors", key="i"):
-                        v3.VAlert(text=("e",), type="error", density="compact", classes="mb-1 error-message",
+                        v3.VAlert(text=("e",), type="error", density="compact", classes="mb-1 text-caption error-message",
                                   closable=True, click_close=self.on_dismiss_errors)
                     with v3.VCard(v_if=("question",), variant="outlined", classes="pa-2", id="question"):
                         html.Div("{{ question }}", classes="text-body-2 mb-2")
@@ -545,7 +562,7 @@ class VAEAnomalyWebApp:
                                density="compact", hide_details=True, thumb_label=True)
                     with html.Div(classes="d-flex", style="gap: 6px;"):
                         v3.VSelect(items=("export_formats",), v_model=("export_format",), density="compact",
-                                   hide_details=True, style="max-width: 110px;", id="export-format")
+                                   hide_details=True, style="max-width: 130px;", id="export-format")
                         v3.VBtn("Heatmap", prepend_icon="mdi-download", size="small",
                                 disabled=("!has_heatmap",), id="export-heatmap",
                                 click=(f"utils.download('heatmap.' + export_format, trigger('{export_trigger}',"
