@@ -428,6 +428,9 @@ def test_wheel_carries_models_and_sample_data_and_scores_in_a_fresh_environment(
     bundled = sorted((ROOT / "VAEAnomaly" / "Resources" / "Models").glob("*"))
     assert bundled and all(f"vaeanomaly/bundled/Models/{p.name}" in names for p in bundled if p.suffix in (".md", ".safetensors"))
     assert "vaeanomaly/bundled/SampleData/VAEAnomalySample_T2.nrrd" in names
+    for init in list((ROOT / "VAEAnomaly" / "vaeanomaly").rglob("__init__.py")) + \
+            list((ROOT / "VAEAnomaly" / "VAEAnomalyLib").rglob("__init__.py")):  # every (sub)package is shipped
+        assert str(init.relative_to(ROOT / "VAEAnomaly")) in names, init
     env_dir = tmp_path / "fresh"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env_dir)], check=True, timeout=120)
     py = env_dir / "bin" / "python"
