@@ -343,7 +343,7 @@ def test_progress_every_16_slices_and_every_projection_step(random_model):
 
 def test_cli_progress_lines_carry_an_eta(t2, tiny_checkpoint, tmp_path, capsys):
     rc, err = run_cli(["score", str(t2), "-o", str(tmp_path / "p.nii.gz"), "--predictor", "proj-rec-error",
-                       "--proj-steps", "30", "--model", str(tiny_checkpoint), "--progress", "lines"], capsys)
+                       "--proj-steps", "10", "--model", str(tiny_checkpoint), "--progress", "lines"], capsys)
     lines = [ln for ln in err.splitlines() if ln.startswith("PROGRESS ")]
     assert rc == 0 and len(lines) >= 2 and lines[-1].startswith("PROGRESS 1.0000 ETA 0s")
     assert any(ln.split()[2] == "ETA" and ln.split()[3].endswith("s") for ln in lines)
