@@ -186,7 +186,7 @@ def read_image(path, what: str = "input") -> sitk.Image:
         if path.stat().st_size == 0:
             raise VolumeError(f"{what} '{path}' is an empty file")
         head, n_bytes = _read_whole(path, what)
-        if path.name.lower().endswith((".nii", ".nii.gz", ".hdr", ".img", ".img.gz")):
+        if path.name.lower().endswith((".nii", ".nii.gz")):  # single-file NIfTI (a .hdr/.img pair: ITK checks)
             _check_nifti_size(path, head, n_bytes, what)
         reader = sitk.ImageFileReader()
         reader.SetFileName(str(path))
