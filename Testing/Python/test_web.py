@@ -169,10 +169,10 @@ class Chrome:
 
 # ----------------------------------------------------------------------------- helpers on the page
 def hot_pixels(img: np.ndarray, rect: dict) -> int:
-    """Pixels of the heat colour table (red/orange/yellow: red well above blue) inside a view. The MRI is grey
-    (R = G = B), so before a heatmap is shown this is 0."""
+    """Pixels of the heat colour table (red/orange/yellow: red well above blue) inside a view, left of its
+    colour legend (drawn at the right edge). The MRI is grey (R = G = B), so without a heatmap this is 0."""
     x0, y0 = int(rect["x"]) + 2, int(rect["y"]) + 30  # skip the view's border and its icons
-    x1, y1 = int(rect["x"] + rect["width"]) - 2, int(rect["y"] + rect["height"]) - 30
+    x1, y1 = int(rect["x"] + 0.88 * rect["width"]), int(rect["y"] + rect["height"]) - 30
     v = img[y0:y1, x0:x1].astype(int)
     return int(((v[..., 0] > 120) & (v[..., 0] - v[..., 2] > 60)).sum())
 
@@ -199,6 +199,12 @@ def descendants(pid: int) -> list[int]:
         out += [int(k) for k in kids]
         todo += [int(k) for k in kids]
     return out
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) of a process and of its children it has waited for (the finished jobs)."""
+    f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(x) for x in f[11:15]) / os.sysconf("SC_CLK_TCK")
 
 
 def geometry(path):
@@ -289,23 +295,29 @@ def test_browser_workflow(tmp_path):
         t_first = time.monotonic() - t0
         axial = c.rect("#views img.image-display-area")
         first = c.screenshot()
+        still_computing = c.text("#status-line").startswith("Computing")
         assert grey_pixels(first, axial) > 5000, "the sample MRI is not drawn in the axial view"
         c.wait("the heatmap", lambda: c.text("#heatmap-name").startswith("Heatmap:") and c.text("#status-line")
                .startswith("Done"), 240)
         time.sleep(1.5)  # the views' next frames
         t_heat = time.monotonic() - t0
+        cpu_heat = cpu_seconds(server.pid)  # server + its finished scoring job, whatever else the machine runs
         shot = c.wait("hot pixels in the axial view", lambda: (lambda im: im if hot_pixels(im, axial) > 300 else None)(
             c.screenshot()), 30)
         from PIL import Image
         Image.fromarray(shot).save(out / "web_heatmap.png")
         hot_before = hot_pixels(shot, axial)
-        assert hot_pixels(first, axial) < 50 or hot_before > 0
+        if still_computing:  # the first frame came before the job's result: no heat colours yet
+            assert hot_pixels(first, axial) < 50, "heat-coloured pixels before any heatmap"
         assert c.text("#verdict"), "no out-of-distribution verdict shown"
         assert "Apply" in c.text("#apply-button") or "APPLY" in c.text("#apply-button")
         (out / "timings.json").write_text(json.dumps({"server_ready_s": round(t_ready, 1),
                                                       "first_frame_s": round(t_first, 1),
-                                                      "heatmap_s": round(t_heat, 1)}))
-        print(f"\nweb viewer: server ready {t_ready:.1f} s, first frame {t_first:.1f} s, heatmap {t_heat:.1f} s")
+                                                      "heatmap_s": round(t_heat, 1),
+                                                      "server_and_job_cpu_s": round(cpu_heat, 1),
+                                                      "load_average": os.getloadavg()}))
+        print(f"\nweb viewer: server ready {t_ready:.1f} s, first frame {t_first:.1f} s, heatmap {t_heat:.1f} s "
+              f"(server + job CPU {cpu_heat:.1f} s; load average {os.getloadavg()[0]:.1f})")
 
         # threshold slider: a click at 85% of the track -> absolute mode, a higher threshold, fewer hot pixels
         before = float(c.text("#threshold-value").split()[-1])
