@@ -298,7 +298,7 @@ def test_browser_workflow(tmp_path):
         still_computing = c.text("#status-line").startswith("Computing")
         assert grey_pixels(first, axial) > 5000, "the sample MRI is not drawn in the axial view"
         c.wait("the heatmap", lambda: c.text("#heatmap-name").startswith("Heatmap:") and c.text("#status-line")
-               .startswith("Done"), 240)
+               .startswith("Done"), 420)  # generous: CI machines may be busy
         time.sleep(1.5)  # the views' next frames
         t_heat = time.monotonic() - t0
         cpu_heat = cpu_seconds(server.pid)  # server + its finished scoring job, whatever else the machine runs
