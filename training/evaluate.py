@@ -73,7 +73,7 @@ def run_benchmark(a, device) -> None:
     if manifest is None:
         raise SystemExit(f"{root / 'benchmark'} has no cohort.json: make it with training/make_data.py varied")
     groups = {c["case"]: (c["domain"], c["family"]) for c in manifest.values()}
-    caches, rows, verdicts, t0 = {}, [], [], time.time()
+    caches, rows, verdicts, sizes, t0 = {}, [], [], {}, time.time()
     opts = PredictorOptions(batch_size=a.batch_size, proj_steps=a.proj_steps)
     preds = parse_predictors(a.predictors)
 
@@ -88,6 +88,7 @@ def run_benchmark(a, device) -> None:
     for path in a.checkpoints:
         ck = load_checkpoint(path, device)
         size = ck.model.image_size
+        sizes[ck.name] = size
         bench, _ = cache_for(size)
         fns = {f"{ck.name} {p}": (lambda x, p=p: compute_maps(ck.model, x, [p], ck.beta, opts, device)[p]) for p in preds}
         thr = {f"{ck.name} {p}": ck.thresholds.get(p) for p in preds}
@@ -115,6 +116,15 @@ def run_benchmark(a, device) -> None:
             w.writeheader()
             w.writerows(verdicts)
     doms = sorted({g[0] for g in groups.values()})
+    from vaeanomaly.checkpoint import DEFAULT_MODEL
+    from vaeanomaly.evaluation import headline_table
+    from vaeanomaly.registry import DEFAULT_PREDICTOR
+    lead = f"{DEFAULT_MODEL} {DEFAULT_PREDICTOR}"
+    lead = lead if any(r["scorer"] == lead for r in rows) else rows[0]["scorer"]
+    lead_size = next((sz for n, sz in sizes.items() if lead.startswith(n + " ")), 64)
+    base = f"{INTENSITY} ({lead_size}x{lead_size})"
+    headline = (f"## Headline: {lead}\n\nBold: worse than the plain-intensity baseline ({base}, in brackets).\n\n"
+                + headline_table(rows, lead, base) + "\n\n## Every model, family and domain\n")
     md = [f"# {a.title or 'Benchmark: what a clinician gets'}", "",
           f"Held-out generated cohort `{root / 'benchmark'}`: {len(manifest)} cases, "
           f"{sum(1 for g in groups.values() if g[1] is None)} of them healthy. Domains: " +
@@ -127,7 +137,7 @@ def run_benchmark(a, device) -> None:
           "as the score (threshold: 99th percentile of healthy calibration brains). Pixels inside the brain, "
           "on each model's grid.", "",
           f"Command: `{command_line()}`", f"Time: {elapsed:.0f} s on {hardware(device)}.", "",
-          format_benchmark(rows), verdict_table(verdicts, out.name)]
+          headline, format_benchmark(rows), verdict_table(verdicts, out.name)]
     Path(f"{out}.md").write_text("\n".join(md) + "\n")
     print(Path(f"{out}.md").read_text())
 

@@ -113,3 +113,20 @@ def format_benchmark(rows: list[dict]) -> str:
                            f"{r['ap']:.3f} | {r['dice_oracle']:.3f} |")
         out.append("")
     return "\n".join(out)
+
+
+def headline_table(rows: list[dict], scorer: str, baseline: str) -> str:
+    """One compact table for a README: the scorer's clinician numbers and oracle metrics per family x domain,
+    the baseline's AUROC/AP beside them (bold where the scorer is worse than the baseline)."""
+    base = {(r["family"], r["domain"]): r for r in rows if r["scorer"] == baseline}
+    out = ["| lesion family | domain | healthy brain flagged % | Dice (calibrated) | AUROC (intensity) | "
+           "AP (intensity) | best Dice (oracle) |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["scorer"] != scorer:
+            continue
+        b = base.get((r["family"], r["domain"]))
+        worse = lambda k: b is not None and r[k] < b[k]  # noqa: E731
+        fmt = lambda k: (f"**{r[k]:.3f}**" if worse(k) else f"{r[k]:.3f}") + (f" ({b[k]:.3f})" if b else "")  # noqa: E731
+        out.append(f"| {r['family']} | {r['domain']} | {r['healthy_flagged_pct']:.2f} | {r['dice_calibrated']:.3f} | "
+                   f"{fmt('auroc')} | {fmt('ap')} | {r['dice_oracle']:.3f} |")
+    return "\n".join(out)
