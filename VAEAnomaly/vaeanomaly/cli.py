@@ -89,12 +89,15 @@ def _options(a) -> PredictorOptions:
         opts = PredictorOptions.from_dict(d)
     else:
         opts = PredictorOptions(smooth=not a.no_smooth, proj_steps=a.proj_steps, proj_lambda=a.proj_lambda,
-                                proj_lr=a.proj_lr, proj_weighted=a.proj_weighted, batch_size=a.batch_size)
+                                proj_lr=a.proj_lr, proj_weighted=a.proj_weighted, batch_size=a.batch_size,
+                                proj_tol=getattr(a, "proj_tol", 0.0))
     problems = []
     if not isinstance(opts.proj_steps, int) or opts.proj_steps < 0:
         problems.append(f"--proj-steps must be a whole number >= 0 (got {opts.proj_steps})")
     if not opts.proj_lambda >= 0:
         problems.append(f"--proj-lambda must be >= 0 (got {opts.proj_lambda})")
+    if not 0 <= opts.proj_tol < 1:
+        problems.append(f"--proj-tol must be >= 0 and < 1 (got {opts.proj_tol})")
     if not opts.proj_lr > 0:
         problems.append(f"--proj-lr must be > 0 (got {opts.proj_lr})")
     if not isinstance(opts.batch_size, int) or opts.batch_size < 1:
@@ -167,6 +170,9 @@ def _add_model_args(p, predictor_default: str = DEFAULT_PREDICTOR):
     p.add_argument("--proj-lambda", type=float, default=d.proj_lambda, help="Proj-Rec-Error: L1 weight λ")
     p.add_argument("--proj-lr", type=float, default=d.proj_lr, help="Proj-Rec-Error: Adam step α")
     p.add_argument("--proj-weighted", action="store_true", help="Dehaene et al.'s error-weighted step")
+    p.add_argument("--proj-tol", type=float, default=d.proj_tol,
+                   help="Proj-Rec-Error early stop: end when the last 10 steps lowered the energy by at most this "
+                        "fraction (e.g. 0.002); --proj-steps stays the maximum. 0 (default): always --proj-steps")
     p.add_argument("--batch-size", type=int, default=d.batch_size,
                    help="slices per batch (the fused maps report progress every 16 slices at most)")
     p.add_argument("--options", metavar="OPTIONS.json",
@@ -277,6 +283,11 @@ def write_score_outputs(plan: ScorePlan, maps: dict) -> None:
 
 def cmd_score(a) -> int:
     from .volume import read_image, score_volume
+    if isinstance(a.input, (list, tuple)):  # many inputs (files, a folder of volumes, a glob, a CSV): cohort.py
+        from .cohort import cmd_score_many, is_cohort
+        if is_cohort(a.input):
+            return cmd_score_many(a)
+        a.input = a.input[0]
     plan = plan_score(a)                                 # everything checked, nothing computed yet
     img = read_image(a.input)                            # read whole and checked
     mask = read_image(a.mask, "mask") if a.mask else None
@@ -400,9 +411,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("score", parents=[debug], formatter_class=fmt,
                        help="heatmap(s) for one volume, on the input's grid")
-    p.add_argument("input", help="3D volume (NIfTI, NRRD, MHA, ...) or a DICOM series folder")
+    p.add_argument("input", nargs="+", help="3D volume (NIfTI, NRRD, MHA, ...) or a DICOM series folder; or many: "
+                                            "several files, a folder of volumes, a quoted glob, or a CSV with "
+                                            "'volume' and 'mask' columns (then -o is a folder; see vaeanomaly/cohort.py)")
     p.add_argument("-o", "--output", required=True,
-                   help="OUT.nii.gz (one map), or a folder (no suffix): one <name>.nii.gz per map. Never an input")
+                   help="OUT.nii.gz (one map), or a folder (no suffix): one <name>.nii.gz per map. Never an input. "
+                        "Many inputs: a folder with <input name>.nii.gz (or <input name>/<map>.nii.gz) and summary.csv")
+    p.add_argument("--workers", type=int, default=2, help="many inputs: DataLoader worker processes reading and "
+                                                          "preprocessing ahead of the network (0: none)")
     p.add_argument("--mask", help="brain mask on the input grid (default: automatic foreground mask, "
                                   "for skull-stripped input)")
     p.add_argument("--threshold", help="number, percentile inside the brain (p99), or 'auto' (the checkpoint's "

@@ -39,6 +39,7 @@ class PredictorOptions:
     proj_lambda: float = 0.5
     proj_lr: float = 0.03
     proj_weighted: bool = False  # Dehaene et al.: gradient step multiplied by pixel rec. error
+    proj_tol: float = 0.0        # early stop (0: off, exactly proj_steps steps): see _project
     batch_size: int = 64
 
     def to_dict(self) -> dict:
@@ -112,15 +113,32 @@ def _fused_batch(model: VAE, x: torch.Tensor, need: set[str]) -> dict[str, torch
     return out
 
 
+PLATEAU_WINDOW = 10  # steps over which the early-stopping rule measures the energy decrease
+
+
 def _project(model: VAE, x0: torch.Tensor, opts: PredictorOptions,
              step_done: Optional[Callable[[int], None]] = None) -> torch.Tensor:
     """Dehaene et al.'s iterative projection; returns (VAE(x_N) - x0)^2. step_done(k) after each step
-    (progress, and the caller's chance to cancel)."""
+    (progress, and the caller's chance to cancel).
+
+    Early stopping (opts.proj_tol > 0; off by default): the batch's energy E_k is recorded at every step and
+    the projection stops at step k >= PLATEAU_WINDOW once E_{k-W} - E_k <= proj_tol * E_{k-W}, i.e. the last
+    W = PLATEAU_WINDOW steps lowered the energy by at most a fraction proj_tol; proj_steps (the paper's N =
+    100) stays the maximum. The rule is per batch, so a slice's map depends on the slices batched with it
+    only through when the batch stops."""
     x = x0.detach().clone().requires_grad_(True)
     optim = torch.optim.Adam([x], lr=opts.proj_lr)
+    energies = []
     for k in range(opts.proj_steps):
         x_rec = model.decode(model.encode(x)[0])
         energy = rec_loss(x, x_rec).sum() + opts.proj_lambda * (x - x0).abs().sum()
+        if opts.proj_tol > 0:  # (reading the energy syncs a GPU: only when the rule is on)
+            energies.append(float(energy.detach()))
+            if k >= PLATEAU_WINDOW and \
+                    energies[k - PLATEAU_WINDOW] - energies[k] <= opts.proj_tol * energies[k - PLATEAU_WINDOW]:
+                if step_done:
+                    step_done(opts.proj_steps)  # the steps not taken count as done
+                break
         (g,) = torch.autograd.grad(energy, x)
         if opts.proj_weighted:
             g = g * (x - x_rec).detach().pow(2)
@@ -158,7 +176,8 @@ def compute_maps(model: VAE, slices, predictors: Iterable[str], beta: float = 1.
                  options: Optional[PredictorOptions] = None, device: str | torch.device = "cpu",
                  ensemble=None, progress: Optional[Callable[[float], None]] = None,
                  cancel: Optional[Callable[[], bool]] = None,
-                 combi_norm: Optional[tuple[float, float]] = None) -> dict[str, np.ndarray]:
+                 combi_norm: Optional[tuple[float, float]] = None,
+                 brain: Optional[np.ndarray] = None) -> dict[str, np.ndarray]:
     """Anomaly maps for all slices of ONE volume.
 
     slices: (N, H, W) array of preprocessed slices. Returns {name: (N, H, W) float32 array}.
@@ -166,6 +185,9 @@ def compute_maps(model: VAE, slices, predictors: Iterable[str], beta: float = 1.
     healthy calibration data; without them (older checkpoints), over the slices passed (the reference code).
     progress(fraction) is called after every batch of at most PROGRESS_SLICES slices of the fused pass
     and after every projection step; cancel() is checked as often.
+    brain: optional (N, H, W) bool brain mask on the slices (score_volume passes it). With it, Proj-Rec-Error
+    runs only on the slices that contain brain, all of them batched together (batch_size at a time), and is
+    0 on the others; without it, on every slice (the reference code).
     """
     opts = options or PredictorOptions()
     names = list(dict.fromkeys(predictors))
@@ -221,11 +243,21 @@ def compute_maps(model: VAE, slices, predictors: Iterable[str], beta: float = 1.
                     acc[k].append(maps[k][:, 0].detach().cpu())
             report(len(x) / n)
     if project:
-        for start in range(0, n, bs):
-            x = x_all[start:start + bs, None].to(device)
-            _stage(progress, f"proj-rec-error, slices {start + 1}-{start + len(x)} of {n}, {opts.proj_steps} steps")
-            frac = len(x) / n * step_cost
-            acc["proj-rec-error"].append(_project(model, x, opts, lambda k: report(frac))[:, 0].cpu())
+        sel = np.arange(n) if brain is None else np.flatnonzero(np.asarray(brain).reshape(n, -1).any(1))
+        proj = torch.zeros(x_all.shape)
+        for start in range(0, len(sel), bs):
+            idx = torch.as_tensor(sel[start:start + bs])
+            x = x_all[idx, None].to(device)
+            _stage(progress, f"proj-rec-error, slices {start + 1}-{start + len(x)} of {len(sel)}"
+                             f"{'' if brain is None else ' with brain'}, {opts.proj_steps} steps")
+            frac = len(x) / max(len(sel), 1) * step_cost
+            taken = [0]
+
+            def step_done(k, frac=frac, taken=taken):
+                report(frac * (k - taken[0]))
+                taken[0] = k
+            proj[idx] = _project(model, x, opts, step_done)[:, 0].cpu()
+        acc["proj-rec-error"].append(proj)
     out = {k: torch.cat(v).numpy() for k, v in acc.items() if v}
     if "combi" in need:
         out["combi"] = combi_map(out["kl-grad"], out["rec-error"], combi_norm)

@@ -218,9 +218,19 @@ def check_image(img: sitk.Image, what: str = "input") -> np.ndarray:
     return arr
 
 
-def auto_mask(img: sitk.Image) -> sitk.Image:
+def auto_mask(img: sitk.Image, arr: Optional[np.ndarray] = None) -> sitk.Image:
     """Foreground mask for SKULL-STRIPPED input (fallback when no brain mask is given):
-    voxels above 2% of the robust intensity range, closed, holes filled, largest component."""
+    voxels above 2% of the robust intensity range, closed, holes filled, largest component.
+    arr: the image's voxels as float32 (z, y, x) when the caller has them already (check_image)."""
+    if arr is None:
+        arr = sitk.GetArrayFromImage(img).astype(np.float32)
+    m = sitk.GetImageFromArray(auto_mask_array(arr))  # the same voxels as auto_mask_itk, on the brain's box
+    m.CopyInformation(img)
+    return m
+
+
+def auto_mask_itk(img: sitk.Image) -> sitk.Image:
+    """`auto_mask` with ITK's filters on the whole volume (the reference the fast path is tested against)."""
     arr = sitk.GetArrayFromImage(img).astype(np.float32)
     lo, hi = float(arr.min()), float(np.percentile(arr, 99.5))
     fg = sitk.GetImageFromArray((arr > lo + 0.02 * (hi - lo)).astype(np.uint8))
@@ -231,10 +241,10 @@ def auto_mask(img: sitk.Image) -> sitk.Image:
     return sitk.Cast(cc == 1, sitk.sitkUInt8)
 
 
-def mask_for(img: sitk.Image, mask: Optional[sitk.Image]) -> sitk.Image:
-    """Check a given mask against the image grid (or make the automatic one)."""
+def mask_for(img: sitk.Image, mask: Optional[sitk.Image], arr: Optional[np.ndarray] = None) -> sitk.Image:
+    """Check a given mask against the image grid (or make the automatic one; arr: see auto_mask)."""
     if mask is None:
-        m = auto_mask(img)
+        m = auto_mask(img, arr)
         from .brainmask import check_automatic_mask
         check_automatic_mask(img, m)  # a head that is not skull-stripped: refuse, saying how to get a mask
     else:
@@ -262,24 +272,27 @@ class Prepared:
     grid: sitk.Image        # reference image of the model grid (S, S, nz)
     image: sitk.Image       # the input, untouched
     mask: sitk.Image        # brain mask on the input grid
+    box: Optional[list] = None  # the mask's bounding box in LPS array order [(start, stop)] * 3 (fast path)
 
 
 def model_grid(img: sitk.Image, mask: sitk.Image, prep: Preprocessing) -> sitk.Image:
-    """Axial grid over prep.fov_mm centred on the brain; one slice per input slice."""
-    oriented = sitk.DICOMOrient(img, "LPS")
-    d = np.array(oriented.GetDirection()).reshape(3, 3)
-    stats = sitk.LabelShapeStatisticsImageFilter()
-    stats.Execute(mask)
-    bb = stats.GetBoundingBox(1)
-    centre_idx = [bb[i] + (bb[i + 3] - 1) / 2 for i in range(3)]
+    """Axial grid over prep.fov_mm centred on the brain; one slice per input slice. Its axes are those of
+    sitk.DICOMOrient(img, "LPS") (found without touching the voxels, see _orientation)."""
+    o = _orientation(img)
+    if o is None:
+        oriented = sitk.DICOMOrient(img, "LPS")
+        d, o_img = np.array(oriented.GetDirection()).reshape(3, 3), np.array(oriented.GetOrigin())
+        nz, sz = oriented.GetSize()[2], oriented.GetSpacing()[2]
+    else:
+        d, o_img, nz, sz = o.direction, o.origin, o.size[2], o.spacing[2]
+    centre_idx = _bbox_centre_index(sitk.GetArrayViewFromImage(mask) == 1)  # label 1's bounding box
     c = np.array(mask.TransformContinuousIndexToPhysicalPoint(centre_idx))
     s = prep.fov_mm / prep.image_size
     half = (prep.image_size - 1) / 2 * s
-    o_img = np.array(oriented.GetOrigin())
     origin = c - d[:, 0] * half - d[:, 1] * half + d[:, 2] * np.dot(o_img - c, d[:, 2])
-    grid = sitk.Image(prep.image_size, prep.image_size, oriented.GetSize()[2], sitk.sitkUInt8)
+    grid = sitk.Image(prep.image_size, prep.image_size, nz, sitk.sitkUInt8)
     grid.SetDirection(tuple(d.ravel()))
-    grid.SetSpacing((s, s, oriented.GetSpacing()[2]))
+    grid.SetSpacing((s, s, sz))
     grid.SetOrigin(tuple(origin))
     return grid
 
@@ -288,16 +301,293 @@ def _to_grid(img: sitk.Image, grid: sitk.Image, interp=sitk.sitkLinear) -> np.nd
     return sitk.GetArrayFromImage(sitk.Resample(img, grid, sitk.Transform(), interp, 0.0, sitk.sitkFloat32))
 
 
+# --------------------------------------------------------------------------- fast separable path
+# The model grid's axes are the LPS-reoriented input's voxel axes (model_grid takes its direction), and grid
+# slice k lies in the plane of reoriented slice k. So preprocessing needs no 3D resampling: the input array is
+# viewed in LPS order by permuting/flipping axes (numpy views, no copy), and each slice goes onto the grid by
+# two small matrix products, W_y @ slice @ W_x^T, where W = (linear interpolation at the grid points) x (the
+# anti-aliasing Gaussian). The Gaussian matrices are ITK's own DiscreteGaussian operator (obtained by filtering
+# an identity image, so kernel, truncation and border handling are ITK's), and the interpolation matrices follow
+# ITK's LinearInterpolateImageFunction and ResampleImageFilter (inside when -0.5 <= index < n - 0.5, edge values
+# repeated up to there, 0 beyond). The result equals the resampling path (`prepare_by_resampling`) up to float
+# rounding; Testing/Python/test_speed_paths.py checks it on oriented, oblique, flipped, sagittal and anisotropic
+# inputs. Directions that are not orthonormal (sheared headers) take the resampling path.
+_SLAB = 16  # reoriented slices processed at a time (bounds the temporary memory to a few slices)
+
+
+@dataclass
+class _Orientation:
+    perm: tuple            # reoriented axis j (x, y, z order) is input axis perm[j] ...
+    flip: tuple            # ... read backwards when flip[j]
+    size: tuple
+    spacing: tuple
+    direction: np.ndarray  # 3x3, columns = reoriented axes
+    origin: np.ndarray
+
+
+def _orientation(img: sitk.Image) -> Optional[_Orientation]:
+    """What sitk.DICOMOrient(img, 'LPS') does to the axes, without touching the voxels; None when the
+    direction is not orthonormal (then only resampling is exact)."""
+    d = np.array(img.GetDirection(), float).reshape(3, 3)
+    if not np.allclose(d.T @ d, np.eye(3), atol=1e-6):
+        return None
+    probe = sitk.Image(2, 2, 2, sitk.sitkUInt8)  # DICOMOrient's choice of axes, on a 2x2x2 image
+    probe.SetDirection(img.GetDirection())
+    d_o = np.array(sitk.DICOMOrient(probe, "LPS").GetDirection(), float).reshape(3, 3)
+    p = np.rint(d.T @ d_o)
+    if not (np.abs(p).sum(0) == 1).all() or not (np.abs(p).sum(1) == 1).all():
+        return None
+    perm = tuple(int(np.argmax(np.abs(p[:, j]))) for j in range(3))
+    flip = tuple(bool(p[perm[j], j] < 0) for j in range(3))
+    size, sp = img.GetSize(), img.GetSpacing()
+    corner = [size[a] - 1 if flip[j] else 0 for j, a in enumerate(perm)]
+    idx = [0, 0, 0]
+    for j, a in enumerate(perm):
+        idx[a] = corner[j]
+    origin = np.array(img.TransformIndexToPhysicalPoint(idx))
+    return _Orientation(perm, flip, tuple(size[a] for a in perm), tuple(sp[a] for a in perm), d_o, origin)
+
+
+def _lps_view(arr: np.ndarray, o: _Orientation) -> np.ndarray:
+    """A (z, y, x) array of the input, viewed as the LPS-reoriented volume's (z, y, x) array (no copy)."""
+    a = arr.transpose(2, 1, 0)                     # (x, y, z) index order of the input
+    a = a.transpose(o.perm)                        # reoriented axes
+    a = a[tuple(slice(None, None, -1) if f else slice(None) for f in o.flip)]
+    return a.transpose(2, 1, 0)
+
+
+def _interp_matrix(first: float, step: float, n_out: int, n_in: int) -> np.ndarray:
+    """(n_out, n_in) weights of ITK's linear interpolation at continuous indices first + step * i."""
+    w = np.zeros((n_out, n_in))
+    for i in range(n_out):
+        c = first + step * i
+        if not (-0.5 <= c < n_in - 0.5):
+            continue                                # outside the buffer: the default value 0
+        b = max(int(np.floor(c)), 0)
+        t = c - b
+        if t <= 0 or b + 1 > n_in - 1:
+            w[i, b] = 1.0
+        else:
+            w[i, b], w[i, b + 1] = 1.0 - t, t
+    return w
+
+
+def _itk_gaussian_matrix(n: int, spacing: float, variance_mm2: float) -> np.ndarray:
+    """(n, n) matrix of ITK's DiscreteGaussian along one axis (max kernel width 32, max error 0.01, image
+    spacing used), found by filtering an identity image: kernel, truncation and border as ITK has them."""
+    if variance_mm2 <= 0:
+        return np.eye(n)
+    eye = sitk.GetImageFromArray(np.eye(n))
+    eye.SetSpacing((spacing, 1.0))
+    out = sitk.GetArrayFromImage(sitk.DiscreteGaussian(eye, [variance_mm2, 0.0], 32, 0.01, True))
+    return out.T.copy()  # out[r, c] = sum_t G[c, t] * I[r, t] = G[c, r]
+
+
+def _grid_matrices(o: _Orientation, grid: sitk.Image, prep: Preprocessing, antialias: bool):
+    """In-plane matrices (W_x, W_y) taking a reoriented slice onto the grid: grid = W_y @ slice @ W_x.T."""
+    s = grid.GetSpacing()[0]
+    g0 = np.array(grid.GetOrigin())
+    target = prep.fov_mm / prep.image_size
+    mats = []
+    for j in range(2):
+        first = float(np.dot(g0 - o.origin, o.direction[:, j])) / o.spacing[j]
+        w = _interp_matrix(first, s / o.spacing[j], prep.image_size, o.size[j])
+        if antialias:
+            w = w @ _itk_gaussian_matrix(o.size[j], o.spacing[j], max(target ** 2 - o.spacing[j] ** 2, 0) / 4)
+        mats.append(w.astype(np.float32))
+    return mats
+
+
+def _back_matrices(o: _Orientation, grid: sitk.Image):
+    """(B_x, B_y) taking a grid slice back onto a reoriented input slice: B_y @ grid_slice @ B_x.T."""
+    s = grid.GetSpacing()[0]
+    g0 = np.array(grid.GetOrigin())
+    return [_interp_matrix(float(np.dot(o.origin - g0, o.direction[:, j])) / s, o.spacing[j] / s,
+                           o.size[j], grid.GetSize()[j]).astype(np.float32) for j in range(2)]
+
+
+def _products(left: np.ndarray, a: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """left @ a[k] @ right.T for every slice k of a (k, r, c) array: one GEMM for the right product."""
+    k, r, c = a.shape
+    t = (np.ascontiguousarray(a).reshape(k * r, c) @ right.T).reshape(k, r, right.shape[0])
+    return np.matmul(left, t)
+
+
+def _one_blas_thread():
+    """The products are small: one BLAS thread does them as fast as two on a quiet machine and much faster on a
+    busy one (waiting BLAS threads spin), and leaves the other cores to the network (torch has its own pool)."""
+    try:
+        from threadpoolctl import threadpool_limits
+        return threadpool_limits(1, "blas")
+    except ImportError:  # threadpoolctl comes with scikit-learn; without it, BLAS's own setting
+        import contextlib
+        return contextlib.nullcontext()
+
+
+def _box(marr: np.ndarray) -> list[tuple[int, int]]:
+    """Bounding box of a non-empty mask: [(start, stop)] per array axis."""
+    out = []
+    for axis in range(marr.ndim):
+        nz = np.flatnonzero(marr.any(axis=tuple(a for a in range(marr.ndim) if a != axis)))
+        out.append((int(nz[0]), int(nz[-1]) + 1))
+    return out
+
+
+def _bbox_centre_index(marr: np.ndarray) -> list[float]:
+    """Centre of the mask's bounding box in (x, y, z) continuous index, as LabelShapeStatistics gives it."""
+    centre = []
+    for axis in (2, 1, 0):
+        any_ = np.flatnonzero(marr.any(axis=tuple(a for a in range(3) if a != axis)))
+        lo, n = int(any_[0]), int(any_[-1] - any_[0] + 1)
+        centre.append(lo + (n - 1) / 2)
+    return centre
+
+
+# the ball of radius 2 ITK's BinaryMorphologicalClosing uses (sitkBall): the 81 offsets of [-2, 2]^3 with at most
+# one coordinate of magnitude 2 = the 3x3x3 cube (+) the 6-neighbour cross, so dilating (eroding) by it is
+# dilating (eroding) by the cross, then by the cube (three 1D runs)
+
+
+def _run(a: np.ndarray, axis: int, r: int, dilate: bool) -> np.ndarray:
+    """1D dilation (OR, background outside) or erosion (AND, foreground outside) of radius r along an axis."""
+    out = a.copy()
+    for s in range(1, r + 1):
+        hi = [slice(None)] * 3
+        lo = [slice(None)] * 3
+        hi[axis], lo[axis] = slice(s, None), slice(None, -s)
+        if dilate:
+            out[tuple(hi)] |= a[tuple(lo)]
+            out[tuple(lo)] |= a[tuple(hi)]
+        else:
+            out[tuple(hi)] &= a[tuple(lo)]
+            out[tuple(lo)] &= a[tuple(hi)]
+    return out
+
+
+def _ball2(a: np.ndarray, dilate: bool) -> np.ndarray:
+    cross = a.copy()
+    for axis in range(3):
+        hi, lo = [slice(None)] * 3, [slice(None)] * 3
+        hi[axis], lo[axis] = slice(1, None), slice(None, -1)
+        if dilate:
+            cross[tuple(hi)] |= a[tuple(lo)]
+            cross[tuple(lo)] |= a[tuple(hi)]
+        else:
+            cross[tuple(hi)] &= a[tuple(lo)]
+            cross[tuple(lo)] &= a[tuple(hi)]
+    return _run(_run(_run(cross, 0, 1, dilate), 1, 1, dilate), 2, 1, dilate)
+
+
+def _percentile(a: np.ndarray, q: float) -> float:
+    """float(np.percentile(a, q)) (method 'linear', the same float arithmetic) for a large array, without
+    partitioning all of it: the two order statistics it interpolates are bracketed from a subsample's estimate
+    and checked by counting. Falls back to np.percentile when the bracket misses."""
+    flat = a.reshape(-1)
+    n = flat.size
+    if n < 1 << 18:
+        return float(np.percentile(a, q))
+    qq = float(np.true_divide(q, 100))
+    vi = n * qq + (1 + qq * (1 - 1 - 1)) - 1          # numpy's virtual index for 'linear'
+    i = min(max(int(np.floor(vi)), 0), n - 1)
+    j = min(i + 1, n - 1)
+    sub = np.sort(flat[::n // (1 << 16)])
+    m = len(sub)
+    lo_v, hi_v = sub[max(int(qq * m) - 256, 0)], sub[min(int(qq * m) + 256, m - 1)]
+    below = int(np.count_nonzero(flat < lo_v))
+    inside = flat[(flat >= lo_v) & (flat <= hi_v)]
+    if not (below <= i and j < below + inside.size):
+        return float(np.percentile(a, q))
+    inside = np.sort(inside)
+    prev, nxt = inside[i - below], inside[j - below]
+    gamma = float(vi - i)
+    d = nxt - prev                                     # numpy's _lerp, in the array's dtype
+    res = prev + d * gamma
+    if gamma >= 0.5:
+        res = nxt - d * (1 - gamma)
+    return float(res)
+
+
+def auto_mask_array(arr: np.ndarray) -> np.ndarray:
+    """`auto_mask` on a float32 (z, y, x) array, as a uint8 array; the same voxels as ITK's filters
+    (closing with a radius-2 ball and a safe border, hole filling and connected components with face
+    connectivity), computed on the foreground's bounding box only."""
+    from scipy import ndimage
+    lo, hi = float(arr.min()), _percentile(arr, 99.5)
+    fg = arr > lo + 0.02 * (hi - lo)
+    out = np.zeros(arr.shape, np.uint8)
+    if not fg.any():
+        return out
+    r, box = 2, []
+    for axis in range(3):
+        nz = np.flatnonzero(fg.any(axis=tuple(a for a in range(3) if a != axis)))
+        box.append(slice(max(int(nz[0]) - r - 1, 0), min(int(nz[-1]) + r + 2, arr.shape[axis])))
+    crop = np.pad(fg[tuple(box)], r)                       # the safe border: background around the crop
+    closed = _ball2(_ball2(crop, True), False)[r:-r, r:-r, r:-r]
+    labels, _ = ndimage.label(~closed)                     # background components (face connectivity)
+    faces = np.concatenate([labels[0].ravel(), labels[-1].ravel(), labels[:, 0].ravel(), labels[:, -1].ravel(),
+                            labels[:, :, 0].ravel(), labels[:, :, -1].ravel()])
+    outside = np.zeros(int(labels.max()) + 1, bool)
+    outside[faces] = True
+    outside[0] = True                                     # (foreground: kept by `closed`)
+    filled = closed | ~outside[labels]                    # holes: background not reaching the crop's faces
+    labels, n = ndimage.label(filled)
+    if n:
+        counts = np.bincount(labels.ravel())
+        counts[0] = 0
+        out[tuple(box)] = labels == int(np.argmax(counts))
+    return out
+
+
 def prepare(img: sitk.Image, mask: Optional[sitk.Image] = None,
             prep: Optional[Preprocessing] = None, what: str = "input") -> Prepared:
+    """The input on the model grid: z-scored inside the brain mask, anti-aliased in-plane, clipped.
+    Separable path (see above): one float32 copy of the input (check_image's), slabs of _SLAB slices."""
     prep = prep or Preprocessing()
     arr = check_image(img, what)
-    m = mask_for(img, mask)
+    m = mask_for(img, mask, arr)
     marr = sitk.GetArrayViewFromImage(m).astype(bool)
     vals = arr[marr]
     mean, std = float(vals.mean()), float(vals.std())
     if std == 0:
         raise VolumeError(f"{what} is constant inside the brain mask; nothing to score")
+    o = _orientation(img)
+    if o is None:
+        return _prepare_resampled(img, m, prep, arr, marr, mean, std)
+    grid = model_grid(img, m, prep)
+    a_o, m_o = _lps_view(arr, o), _lps_view(marr, o)
+    n, S = o.size[2], prep.image_size
+    slices, brain = np.zeros((n, S, S), np.float32), np.zeros((n, S, S), bool)
+    (z0, z1), (y0, y1), (x0, x1) = _box(m_o)  # z is 0 outside the mask: only its bounding box contributes
+    wx, wy = _grid_matrices(o, grid, prep, prep.antialias)
+    lx, ly = _grid_matrices(o, grid, prep, False)  # the mask: interpolation only
+    wx, wy, lx, ly = wx[:, x0:x1], wy[:, y0:y1], lx[:, x0:x1], ly[:, y0:y1]
+    with _one_blas_thread():
+        for k in range(z0, z1, _SLAB):  # dense products: ~10x faster here than gathering the narrow bands
+            e = min(k + _SLAB, z1)
+            mk = m_o[k:e, y0:y1, x0:x1]
+            z = np.where(mk, (a_o[k:e, y0:y1, x0:x1] - mean) / std, 0).astype(np.float32)
+            slices[k:e] = _products(wy, z, wx)
+            brain[k:e] = _products(ly, mk.astype(np.float32), lx) > 0.5
+    slices = np.clip(np.where(brain, slices, 0), -prep.clip, prep.clip).astype(np.float32)
+    return Prepared(slices, brain, grid, img, m, [(z0, z1), (y0, y1), (x0, x1)])
+
+
+def prepare_by_resampling(img: sitk.Image, mask: Optional[sitk.Image] = None,
+                          prep: Optional[Preprocessing] = None, what: str = "input") -> Prepared:
+    """`prepare` by 3D resampling (reorient, full-resolution DiscreteGaussian, sitk.Resample): the way it was
+    done before the separable path, kept for sheared directions and as the reference in the tests."""
+    prep = prep or Preprocessing()
+    arr = check_image(img, what)
+    m = mask_for(img, mask, arr)
+    marr = sitk.GetArrayViewFromImage(m).astype(bool)
+    vals = arr[marr]
+    mean, std = float(vals.mean()), float(vals.std())
+    if std == 0:
+        raise VolumeError(f"{what} is constant inside the brain mask; nothing to score")
+    return _prepare_resampled(img, m, prep, arr, marr, mean, std)
+
+
+def _prepare_resampled(img, m, prep, arr, marr, mean, std) -> Prepared:
     z = np.where(marr, (arr - mean) / std, 0).astype(np.float32)
     zimg = sitk.GetImageFromArray(z)
     zimg.CopyInformation(img)
@@ -322,7 +612,29 @@ def grid_image(maps: np.ndarray, grid: sitk.Image) -> sitk.Image:
 
 
 def to_input_grid(maps: np.ndarray, p: Prepared) -> sitk.Image:
-    """A (nz, S, S) map on the model grid -> float32 image on the exact input grid, 0 outside mask."""
+    """A (nz, S, S) map on the model grid -> float32 image on the exact input grid, 0 outside mask.
+    Separable path: two matrix products per slice written straight into the input's voxel order."""
+    o = _orientation(p.image)
+    if o is None:
+        return to_input_grid_by_resampling(maps, p)
+    bx, by = _back_matrices(o, p.grid)
+    out = np.zeros(p.image.GetSize()[::-1], np.float32)
+    out_o = _lps_view(out, o)  # a writable view in LPS order
+    maps = np.ascontiguousarray(maps, np.float32)
+    m_o = _lps_view(sitk.GetArrayViewFromImage(p.mask), o)
+    (z0, z1), (y0, y1), (x0, x1) = p.box or _box(m_o)  # 0 outside the mask's box
+    bx, by = bx[x0:x1], by[y0:y1]
+    with _one_blas_thread():
+        for k in range(z0, z1, _SLAB):
+            e = min(k + _SLAB, z1)
+            out_o[k:e, y0:y1, x0:x1] = _products(by, maps[k:e], bx) * m_o[k:e, y0:y1, x0:x1]
+    img = sitk.GetImageFromArray(out)
+    img.CopyInformation(p.image)
+    return img
+
+
+def to_input_grid_by_resampling(maps: np.ndarray, p: Prepared) -> sitk.Image:
+    """`to_input_grid` by sitk.Resample (sheared directions; the reference in the tests)."""
     back = sitk.Resample(grid_image(maps, p.grid), p.image, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
     arr = sitk.GetArrayFromImage(back) * sitk.GetArrayViewFromImage(p.mask)
     out = sitk.GetImageFromArray(arr.astype(np.float32))
@@ -346,7 +658,8 @@ def score_volume(checkpoint, img: sitk.Image, mask: Optional[sitk.Image] = None,
     from .predictors import compute_maps
     p = prepare(img, mask, Preprocessing.from_dict(checkpoint.preprocessing))
     maps = compute_maps(checkpoint.model, p.slices, predictors, checkpoint.beta, options, device,
-                        progress=progress, cancel=cancel, **inference_kwargs(checkpoint, predictors, options))
+                        progress=progress, cancel=cancel, brain=p.brain,  # projection: brain slices only
+                        **inference_kwargs(checkpoint, predictors, options))
     out = {}
     for name, m in maps.items():  # 'reconstruction' stays in z-score units
         out[name] = to_input_grid(np.where(p.brain, m, 0), p)
