@@ -346,6 +346,10 @@ def test_parameter_node_matches_the_controller_and_the_registry(params):
     assert tuple(params["thresholdMode"].validators["Choice"][0]) == tuple(THRESHOLD_MODES)
     assert params["thresholdMode"].default == DEFAULT_THRESHOLD_MODE
     assert OPTION_DEFAULTS == PredictorOptions().to_dict()  # read without importing torch, equal to the real thing
+    from vaeanomaly.checkpoint import DEFAULT_MODEL, bundled_models
+    from VAEAnomalyLib.panel import bundled_models as panel_models, default_model
+    assert default_model() == DEFAULT_MODEL and params["model"].default == DEFAULT_MODEL
+    assert panel_models() == bundled_models()
     opts = PredictorOptions()
     assert (ref.projectionSteps, ref.projectionLambda, ref.smoothGradients) == \
         (opts.proj_steps, opts.proj_lambda, opts.smooth)

@@ -6,7 +6,6 @@ The only stand-in is the user: `ScriptedUser` answers the panel's questions the 
 from __future__ import annotations
 
 import json
-import os
 import stat
 import sys
 import time
@@ -112,7 +111,7 @@ def test_clinician_workflow(scene, tiny_checkpoint, tmp_path):
     extra = slicer.vtkMRMLSliceCompositeNode()
     scene.AddNode(extra)
     n_before = scene.GetNumberOfNodes()
-    assert ctl.apply()
+    assert ctl.apply(), (ctl.status, ctl.dialogs.shown)
     st = ctl.state()
     assert st.running and st.apply_text == "Cancel" and st.apply_enabled and st.progress_visible
     assert not st.inputs_enabled and not st.outputs_enabled
@@ -135,7 +134,10 @@ def test_clinician_workflow(scene, tiny_checkpoint, tmp_path):
     assert scene.GetFirstNodeByClass("vtkMRMLColorLegendDisplayNode") is not None
     assert isinstance(params.calibratedThreshold, float)
     # verdict: only what the command line reported; none invented
-    if not cli_supports("--report"):
+    if cli_supports("--report"):  # the command line's report, carried as it is
+        assert isinstance(ctl.verdict, dict) and isinstance(ctl.verdict["in_distribution"], bool)
+        assert st.warnings == [str(w) for w in ctl.verdict.get("warnings") or []] and st.verdict_text
+    else:
         assert ctl.verdict is None and st.verdict_text == "" and st.warnings == []
     # threshold: calibrated, percentile, then a drag turns the mode to absolute; preview follows
     assert params.thresholdMode == "calibrated" and params.threshold == pytest.approx(params.calibratedThreshold)
@@ -189,7 +191,7 @@ def test_clinician_workflow(scene, tiny_checkpoint, tmp_path):
     assert scene.GetNumberOfNodes() == n and seg.GetSegmentation().GetSegmentIdBySegmentName("Anomaly")
     # running again for the same input and predictor re-uses the panel's heatmap node
     params.useGPU = False
-    assert ctl.apply()
+    assert ctl.apply(), (ctl.status, ctl.dialogs.shown)
     run_to_end(ctl)
     assert params.heatmap is heat and ctl.status.startswith("Done")
     assert np.array_equal(voxels(t2), before)  # the input was never modified
@@ -231,7 +233,7 @@ def test_cancel_stops_the_whole_process_tree(scene, tiny_checkpoint, tmp_path):
     ctl = PanelController(scene, params, ScriptedUser(), launcher=launcher)
     ctl.logic.heat_color_node()
     before = snapshot(scene)
-    assert ctl.apply()
+    assert ctl.apply(), (ctl.status, ctl.dialogs.shown)
     job = ctl.job
     t0 = time.time()
     while not children_of(job.proc.pid):  # the real Python, started by the launcher
@@ -254,7 +256,7 @@ def test_scene_close_during_a_run_cancels_it(scene, tiny_checkpoint):
     params = PanelParams(inputVolume=node, model=CUSTOM_MODEL, customModelPath=str(tiny_checkpoint),
                          predictor="proj-rec-error", projectionSteps=1000)
     ctl = PanelController(scene, params, user)
-    assert ctl.apply()
+    assert ctl.apply(), (ctl.status, ctl.dialogs.shown)
     job = ctl.job
     scene.Clear(0)  # File > Close scene
     assert ctl.job is None and "scene was closed" in ctl.status
@@ -273,14 +275,14 @@ def test_failures_after_the_process_end_once(scene, tiny_checkpoint, tmp_path):
     params = PanelParams(inputVolume=node, model=CUSTOM_MODEL, customModelPath=str(tiny_checkpoint))
     ctl = PanelController(scene, params, user, launcher=failing)
     before = snapshot(scene)
-    assert ctl.apply()
+    assert ctl.apply(), (ctl.status, ctl.dialogs.shown)
     job = ctl.job
     run_to_end(ctl)
     assert ctl.status == "Failed." and user.kinds() == ["error"] and "out of cheese" in user.shown[0][1]
     assert not job.tmp.exists() and snapshot(scene) == before
     # success, then the output folder disappears before the result is loaded
     ctl.launcher = None
-    assert ctl.apply()
+    assert ctl.apply(), (ctl.status, ctl.dialogs.shown)
     job = ctl.job
     job.wait(240)
     import shutil
@@ -292,7 +294,7 @@ def test_failures_after_the_process_end_once(scene, tiny_checkpoint, tmp_path):
         assert not ctl.poll()
     assert len(user.shown) == 2
     # success, but the input volume was deleted during the run
-    assert ctl.apply()
+    assert ctl.apply(), (ctl.status, ctl.dialogs.shown)
     ctl.job.wait(240)
     scene.RemoveNode(node)
     assert not ctl.poll() and "removed" in user.shown[-1][1]
@@ -312,7 +314,7 @@ def test_verdict_and_warnings_come_from_the_report(scene, tiny_checkpoint, tmp_p
     node = add_volume(scene, make_phantom((40, 44, 12), (2.5, 2.5, 5.0), blob_index=(20, 22, 6)))
     params = PanelParams(inputVolume=node, model=CUSTOM_MODEL, customModelPath=str(tiny_checkpoint))
     ctl = PanelController(scene, params, ScriptedUser(), launcher=launcher)
-    assert ctl.apply()
+    assert ctl.apply(), (ctl.status, ctl.dialogs.shown)
     run_to_end(ctl)
     st = ctl.state()
     assert params.heatmap is not None
@@ -333,3 +335,29 @@ def test_verdict_text():
     t = verdict_text({"in_distribution": True, "fit": 0.4, "mask": "given", "warnings": []})
     assert t.startswith("Looks like") and "mask given" in t
     assert verdict_text({"in_distribution": False}).startswith("Out of distribution")
+
+
+def test_outputs_only_act_on_this_modules_heatmaps(scene, tiny_checkpoint):
+    """A heatmap picked by hand loses the calibrated threshold (the percentile stands in, and the status
+    says so); a volume that is not a VAEAnomaly heatmap is never thresholded or segmented."""
+    t2 = add_volume(scene, make_phantom((40, 44, 12), (2.5, 2.5, 5.0), blob_index=(20, 22, 6)), "T2")
+    user = ScriptedUser()
+    params = PanelParams(inputVolume=t2, model=CUSTOM_MODEL, customModelPath=str(tiny_checkpoint))
+    ctl = PanelController(scene, params, user)
+    heat = ctl.logic.process(t2, None, str(tiny_checkpoint))  # an earlier result, in this process
+    params.heatmap, params.calibratedThreshold = t2, 1.0  # the user's own volume in the heatmap selector
+    ctl.heatmap_selected(t2)
+    st = ctl.state()
+    assert not st.outputs_enabled and not st.create_segment_enabled
+    ctl.set_threshold(0.5)
+    assert not t2.GetDisplayNode().GetApplyThreshold()
+    assert not ctl.create_segment() and "heatmap first" in ctl.status
+    assert scene.GetFirstNodeByClass("vtkMRMLSegmentationNode") is None
+    params.heatmap = heat
+    ctl.heatmap_selected(heat)
+    assert params.calibratedThreshold is None and "chosen by hand" in ctl.status
+    arr = VAEAnomalyLogic.heatmap_array(heat)
+    assert params.threshold == pytest.approx(np.percentile(arr[arr > 0], 99))
+    assert ctl.state().outputs_enabled and heat.GetDisplayNode().GetApplyThreshold()
+    assert user.shown == []
+    ctl.close()

@@ -11,8 +11,8 @@ import SimpleITK as sitk
 slicer = pytest.importorskip("slicer")
 
 from conftest import make_phantom, oblique_direction  # noqa: E402
-from VAEAnomalyLib.logic import (ScoringJob, SegmentEditedError, VAEAnomalyLogic, geometry_of,  # noqa: E402
-                                 image_from_node, set_node_from_image)
+from VAEAnomalyLib.logic import (ScoringJob, SegmentEditedError, VAEAnomalyLogic, calibrated_threshold,  # noqa: E402
+                                 geometry_of, image_from_node, set_node_from_image)
 from vaeanomaly.checkpoint import load_checkpoint  # noqa: E402
 from vaeanomaly.predictors import Cancelled, PredictorOptions  # noqa: E402
 from vaeanomaly.volume import VolumeError, score_volume  # noqa: E402
@@ -111,8 +111,10 @@ def test_subprocess_job_equals_in_process(scene, tiny_checkpoint):
     smoothed = score_volume(ck, img, None, ["kl-grad"])["kl-grad"]
     assert not np.allclose(logic.heatmap_array(heat), sitk.GetArrayFromImage(smoothed), rtol=1e-3, atol=1e-6)
     assert result.reconstruction is not None and logic.lastReconstruction is result.reconstruction
-    # the calibrated threshold is a number from the checkpoint, not a string attribute parsed back
-    assert result.calibrated == pytest.approx(float(ck.thresholds["kl-grad"]))
+    # the calibrated threshold travels as a number, not a string attribute parsed back; it holds only for
+    # the options it was calibrated with (smoothing), and the job says so
+    assert result.calibrated is None and "options" in result.calibration_note
+    assert calibrated_threshold(ck, "kl-grad", PredictorOptions()) == (float(ck.thresholds["kl-grad"]), "")
     assert heat.GetAttribute("VAEAnomaly.CalibratedThreshold") is None
     assert result.verdict is None or not (job.tmp / "report.json").exists()
     assert not job.tmp.exists()

@@ -135,6 +135,7 @@ class PanelController:
         self.model_card = ""
         self.new_result = False  # set when a job's heatmap was just shown; the Widget fits the views once
         self._calibrated_for = None  # id of the heatmap whose calibrated threshold params.calibratedThreshold is
+        self.calibration_note = ""  # why the last job's heatmap has no calibrated threshold
         self._observers = [scene.AddObserver(scene.StartCloseEvent, self._on_scene_start_close)]
 
     # ------------------------------------------------------------------ lifecycle
@@ -152,6 +153,7 @@ class PanelController:
             return
         if node is None or node.GetID() != self._calibrated_for:
             p.calibratedThreshold = None
+            self.calibration_note = "the calibrated threshold of a heatmap chosen by hand is not known"
             self._calibrated_for = node.GetID() if node is not None else None
         self.update_threshold()
 
@@ -318,6 +320,7 @@ class PanelController:
             self._calibrated_for = result.heatmap.GetID()
             p.heatmap = result.heatmap
             p.calibratedThreshold = result.calibrated
+            self.calibration_note = result.calibration_note
             self.verdict, self.warnings = result.verdict, list(result.warnings)
             self.show_heatmap()
             self.update_threshold()
@@ -395,8 +398,9 @@ class PanelController:
             if mode == CALIBRATED:
                 if p.calibratedThreshold is None:
                     value = self.logic.resolve_threshold(heat, f"p{DEFAULT_PERCENTILE:g}")
-                    self.status = (f"The model has no calibrated threshold for {p.predictor}: showing the "
-                                   f"{DEFAULT_PERCENTILE:g}th percentile of this heatmap instead.")
+                    why = self.calibration_note or "no calibrated threshold is known for this heatmap"
+                    self.status = (f"{why[0].upper()}{why[1:]}. Showing the {DEFAULT_PERCENTILE:g}th percentile "
+                                   f"of this heatmap instead.")
                 else:
                     value = float(p.calibratedThreshold)
             elif mode == PERCENTILE:

@@ -222,7 +222,7 @@ class VAEAnomalyLogic:
         for k, v in {"VAEAnomaly.Model": checkpoint.name, "VAEAnomaly.Predictor": predictor,
                      "VAEAnomaly.Input": inputVolume.GetID(), "VAEAnomaly.Options": json.dumps(opts)}.items():
             node.SetAttribute(k, v)  # provenance only; nothing parses these back
-        self.lastCalibratedThreshold = calibrated_threshold(checkpoint, predictor)
+        self.lastCalibratedThreshold, self.lastCalibrationNote = calibrated_threshold(checkpoint, predictor, options)
         self._display_heatmap(node)
         self.lastReconstruction = None
         if "reconstruction" in maps:  # registry.RECONSTRUCTION
@@ -353,14 +353,16 @@ class VAEAnomalyLogic:
 
 
 # ----------------------------------------------------------------------------- the subprocess job
-def calibrated_threshold(checkpoint, predictor: str) -> Optional[float]:
-    """The checkpoint's healthy-brain threshold for `predictor` as a number, or None."""
-    from vaeanomaly.registry import PREDICTOR_INFO
-    info = PREDICTOR_INFO.get(predictor)
-    value = checkpoint.thresholds.get(predictor)
-    if value is None or (info is not None and not info.calibrated):
-        return None
-    return float(value)
+def calibrated_threshold(checkpoint, predictor: str, options=None) -> tuple[Optional[float], str]:
+    """(the checkpoint's healthy-brain threshold for `predictor` with these options as a number, "") or
+    (None, why not) -- vaeanomaly.calibration decides whether a calibration holds."""
+    from vaeanomaly.calibration import calibrated_threshold as _calibrated
+    try:
+        return float(_calibrated(checkpoint, predictor, options)), ""
+    except ValueError as err:
+        return None, str(err)
+    except Exception as err:  # a calibration that cannot be read never stops a computation
+        return None, f"the checkpoint's calibration could not be read ({type(err).__name__}: {err})"
 
 
 def python_executable() -> str:
@@ -445,6 +447,7 @@ class JobResult:
     calibrated: Optional[float] = None
     verdict: Optional[dict] = None
     warnings: list = field(default_factory=list)
+    calibration_note: str = ""  # why there is no calibrated threshold, when there is none
 
 
 class ScoringJob:
@@ -467,7 +470,7 @@ class ScoringJob:
         self.options = options if options is not None else PredictorOptions()
         img, mask = logic.input_images(inputVolume, maskNode)  # validate before any work
         self.checkpoint = load_checkpoint(model)
-        self.calibrated = calibrated_threshold(self.checkpoint, predictor)
+        self.calibrated, self.calibration_note = calibrated_threshold(self.checkpoint, predictor, self.options)
         self.tmp = Path(tempfile.mkdtemp(prefix="vaeanomaly-"))
         sitk.WriteImage(img, str(self.tmp / "input.nrrd"))
         (self.tmp / "options.json").write_text(json.dumps(self.options.to_dict()))
@@ -485,6 +488,7 @@ class ScoringJob:
         self.proc, self.progress, self.messages = None, 0.0, []
         self._q: queue.Queue = queue.Queue()
         self._done = False
+        self._reader = None
 
     def start(self):
         env = dict(os.environ)
@@ -493,7 +497,8 @@ class ScoringJob:
                  else {"creationflags": getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0)})
         self.proc = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                      env=env, **group)
-        threading.Thread(target=self._read, daemon=True).start()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
         return self
 
     def _read(self):
@@ -502,6 +507,13 @@ class ScoringJob:
 
     def poll(self) -> Optional[int]:
         """Update self.progress/self.messages; the exit code once finished, else None."""
+        rc = None if self.proc is None else self.proc.poll()
+        if rc is not None and self._reader is not None:
+            self._reader.join(5)  # the child's last lines (its error message) are read before we report
+        self._drain()
+        return rc
+
+    def _drain(self) -> None:
         while not self._q.empty():
             line = self._q.get_nowait()
             if line.startswith("PROGRESS "):
@@ -511,13 +523,10 @@ class ScoringJob:
                     pass
             elif line:
                 self.messages.append(line)
-        return None if self.proc is None else self.proc.poll()
 
     def wait(self, timeout=None) -> int:
-        rc = self.proc.wait(timeout)
-        threading.Event().wait(0.05)
-        self.poll()
-        return rc
+        self.proc.wait(timeout)
+        return self.poll()
 
     def error(self) -> str:
         errs = [m for m in self.messages if "error" in m.lower()]
@@ -548,7 +557,8 @@ class ScoringJob:
             verdict, warnings = self.read_report()
             heat = self.logic.add_results(self.inputVolume, maps, self.checkpoint, self.predictor, self.options,
                                           heatmapNode)
-            return JobResult(heat, self.logic.lastReconstruction, self.calibrated, verdict, warnings)
+            return JobResult(heat, self.logic.lastReconstruction, self.calibrated, verdict, warnings,
+                             self.calibration_note)
         finally:
             self.cleanup()
 
