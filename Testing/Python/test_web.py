@@ -401,3 +401,54 @@ def test_browser_workflow(tmp_path):
             server.wait(20)
         except (ProcessLookupError, subprocess.TimeoutExpired):
             os.killpg(server.pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+@needs_web
+def test_browser_upload(tmp_path):
+    """Uploads through the page's file input over the real websocket: a wrong type is refused with a message,
+    the sample (3 MB) becomes the input and Apply is enabled. The server got no volume on its command line."""
+    exe = find_browser()
+    if exe is None:
+        pytest.skip("no Chromium found (apt-get install chromium; .ci/run installs it)")
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "VAEAnomaly")}
+    server = subprocess.Popen([sys.executable, "-m", "vaeanomaly.cli", "web", "--port", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=str(ROOT),
+                              start_new_session=True)
+    c = None
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5)
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, "the server did not start"
+                time.sleep(0.5)
+        c = Chrome(exe)
+        c.call("Page.navigate", url=f"http://127.0.0.1:{port}/")
+        c.wait("the panel", lambda: c.js("!!document.querySelector('input[type=file]')"), 120)
+        assert c.js("document.querySelector('#apply-button').disabled"), "Apply enabled without an input"
+
+        def upload(path):
+            root = c.call("DOM.getDocument")["root"]["nodeId"]
+            node = c.call("DOM.querySelector", nodeId=root, selector="input[type=file]")["nodeId"]
+            c.call("DOM.setFileInputFiles", nodeId=node, files=[str(path)])
+
+        bad = tmp_path / "notes.txt"
+        bad.write_text("not a volume")
+        upload(bad)
+        c.wait("the refusal", lambda: "is not a NIfTI, NRRD or MHA file" in c.text("#panel"), 120)
+        upload(SAMPLE)
+        c.wait("the upload", lambda: "Loaded 'VAEAnomalySample_T2'" in c.text("#status-line"), 240)
+        assert "VAEAnomalySample_T2" in c.text("#panel")
+        assert not c.js("document.querySelector('#apply-button').disabled"), "Apply not enabled after the upload"
+    finally:
+        if c is not None:
+            c.close()
+        try:
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(20)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(server.pid, signal.SIGKILL)
