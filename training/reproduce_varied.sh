@@ -3,19 +3,23 @@
 # (fine-tuned from the paper-grid bvae-l64-b10) and a 128x128 beta-VAE (from scratch), calibrated on
 # the healthy calibration split, benchmarked per lesion family x domain (held-out EPI domain included)
 # with the plain-intensity row, and bundled (float16; the bundled files are what gets benchmarked).
-#   bash training/reproduce_varied.sh [data|train|calibrate|bundle|benchmark|all]
-# Environment: DATA (data/v), RUNS (runs/v), PY (python), MIN64 (30), MIN128 (50): CPU minutes per model.
+#   bash training/reproduce_varied.sh [data|train|calibrate|bundle|benchmark|legacy|all]
+# Environment: DATA (data/v), LEGACY (data/legacy), RUNS (runs/v), PY (python), MIN64 (40), MIN128 (60):
+# CPU minutes per model.
 # On 2 CPU cores the two models train side by side, one thread each; on a GPU give more epochs instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 stage=${1:-all}
-DATA=${DATA:-data/v}; RUNS=${RUNS:-runs/v}; PY=${PY:-python}; MIN64=${MIN64:-30}; MIN128=${MIN128:-50}
+DATA=${DATA:-data/v}; LEGACY=${LEGACY:-data/legacy}; RUNS=${RUNS:-runs/v}; PY=${PY:-python}
+MIN64=${MIN64:-40}; MIN128=${MIN128:-60}
 MODELS=VAEAnomaly/Resources/Models
 mkdir -p "$RUNS" docs
 DESC="varied generator: 150 healthy T2 brains (tse, tse-lowres, tse-3d domains; ages 20-90, pose, atrophy), seeds 0-149"
 
 if [[ $stage == all || $stage == data ]]; then
   $PY training/make_data.py varied --out "$DATA" --train 50 --calibration 8 --benchmark 4 --sizes 64,128
+  # the paper-grid lesion cohort (same seeds as training/reproduce.sh): ensemble fitting and the old tables
+  $PY training/make_data.py legacy --out "$LEGACY" --healthy 1 --lesion 40
 fi
 if [[ $stage == all || $stage == train ]]; then
   OMP_NUM_THREADS=1 $PY training/train.py --cache "$DATA/train_64.npz" --image-size 64 --latent 64 --beta 10 \
@@ -27,6 +31,9 @@ if [[ $stage == all || $stage == train ]]; then
   wait
 fi
 if [[ $stage == all || $stage == calibrate ]]; then
+  # ensemble fitted on 4 legacy lesion cases (never benchmark cases), then every threshold from the calibration split
+  $PY training/fit_ensemble.py --checkpoint "$RUNS/l64_b10.safetensors" --cache "$LEGACY/lesion.npz" \
+    --out docs/ensemble_l64_b10_v2.md
   $PY training/calibrate.py "$RUNS/l64_b10.safetensors" --cache "$DATA/calibration_64.npz" --all-cases
   $PY training/calibrate.py "$RUNS/l128_b10.safetensors" --cache "$DATA/calibration_128.npz" --all-cases
 fi
@@ -39,4 +46,10 @@ if [[ $stage == all || $stage == benchmark ]]; then
     --title "Benchmark on the held-out varied cohort: what a clinician gets" \
     --checkpoints "$MODELS/bvae-l64-b10.safetensors" "$MODELS/vae-l64-b1.safetensors" \
                   "$MODELS/bvae-l64-b10-v2.safetensors" "$MODELS/bvae-l128-b10-v2.safetensors"
+fi
+if [[ $stage == all || $stage == legacy ]]; then
+  # the paper-grid lesion cohort (Table 2's β = 10 row), bundled files, five non-projection predictors
+  $PY training/evaluate.py --cache "$LEGACY/lesion.npz" --predictors rec-error,elbo-grad,kl-grad,rec-grad,combi \
+    --out docs/legacy_cohort_v2 --title "Old embedded lesion cohort: paper-grid model vs the varied models (64x64)" \
+    --checkpoints "$MODELS/bvae-l64-b10.safetensors" "$MODELS/bvae-l64-b10-v2.safetensors"
 fi
