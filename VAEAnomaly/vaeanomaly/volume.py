@@ -558,10 +558,10 @@ def prepare(img: sitk.Image, mask: Optional[sitk.Image] = None,
     n, S = o.size[2], prep.image_size
     slices, brain = np.zeros((n, S, S), np.float32), np.zeros((n, S, S), bool)
     (z0, z1), (y0, y1), (x0, x1) = _box(m_o)  # z is 0 outside the mask: only its bounding box contributes
-    wx, wy = _grid_matrices(o, grid, prep, prep.antialias)
-    lx, ly = _grid_matrices(o, grid, prep, False)  # the mask: interpolation only
-    wx, wy, lx, ly = wx[:, x0:x1], wy[:, y0:y1], lx[:, x0:x1], ly[:, y0:y1]
     with _one_blas_thread():
+        wx, wy = _grid_matrices(o, grid, prep, prep.antialias)
+        lx, ly = _grid_matrices(o, grid, prep, False)  # the mask: interpolation only
+        wx, wy, lx, ly = wx[:, x0:x1], wy[:, y0:y1], lx[:, x0:x1], ly[:, y0:y1]
         for k in range(z0, z1, _SLAB):  # dense products: ~10x faster here than gathering the narrow bands
             e = min(k + _SLAB, z1)
             mk = m_o[k:e, y0:y1, x0:x1]
