@@ -195,3 +195,25 @@ def test_calibration_hook_stores_the_same_limits(cohort):
     for s in verdict.STATISTICS:
         assert np.allclose(v["statistics"][s]["values"], direct["statistics"][s]["values"], rtol=1e-4)
     assert np.allclose(v["flagged_percent"], direct["flagged_percent"], atol=0.05)
+
+
+@pytest.mark.parametrize("domain", ["t1", "flair"])
+def test_generated_foreign_contrasts_are_flagged(calibrated, domain):
+    """The generator's T1-weighted and FLAIR scans (signal model; never used for training)."""
+    from vaeanomaly.synth import make_subject
+    sub = make_subject(1_800_000, domain=domain, step=2, off=("partial",))
+    r = verdict.assess(calibrated, sub.t2, sub.mask)
+    assert r["in_distribution"] is False
+    assert any("does not look T2-weighted" in w for w in r["warnings"]), r["warnings"]
+
+
+def test_generated_head_without_mask_is_refused(calibrated):
+    """The generator's unstripped head (skull, scalp, background noise): refused without a mask."""
+    from vaeanomaly.synth import make_subject
+    sub = make_subject(1_800_001, domain="tse", head=True, step=2, off=("partial",))
+    r = verdict.assess(calibrated, sub.t2, None)
+    assert r["in_distribution"] is False and r["fit"] is None and "--mask" in r["warnings"][0]
+    with pytest.raises(VolumeError, match="not look skull-stripped"):
+        score_volume(calibrated, sub.t2, None, ["rec-grad"])
+    r = verdict.assess(calibrated, sub.t2, sub.mask)  # with its brain mask: scored
+    assert r["mask"] == "given" and r["fit"] is not None

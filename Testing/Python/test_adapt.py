@@ -1,0 +1,150 @@
+"""`vaeanomaly adapt` (vaeanomaly/adapt.py): site adaptation of the bundled default model on tiny data,
+real files, the real command."""
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from vaeanomaly.adapt import AdaptError, AdaptOptions, adapt
+from vaeanomaly.checkpoint import MODELS_DIR, load_checkpoint, resolve_model
+from vaeanomaly.cli import main as cli
+
+SITE_SPACING = (1.3, 1.3, 2.5)
+
+
+def site_scan(img, mask, gamma=0.55, blur=1.6):
+    """The same brain as acquired by "another scanner": resampled onto one protocol's voxel size, another
+    tissue contrast (gamma) and a softer point-spread function."""
+    size = [int(round(s * sp / t)) for s, sp, t in zip(img.GetSize(), img.GetSpacing(), SITE_SPACING)]
+    ref = sitk.Image(size, sitk.sitkFloat32)
+    ref.SetSpacing(SITE_SPACING)
+    ref.SetDirection(img.GetDirection())
+    ref.SetOrigin(img.GetOrigin())
+    m = sitk.Resample(mask, ref, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    a = sitk.GetArrayFromImage(sitk.Resample(sitk.SmoothingRecursiveGaussian(sitk.Cast(img, sitk.sitkFloat32), blur),
+                                             ref, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32))
+    a = np.clip(a, 0, None) / max(float(a.max()), 1e-6)
+    out = sitk.GetImageFromArray((a ** gamma * 1000 * (sitk.GetArrayFromImage(m) > 0)).astype(np.float32))
+    out.CopyInformation(ref)
+    return out, m
+
+
+@pytest.fixture(scope="module")
+def site(cohort, tmp_path_factory):
+    """The 3 generated healthy subjects and 1 lesion case, as scans of one other scanner (files)."""
+    d = tmp_path_factory.mktemp("site")
+    scans, masks = [], []
+    for i, p in enumerate(sorted((cohort / "healthy").glob("*/T1w/T2w_acpc_dc_restore_brain.nii.gz"))):
+        img, m = site_scan(sitk.ReadImage(str(p)), sitk.ReadImage(str(p.parent / "brainmask_fs.nii.gz")))
+        scans.append(d / f"site{i}.nii.gz")
+        masks.append(d / f"site{i}_mask.nii.gz")
+        sitk.WriteImage(img, str(scans[-1]))
+        sitk.WriteImage(m, str(masks[-1]))
+    t2 = sorted((cohort / "lesion").glob("*/*_t2.nii.gz"))[0]
+    img, m = site_scan(sitk.ReadImage(str(t2)), sitk.ReadImage(str(t2.parent / t2.name.replace("_t2", "_brainmask"))))
+    sitk.WriteImage(img, str(d / "lesion.nii.gz"))
+    sitk.WriteImage(m, str(d / "lesion_mask.nii.gz"))
+    return d, scans, masks
+
+
+@pytest.fixture(scope="module")
+def epi(tmp_path_factory):
+    """3 healthy scans of the generator's held-out "epi" domain (another scanner: blurred, distorted, noisy
+    EPI), on which the bundled default model over-flags healthy brain (files, brain masks beside)."""
+    from vaeanomaly.synth import make_subject
+    d = tmp_path_factory.mktemp("epi")
+    scans, masks = [], []
+    for k in range(3):
+        sub = make_subject(1_700_000 + k, domain="epi", step=2, off=("partial",))
+        scans.append(d / f"epi{k}.nii.gz")
+        masks.append(d / f"epi{k}_mask.nii.gz")
+        sitk.WriteImage(sub.t2, str(scans[-1]))
+        sitk.WriteImage(sub.mask, str(masks[-1]))
+    return scans, masks
+
+
+def sha(p):
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def test_adapt_improves_flagged_percent_on_held_out_scans(epi, tmp_path, capsys):
+    scans, masks = epi
+    bundled = resolve_model(None)
+    before_sha = sha(bundled)
+    out = tmp_path / "my-scanner.safetensors"
+    rc = cli(["adapt", *map(str, scans), "--masks", *map(str, masks), "-o", str(out), "--minutes", "0.3",
+              "--max-epochs", "3", "--allow-mixed", "--progress", "none"])
+    assert rc == 0, capsys.readouterr().err
+    ck = load_checkpoint(out)
+    a = ck.meta["adaptation"]
+    assert a["base_model"] == "bvae-l64-b10" and len(a["held_out"]) == 2 and len(a["fine_tuned_on"]) == 1
+    # the site shift made the base model over-flag healthy brain; adapted and recalibrated, much less
+    assert a["flagged_percent_before"]["rec-grad"] > 3
+    assert a["flagged_percent_after"]["rec-grad"] < a["flagged_percent_before"]["rec-grad"] / 2
+    # every threshold recalibrated (each predictor, the ensemble), and the verdict on the held-out scans
+    base = load_checkpoint(bundled)
+    assert set(ck.thresholds) >= set(base.thresholds) | {"ensemble"}
+    assert all(ck.thresholds[k] != base.thresholds[k] for k in base.thresholds)
+    assert ck.meta["verdict"]["n_subjects"] == 2 and ck.meta["verdict"]["subjects"] == a["held_out"]
+    card = (tmp_path / "my-scanner.md").read_text()
+    assert "Adapted from **bvae-l64-b10**" in card and "epi0.nii.gz" in card and "before" in card
+    assert "ADAPTED on 3 healthy scans" in ck.card()
+    assert sha(bundled) == before_sha  # the bundled model is untouched
+    # the adapted model scores, with a verdict
+    rep = tmp_path / "r.json"
+    assert cli(["score", str(scans[0]), "--mask", str(masks[0]), "-o", str(tmp_path / "h.nii.gz"), "--model", str(out),
+                "--report", str(rep), "--progress", "none"]) == 0
+    assert json.loads(rep.read_text())["fit"] is not None
+
+
+def test_ctrl_c_keeps_the_last_good_state(site, tmp_path):
+    d, scans, masks = site
+    out = tmp_path / "interrupted.safetensors"
+
+    def progress(frac):  # the user presses Ctrl-C during fine-tuning
+        if 0.12 < frac < 0.85:
+            raise KeyboardInterrupt
+
+    a = adapt(scans, out, None, masks, AdaptOptions(minutes=1, max_epochs=5), progress=progress)
+    assert a["interrupted"] and a["epochs"] == 1 and a["best_epoch"] in (0, 1)
+    ck = load_checkpoint(out)  # written, calibrated, usable
+    assert ck.meta["adaptation"]["interrupted"] and "rec-grad" in ck.thresholds and "verdict" in ck.meta
+
+
+def test_bad_input_is_refused_with_a_clear_message(site, cohort, tmp_path):
+    d, scans, masks = site
+    o = AdaptOptions(minutes=0.1, max_epochs=1)
+    with pytest.raises(AdaptError, match="at least 3 healthy scans"):
+        adapt(scans[:1], tmp_path / "a.safetensors", masks=masks[:1], options=o)
+    with pytest.raises(AdaptError, match="bundled models"):
+        adapt(scans, MODELS_DIR / "bvae-l64-b10.safetensors", masks=masks, options=o)
+    with pytest.raises(AdaptError, match="bundled models"):
+        adapt(scans, MODELS_DIR / "new-one.safetensors", masks=masks, options=o)
+    renamed = tmp_path / "scan.safetensors"
+    renamed.write_bytes(scans[0].read_bytes())
+    with pytest.raises(AdaptError, match="overwrite the input"):
+        adapt([renamed, *scans[1:]], renamed, masks=masks, options=o)
+    with pytest.raises(AdaptError, match="one mask per scan"):
+        adapt(scans, tmp_path / "a.safetensors", masks=masks[:2], options=o)
+    # scans of different protocols (the generator's 1 mm and 3 mm slices)
+    raw = sorted((cohort / "healthy").glob("*/T1w/T2w_acpc_dc_restore_brain.nii.gz"))
+    with pytest.raises(AdaptError, match="differ in voxel size"):
+        adapt(raw, tmp_path / "a.safetensors", masks=[p.parent / "brainmask_fs.nii.gz" for p in raw], options=o)
+    # a T1-weighted scan among them
+    t2 = sitk.ReadImage(str(scans[2]))
+    a = sitk.GetArrayFromImage(t2)
+    m = sitk.GetArrayFromImage(sitk.ReadImage(str(masks[2]))) > 0
+    t1 = sitk.GetImageFromArray(np.where(m, a.max() * 1.1 - a, 0).astype(np.float32))
+    t1.CopyInformation(t2)
+    sitk.WriteImage(t1, str(tmp_path / "t1.nii.gz"))
+    with pytest.raises(AdaptError, match="t1.nii.gz' does not look T2-weighted"):
+        adapt([*scans[:2], tmp_path / "t1.nii.gz"], tmp_path / "a.safetensors", masks=masks, options=o)
+    # a scan with a lesion among healthy ones
+    with pytest.raises(AdaptError, match="lesion.nii.gz .* stand out"):
+        adapt([*scans, d / "lesion.nii.gz"], tmp_path / "a.safetensors", masks=[*masks, d / "lesion_mask.nii.gz"],
+              options=o)
+    assert not (tmp_path / "a.safetensors").exists()
