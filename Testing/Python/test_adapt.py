@@ -101,6 +101,7 @@ def test_adapt_improves_flagged_percent_on_held_out_scans(epi, tmp_path, capsys)
     assert json.loads(rep.read_text())["fit"] is not None
 
 
+@pytest.mark.slow
 def test_ctrl_c_keeps_the_last_good_state(site, tmp_path):
     d, scans, masks = site
     out = tmp_path / "interrupted.safetensors"
