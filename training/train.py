@@ -70,20 +70,7 @@ def parse(argv=None):
 CHANNELS = {64: (16, 32, 64, 256), 128: (16, 32, 64, 128, 256)}  # one more stride-2 stage per doubling
 
 
-def augment(x: torch.Tensor, brain: torch.Tensor, a, gen: torch.Generator) -> torch.Tensor:
-    """Random rotation, intensity scale/shift and noise, inside the brain (background stays 0)."""
-    n, dev = len(x), x.device
-    r = lambda *s: torch.rand(*s, generator=gen, device=dev)  # noqa: E731
-    th = (r(n) * 2 - 1) * math.radians(a.max_rotation)
-    rot = torch.stack([torch.stack([th.cos(), -th.sin(), torch.zeros_like(th)], 1),
-                       torch.stack([th.sin(), th.cos(), torch.zeros_like(th)], 1)], 1)
-    grid = F.affine_grid(rot, list(x.shape), align_corners=False)
-    x = F.grid_sample(x, grid, align_corners=False)
-    m = F.grid_sample(brain, grid, align_corners=False) > 0.5
-    scale = 1 + (r(n, 1, 1, 1) * 2 - 1) * a.intensity
-    shift = (r(n, 1, 1, 1) * 2 - 1) * a.intensity
-    noise = torch.randn(x.shape, generator=gen, device=dev) * r(n, 1, 1, 1) * a.noise
-    return torch.where(m, x * scale + shift + noise, torch.zeros_like(x))
+from vaeanomaly.augment import augment  # noqa: E402  (one implementation, shared with `vaeanomaly adapt`)
 
 
 def _state_path(out: Path) -> Path:

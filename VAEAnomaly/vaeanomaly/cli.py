@@ -291,6 +291,10 @@ def cmd_score(a) -> int:
     plan = plan_score(a)                                 # everything checked, nothing computed yet
     img = read_image(a.input)                            # read whole and checked
     mask = read_image(a.mask, "mask") if a.mask else None
+    if getattr(a, "report", None):  # the out-of-distribution verdict (issue 8): written before scoring, which may refuse
+        from .verdict import score_report
+        score_report(a.report, plan.checkpoint, img, mask, plan.names[0], plan.options, pick_device(a.device),
+                     inputs=(a.input, a.mask))
     prog = Progress(a.progress, "scoring")
     try:
         maps = score_volume(plan.checkpoint, img, mask, plan.names, plan.options, pick_device(a.device),
@@ -425,6 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
                                        "calibrated 99th percentile on healthy brains); needs --label")
     p.add_argument("--label", help="with --threshold: the label map (one predictor), or a folder: one "
                                    "<predictor>_label.nii.gz per predictor")
+    p.add_argument("--report", help="R.json: the out-of-distribution verdict for this scan (in_distribution, fit, "
+                                    "brain_volume_ml, mask, flagged_percent, warnings); see vaeanomaly/verdict.py")
     _add_model_args(p)
     p.set_defaults(func=cmd_score)
     p = sub.add_parser("evaluate", parents=[debug], formatter_class=fmt,
@@ -454,6 +460,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--with-projection", action="store_true", help="include Proj-Rec-Error (slower)")
     p.add_argument("--progress", choices=["bar", "lines", "none"], default="bar", help="progress display")
     p.set_defaults(func=cmd_demo)
+    from .adapt import add_parser as add_adapt_parser  # `vaeanomaly adapt` lives in adapt.py (issue 8)
+    add_adapt_parser(sub, parents=[debug], formatter_class=fmt)
     from VAEAnomalyLib.web import add_parser as add_web_parser  # `vaeanomaly web` (issue 12; trame-slicer loads only when it runs)
     add_web_parser(sub, parents=[debug], formatter_class=fmt)
     return ap
