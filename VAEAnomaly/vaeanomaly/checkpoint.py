@@ -22,7 +22,7 @@ from .model import ARCHITECTURE, VAE
 
 FORMAT = "vaeanomaly-checkpoint/1"
 META_KEY = "vaeanomaly"
-DEFAULT_MODEL = "bvae-l64-b10"  # best Dice and AP on the held-out lesion cohort (docs/table2_beta.md)
+DEFAULT_MODEL = "bvae-l64-b10-v2"  # flags <= 2% of healthy brain in every benchmark domain (docs/benchmark_varied.md)
 
 
 def resources_dir() -> Path:
