@@ -9,6 +9,7 @@ ITK's double-precision interpolation by float32 rounding (~1e-6 of z-scores clip
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 
 from conftest import make_phantom, oblique_direction
 from vaeanomaly.checkpoint import load_checkpoint
@@ -214,3 +215,31 @@ def test_sample_case_equals_the_old_path():
     got = sitk.GetArrayFromImage(V.score_volume(ck, img, None, ["rec-grad"])["rec-grad"])
     ref = sitk.GetArrayFromImage(old_to_input_grid(np.where(old.brain, m, 0), old))
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * float(ref.max()))
+
+
+def test_projection_on_brain_slices_only_and_early_stop(random_model):
+    """Brain slices only: the same values on them as projecting every slice (slices are independent), 0 on the
+    others. Early stop: the plateau rule ends the projection before proj_steps; progress still reaches 1."""
+    from vaeanomaly.predictors import PredictorOptions
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(6, 64, 64)).astype(np.float32)
+    brain = np.zeros(x.shape, bool)
+    brain[[1, 2, 4], 20:40, 20:40] = True
+    opts = PredictorOptions(proj_steps=15, batch_size=2)
+    every = compute_maps(random_model, x, ["proj-rec-error"], options=opts)["proj-rec-error"]
+    only = compute_maps(random_model, x, ["proj-rec-error"], options=opts, brain=brain)["proj-rec-error"]
+    np.testing.assert_allclose(only[[1, 2, 4]], every[[1, 2, 4]], rtol=1e-5, atol=1e-6)
+    assert (only[[0, 3, 5]] == 0).all() and (every[[0, 3, 5]] > 0).any()
+    steps = []
+    seen = []
+    import vaeanomaly.predictors as P
+    full = P._project(random_model, torch.as_tensor(x[:, None]), PredictorOptions(proj_steps=40), steps.append)
+    early = []
+    stopped = P._project(random_model, torch.as_tensor(x[:, None]), PredictorOptions(proj_steps=40, proj_tol=0.5),
+                         early.append)
+    assert steps == list(range(1, 41))
+    assert early[-1] == 40 and len(early) - 1 < 40 and len(early) - 1 >= P.PLATEAU_WINDOW  # stopped early
+    assert not np.allclose(full.numpy(), stopped.numpy())
+    compute_maps(random_model, x, ["proj-rec-error"], options=PredictorOptions(proj_steps=40, proj_tol=0.5),
+                 progress=seen.append, brain=brain)
+    assert seen[-1] == pytest.approx(1.0)
