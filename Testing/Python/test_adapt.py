@@ -10,7 +10,7 @@ import pytest
 import SimpleITK as sitk
 
 from vaeanomaly.adapt import AdaptError, AdaptOptions, adapt
-from vaeanomaly.checkpoint import MODELS_DIR, load_checkpoint, resolve_model
+from vaeanomaly.checkpoint import DEFAULT_MODEL, MODELS_DIR, load_checkpoint, resolve_model
 from vaeanomaly.cli import main as cli
 
 SITE_SPACING = (1.3, 1.3, 2.5)
@@ -81,7 +81,7 @@ def test_adapt_improves_flagged_percent_on_held_out_scans(epi, tmp_path, capsys)
     assert rc == 0, capsys.readouterr().err
     ck = load_checkpoint(out)
     a = ck.meta["adaptation"]
-    assert a["base_model"] == "bvae-l64-b10" and len(a["held_out"]) == 2 and len(a["fine_tuned_on"]) == 1
+    assert a["base_model"] == DEFAULT_MODEL and len(a["held_out"]) == 2 and len(a["fine_tuned_on"]) == 1
     # the site shift made the base model over-flag healthy brain; adapted and recalibrated, much less
     assert a["flagged_percent_before"]["rec-grad"] > 3
     assert a["flagged_percent_after"]["rec-grad"] < a["flagged_percent_before"]["rec-grad"] / 2
@@ -91,7 +91,7 @@ def test_adapt_improves_flagged_percent_on_held_out_scans(epi, tmp_path, capsys)
     assert all(ck.thresholds[k] != base.thresholds[k] for k in base.thresholds)
     assert ck.meta["verdict"]["n_subjects"] == 2 and ck.meta["verdict"]["subjects"] == a["held_out"]
     card = (tmp_path / "my-scanner.md").read_text()
-    assert "Adapted from **bvae-l64-b10**" in card and "epi0.nii.gz" in card and "before" in card
+    assert f"Adapted from **{a['base_model']}**" in card and "epi0.nii.gz" in card and "before" in card
     assert "ADAPTED on 3 healthy scans" in ck.card()
     assert sha(bundled) == before_sha  # the bundled model is untouched
     # the adapted model scores, with a verdict
