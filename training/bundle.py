@@ -38,7 +38,7 @@ def main(argv=None):
     note = f"\n## When to use it\n\n{a.note}\n" if a.note else ""
     Path(a.dest, f"{a.name}.md").write_text(f"# Model card: {a.name}\n{note}\n```\n{card}\n```\n{table}\n"
                                             f"Bundled from `{a.checkpoint}` by `python training/bundle.py "
-                                            f"{a.checkpoint} --name {a.name}` (weights stored as float16).\n")
+                                            f"{a.checkpoint} --name {a.name}` (weights stored as float16).\n", encoding="utf-8")
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB) and its model card")
 
 

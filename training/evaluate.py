@@ -138,8 +138,8 @@ def run_benchmark(a, device) -> None:
           "on each model's grid.", "",
           f"Command: `{command_line()}`", f"Time: {elapsed:.0f} s on {hardware(device)}.", "",
           headline, format_benchmark(rows), verdict_table(verdicts, out.name)]
-    Path(f"{out}.md").write_text("\n".join(md) + "\n")
-    print(Path(f"{out}.md").read_text())
+    Path(f"{out}.md").write_text("\n".join(md) + "\n", encoding="utf-8")
+    print(Path(f"{out}.md").read_text(encoding="utf-8"))
 
 
 def main(argv=None):
@@ -203,7 +203,7 @@ def main(argv=None):
             header = {"latent": "latent size l", "beta": "β"}.get(a.row, "model")
             md += [f"## {metric_name}, {scope_name}", "", format_table(results, scope, metric, header), ""]
     md.append(f"![ROC curves]({out.name}_roc.png)\n\n![Heatmaps]({out.name}_gallery.png)")
-    Path(f"{out}.md").write_text("\n".join(md) + "\n")
+    Path(f"{out}.md").write_text("\n".join(md) + "\n", encoding="utf-8")
     with open(f"{out}.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["model", "predictor", "scope", "auroc", "ap", "dice", "dice_threshold"])
@@ -217,7 +217,7 @@ def main(argv=None):
     roc_figure(f"{out}_roc.png", curves[best_name], title=f"{best_name}: ROC inside the brain")
     name, img, lab, maps = first
     overlay_figure(f"{out}_gallery.png", img, maps, lab, title=f"{name}: input, ground truth (green), predictors")
-    print(Path(f"{out}.md").read_text())
+    print(Path(f"{out}.md").read_text(encoding="utf-8"))
 
 
 if __name__ == "__main__":

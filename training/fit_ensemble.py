@@ -89,7 +89,7 @@ def main(argv=None):
     text = "\n".join(lines) + "\n"
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(text)
+        Path(a.out).write_text(text, encoding="utf-8")
     print(text)
     print(json.dumps(report["raw_weights"]), file=sys.stderr)
 

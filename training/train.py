@@ -58,7 +58,7 @@ def parse(argv=None):
     ap.add_argument("--data-description", default="", help="free text stored in the model card")
     a = ap.parse_args(argv)
     if a.config:
-        cfg = json.loads(Path(a.config).read_text())
+        cfg = json.loads(Path(a.config).read_text(encoding="utf-8"))
         defaults = ap.parse_args(["--out", a.out])
         for k, v in cfg.items():
             k = k.replace("-", "_")

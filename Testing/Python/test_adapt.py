@@ -90,7 +90,7 @@ def test_adapt_improves_flagged_percent_on_held_out_scans(epi, tmp_path, capsys)
     assert set(ck.thresholds) >= set(base.thresholds) | {"ensemble"}
     assert all(ck.thresholds[k] != base.thresholds[k] for k in base.thresholds)
     assert ck.meta["verdict"]["n_subjects"] == 2 and ck.meta["verdict"]["subjects"] == a["held_out"]
-    card = (tmp_path / "my-scanner.md").read_text()
+    card = (tmp_path / "my-scanner.md").read_text(encoding="utf-8")
     assert f"Adapted from **{a['base_model']}**" in card and "epi0.nii.gz" in card and "before" in card
     assert "ADAPTED on 3 healthy scans" in ck.card()
     assert sha(bundled) == before_sha  # the bundled model is untouched
@@ -98,7 +98,7 @@ def test_adapt_improves_flagged_percent_on_held_out_scans(epi, tmp_path, capsys)
     rep = tmp_path / "r.json"
     assert cli(["score", str(scans[0]), "--mask", str(masks[0]), "-o", str(tmp_path / "h.nii.gz"), "--model", str(out),
                 "--report", str(rep), "--progress", "none"]) == 0
-    assert json.loads(rep.read_text())["fit"] is not None
+    assert json.loads(rep.read_text(encoding="utf-8"))["fit"] is not None
 
 
 @pytest.mark.slow

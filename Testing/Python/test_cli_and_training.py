@@ -99,7 +99,7 @@ def test_train_resume_and_scripts(cohort, tmp_path):
     evaluate.main(["--cache", str(cohort / "lesion.npz"), "--checkpoints", str(out), "--out", str(tmp_path / "t"),
                    "--predictors", "rec-error,rec-grad,ensemble", "--proj-steps", "2", "--device", "cpu",
                    "--update-card"])
-    md = (tmp_path / "t.md").read_text()
+    md = (tmp_path / "t.md").read_text(encoding="utf-8")
     assert md.count("| model | rec-error | rec-grad | ensemble |") == 6  # 3 metrics x 2 scopes, predictors as columns
     assert md.count("\n| m | ") == 6
     assert (tmp_path / "t_roc.png").stat().st_size > 0 and (tmp_path / "t_gallery.png").stat().st_size > 0

@@ -235,7 +235,7 @@ def unpacked_download_sample(module_source: str) -> list[str]:
 # --------------------------------------------------------------------------------------------------------- tests
 @pytest.fixture(scope="module")
 def module_source():
-    return MODULE_PY.read_text()
+    return MODULE_PY.read_text(encoding="utf-8")
 
 
 @pytest.fixture(scope="module")
@@ -245,7 +245,7 @@ def params(module_source):
 
 @pytest.fixture(scope="module")
 def ui():
-    return read_ui(UI.read_text())
+    return read_ui(UI.read_text(encoding="utf-8"))
 
 
 def test_every_bound_widget_has_a_slicer_connector(params, ui):
@@ -316,7 +316,7 @@ def test_sample_data_uses_slicer_reader_types_and_loads(module_source, tmp_path)
 
 def test_layouts_place_every_item(ui):
     """QFormLayout / QGridLayout items need row and column, or the fields do not stretch with the panel."""
-    root = ET.fromstring(UI.read_text())
+    root = ET.fromstring(UI.read_text(encoding="utf-8"))
     for lay in root.iter("layout"):
         if lay.get("class") in ("QFormLayout", "QGridLayout"):
             for item in lay.findall("item"):
@@ -371,7 +371,7 @@ def test_module_load_imports_only_the_standard_library():
     for path, allowed in ((MODULE / "VAEAnomalyLib" / "panel.py", {"vaeanomaly"}),
                           (MODULE / "vaeanomaly" / "registry.py", set()),
                           (MODULE / "vaeanomaly" / "__init__.py", set())):
-        tree = ast.parse(path.read_text())
+        tree = ast.parse(path.read_text(encoding="utf-8"))
         top = set()
         for n in tree.body:  # module level only: imports inside functions run later
             if isinstance(n, ast.Import):
@@ -379,6 +379,6 @@ def test_module_load_imports_only_the_standard_library():
             elif isinstance(n, ast.ImportFrom) and n.level == 0:
                 top.add(n.module.split(".")[0])
         assert top <= stdlib | allowed, (path.name, top - stdlib - allowed)
-    tree = ast.parse(MODULE_PY.read_text())
+    tree = ast.parse(MODULE_PY.read_text(encoding="utf-8"))
     lib = [n.module for n in tree.body if isinstance(n, ast.ImportFrom) and n.module.startswith("VAEAnomalyLib")]
     assert lib == ["VAEAnomalyLib.panel"]

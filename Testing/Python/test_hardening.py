@@ -287,7 +287,7 @@ def test_bundled_checkpoints_without_new_keys_keep_working_with_clear_messages(t
     with pytest.warns(UserWarning, match="no Combi normalisation constants"):
         assert combi_constants(ck) is None
     rc, err = run_cli(["score", str(t2), "-o", str(tmp_path / "c.nii.gz"), "--predictor", "combi",
-                       "--progress", "none"], capsys)
+                       "--model", "bvae-l64-b10", "--progress", "none"], capsys)
     assert rc == 0 and "warning: the checkpoint has no Combi normalisation constants" in err
 
 
@@ -387,15 +387,15 @@ def test_help_shows_every_default(capsys):
 # --------------------------------------------------------------------------- 5. packaging
 def test_torch_is_a_range_in_the_library_and_pinned_only_for_the_project_venv():
     import tomllib
-    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
     torch_req = next(d for d in meta["dependencies"] if d.startswith("torch"))
     assert "==" not in torch_req and ">=" in torch_req
     assert meta["license"] == "BSD-3-Clause"  # an SPDX expression, not a table
-    assert "torch==2.13.0" in (ROOT / "constraints-cpu.txt").read_text().split()
-    run_sh = (ROOT / "run.sh").read_text()
+    assert "torch==2.13.0" in (ROOT / "constraints-cpu.txt").read_text(encoding="utf-8").split()
+    run_sh = (ROOT / "run.sh").read_text(encoding="utf-8")
     assert run_sh.count("-c constraints-cpu.txt") == 2  # torch first, then the project, both constrained
-    assert "torch" not in (ROOT / "VAEAnomaly" / "Resources" / "requirements.txt").read_text()
-    assert "RUN_SLOW=1 bash run.sh test" in (ROOT / ".ci" / "run").read_text()
+    assert "torch" not in (ROOT / "VAEAnomaly" / "Resources" / "requirements.txt").read_text(encoding="utf-8")
+    assert "RUN_SLOW=1 bash run.sh test" in (ROOT / ".ci" / "run").read_text(encoding="utf-8")
 
 
 @pytest.mark.slow
@@ -407,7 +407,7 @@ def test_constraints_resolve_to_the_cpu_build(tmp_path):
                         "torch>=2.1"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     import json
-    (item,) = json.loads((tmp_path / "r.json").read_text())["install"]
+    (item,) = json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))["install"]
     assert item["metadata"]["version"].split("+")[0] == "2.13.0"
 
 

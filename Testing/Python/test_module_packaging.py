@@ -14,7 +14,7 @@ STOCK = {"os", "hashlib", "logging", "typing", "qt", "ctk", "slicer", "vtk",
 
 
 def test_module_file_imports_only_what_stock_slicer_has():
-    tree = ast.parse((MODULE / "VAEAnomaly.py").read_text())
+    tree = ast.parse((MODULE / "VAEAnomaly.py").read_text(encoding="utf-8"))
     top = set()
     for node in tree.body:
         if isinstance(node, ast.Import):
@@ -27,14 +27,14 @@ def test_module_file_imports_only_what_stock_slicer_has():
 
 
 def test_lib_logic_has_no_application_globals():
-    tree = ast.parse((MODULE / "VAEAnomalyLib" / "logic.py").read_text())
+    tree = ast.parse((MODULE / "VAEAnomalyLib" / "logic.py").read_text(encoding="utf-8"))
     code = [n for n in ast.walk(tree) if isinstance(n, (ast.Attribute, ast.Import, ast.ImportFrom))]
     src = " ".join(ast.unparse(n) for n in code)  # code only, not docstrings
     assert "slicer.mrmlScene" not in src and "slicer.app" not in src and "import qt" not in src
 
 
 def test_cmake_lists_every_script_and_resource():
-    cm = (MODULE / "CMakeLists.txt").read_text()
+    cm = (MODULE / "CMakeLists.txt").read_text(encoding="utf-8")
     for p in list((MODULE / "vaeanomaly").glob("*.py")) + list((MODULE / "VAEAnomalyLib").glob("*.py")):
         assert str(p.relative_to(MODULE)).replace("VAEAnomaly.", "${MODULE_NAME}.") in cm or str(p.relative_to(MODULE)) in cm, p
     for p in (MODULE / "Resources").rglob("*"):
@@ -44,8 +44,8 @@ def test_cmake_lists_every_script_and_resource():
 
 
 def test_catalog_entry_matches_cmake_metadata():
-    cm = (ROOT / "CMakeLists.txt").read_text()
-    entry = json.loads((ROOT / "VAEAnomaly.json").read_text())
+    cm = (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
+    entry = json.loads((ROOT / "VAEAnomaly.json").read_text(encoding="utf-8"))
     assert re.search(r'set\(EXTENSION_CATEGORY "(.+)"\)', cm).group(1) == entry["category"]
     assert re.search(r'set\(EXTENSION_DEPENDS "(.+)"\)', cm).group(1).split() == entry["build_dependencies"]
     for key in ("HOMEPAGE", "CONTRIBUTORS", "DESCRIPTION", "ICONURL", "SCREENSHOTURLS"):
@@ -54,7 +54,7 @@ def test_catalog_entry_matches_cmake_metadata():
 
 
 def test_sample_data_checksums_match_registration():
-    tree = ast.parse((MODULE / "VAEAnomaly.py").read_text())
+    tree = ast.parse((MODULE / "VAEAnomaly.py").read_text(encoding="utf-8"))
     sums = next(ast.literal_eval(n.value) for n in tree.body
                 if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == "SAMPLE_FILES")
     for name, sha in sums.items():
@@ -63,9 +63,9 @@ def test_sample_data_checksums_match_registration():
 
 
 def test_ui_binds_parameters_to_widgets():
-    ui = (MODULE / "Resources" / "UI" / "VAEAnomaly.ui").read_text()
+    ui = (MODULE / "Resources" / "UI" / "VAEAnomaly.ui").read_text(encoding="utf-8")
     bound = set(re.findall(r'SlicerParameterName" stdset="0">\s*<string>(\w+)<', ui))
-    src = (MODULE / "VAEAnomaly.py").read_text()
+    src = (MODULE / "VAEAnomaly.py").read_text(encoding="utf-8")
     wrapper = src[src.index("class VAEAnomalyParameterNode"):src.index("class VAEAnomalyWidget")]
     fields = set(re.findall(r"^    (\w+):", wrapper, re.M))
     # written and restored by the Widget/controller: ctkPathLineEdit binds only to pathlib.Path, the model combo
@@ -76,4 +76,4 @@ def test_ui_binds_parameters_to_widgets():
 
 
 def test_module_file_compiles():
-    compile((MODULE / "VAEAnomaly.py").read_text(), "VAEAnomaly.py", "exec")
+    compile((MODULE / "VAEAnomaly.py").read_text(encoding="utf-8"), "VAEAnomaly.py", "exec")

@@ -64,11 +64,11 @@ class Chrome:
              "about:blank"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         port_file = Path(self.profile) / "DevToolsActivePort"
         deadline = time.monotonic() + 60
-        while not (port_file.is_file() and port_file.read_text().strip()):
+        while not (port_file.is_file() and port_file.read_text(encoding="utf-8").strip()):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("Chromium did not start")
             time.sleep(0.1)
-        port = port_file.read_text().split()[0]
+        port = port_file.read_text(encoding="utf-8").split()[0]
         base = f"http://127.0.0.1:{port}"
         version = json.load(urllib.request.urlopen(f"{base}/json/version", timeout=30))
         self.browser = websocket.create_connection(version["webSocketDebuggerUrl"], timeout=120, suppress_origin=True)
@@ -193,7 +193,7 @@ def descendants(pid: int) -> list[int]:
     while todo:
         p = todo.pop()
         try:
-            kids = Path(f"/proc/{p}/task/{p}/children").read_text().split()
+            kids = Path(f"/proc/{p}/task/{p}/children").read_text(encoding="utf-8").split()
         except OSError:
             kids = []
         out += [int(k) for k in kids]
@@ -203,7 +203,7 @@ def descendants(pid: int) -> list[int]:
 
 def cpu_seconds(pid: int) -> float:
     """CPU time (user + system) of a process and of its children it has waited for (the finished jobs)."""
-    f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    f = Path(f"/proc/{pid}/stat").read_text(encoding="utf-8").rsplit(")", 1)[1].split()
     return sum(int(x) for x in f[11:15]) / os.sysconf("SC_CLK_TCK")
 
 

@@ -430,7 +430,7 @@ def _group_only_zombies(pgid: int) -> bool:
         if not d.name.isdigit():
             continue
         try:
-            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            fields = (d / "stat").read_text(encoding="utf-8").rsplit(")", 1)[1].split()
         except OSError:
             continue
         if int(fields[2]) == pgid:  # fields after ')': state, ppid, pgrp, ...
@@ -473,7 +473,7 @@ class ScoringJob:
         self.calibrated, self.calibration_note = calibrated_threshold(self.checkpoint, predictor, self.options)
         self.tmp = Path(tempfile.mkdtemp(prefix="vaeanomaly-"))
         sitk.WriteImage(img, str(self.tmp / "input.nrrd"))
-        (self.tmp / "options.json").write_text(json.dumps(self.options.to_dict()))
+        (self.tmp / "options.json").write_text(json.dumps(self.options.to_dict()), encoding="utf-8")
         names = [predictor] + ([RECONSTRUCTION] if reconstruction else [])
         self.report_path = self.tmp / "report.json"
         self.cmd = [launcher or python_executable(), "-m", "vaeanomaly.cli", "score", str(self.tmp / "input.nrrd"),
@@ -567,7 +567,7 @@ class ScoringJob:
         if not self.report_path.is_file():
             return None, []
         try:
-            verdict = json.loads(self.report_path.read_text())
+            verdict = json.loads(self.report_path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as err:
             return None, [f"The out-of-distribution report could not be read ({err}); judge the heatmap with care."]
         if not isinstance(verdict, dict):

@@ -250,7 +250,7 @@ def adapt(scans, output, model=None, masks=None, options: Optional[AdaptOptions]
     meta["training"] = t
     meta["adaptation"] = adaptation
     save_checkpoint(out, net.cpu(), meta)
-    card_path(out).write_text(model_card(meta))
+    card_path(out).write_text(model_card(meta), encoding="utf-8")
     progress(1.0)
     return adaptation
 

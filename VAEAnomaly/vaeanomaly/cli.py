@@ -75,7 +75,7 @@ def _options(a) -> PredictorOptions:
     if getattr(a, "options", None):  # one serialised PredictorOptions
         p = Path(a.options)
         try:
-            d = json.loads(p.read_text())
+            d = json.loads(p.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ValueError(f"--options file '{p}' does not exist") from None
         except (OSError, json.JSONDecodeError) as err:

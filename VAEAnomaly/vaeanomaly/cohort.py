@@ -69,7 +69,7 @@ def is_cohort(inputs) -> bool:
 
 
 def read_csv(path: Path) -> list[Item]:
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     if not rows or "volume" not in rows[0]:
         raise ValueError(f"CSV '{path}' needs a header with a 'volume' column (and optionally 'mask'); "
@@ -264,7 +264,7 @@ def write_summary(rows: list[dict], path: Path, order: list[str]) -> Path:
     rows = sorted(rows, key=lambda r: pos.get(r["input"], len(pos)))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=SUMMARY_FIELDS, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)

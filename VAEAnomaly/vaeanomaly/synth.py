@@ -565,7 +565,7 @@ def write_manifest(out_dir, plan: list[dict]) -> Path:
     import json
     p = Path(out_dir) / MANIFEST
     p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(json.dumps({"generator": "vaeanomaly.synth.make_varied", "cases": plan}, indent=1))
+    p.write_text(json.dumps({"generator": "vaeanomaly.synth.make_varied", "cases": plan}, indent=1), encoding="utf-8")
     return p
 
 
@@ -575,4 +575,4 @@ def read_manifest(folder) -> Optional[dict]:
     p = Path(folder) / MANIFEST
     if not p.exists():
         return None
-    return {c["case"]: c for c in json.loads(p.read_text())["cases"]}
+    return {c["case"]: c for c in json.loads(p.read_text(encoding="utf-8"))["cases"]}
