@@ -57,7 +57,7 @@ class Progress:
         elif self.mode == "lines":
             now = time.monotonic()
             eta = self.eta(frac)
-            if frac < 1 and now - self.last < self.min_interval:
+            if frac < 1 - 1e-9 and now - self.last < self.min_interval:  # the last report always shows (float sums)
                 return
             self.last = now
             print(f"PROGRESS {frac:.4f} ETA {'?' if eta is None else f'{eta:.0f}s'} {self.text}".rstrip(),
