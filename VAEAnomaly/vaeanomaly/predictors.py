@@ -251,10 +251,11 @@ def compute_maps(model: VAE, slices, predictors: Iterable[str], beta: float = 1.
             _stage(progress, f"proj-rec-error, slices {start + 1}-{start + len(x)} of {len(sel)}"
                              f"{'' if brain is None else ' with brain'}, {opts.proj_steps} steps")
             frac = len(x) / max(len(sel), 1) * step_cost
-            taken = [0]
+            taken, last = [0], start + bs >= len(sel)
 
-            def step_done(k, frac=frac, taken=taken):
-                report(frac * (k - taken[0]))
+            def step_done(k, frac=frac, taken=taken, last=last):
+                # the very last step reports what is left, so float sums of the fractions end at exactly 1
+                report(total - done if last and k >= opts.proj_steps else frac * (k - taken[0]))
                 taken[0] = k
             proj[idx] = _project(model, x, opts, step_done)[:, 0].cpu()
         acc["proj-rec-error"].append(proj)
