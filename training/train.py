@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import os
 import sys
 import time
@@ -21,12 +20,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import common  # noqa: F401  (puts the core library on sys.path)
 from vaeanomaly.checkpoint import save_checkpoint
 from vaeanomaly.model import VAE, vae_loss
-from vaeanomaly.predictors import PREDICTORS, PredictorOptions, compute_maps
+from vaeanomaly.predictors import PredictorOptions
 from vaeanomaly.preprocessing import Preprocessing
 
 
