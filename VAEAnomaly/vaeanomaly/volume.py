@@ -538,11 +538,8 @@ def auto_mask_array(arr: np.ndarray) -> np.ndarray:
     return out
 
 
-def prepare(img: sitk.Image, mask: Optional[sitk.Image] = None,
-            prep: Optional[Preprocessing] = None, what: str = "input") -> Prepared:
-    """The input on the model grid: z-scored inside the brain mask, anti-aliased in-plane, clipped.
-    Separable path (see above): one float32 copy of the input (check_image's), slabs of _SLAB slices."""
-    prep = prep or Preprocessing()
+def _checked_and_masked(img: sitk.Image, mask: Optional[sitk.Image], what: str):
+    """The validated voxels, the brain mask (image and bool array) and the z-score statistics inside it."""
     arr = check_image(img, what)
     m = mask_for(img, mask, arr)
     marr = sitk.GetArrayViewFromImage(m).astype(bool)
@@ -550,6 +547,15 @@ def prepare(img: sitk.Image, mask: Optional[sitk.Image] = None,
     mean, std = float(vals.mean()), float(vals.std())
     if std == 0:
         raise VolumeError(f"{what} is constant inside the brain mask; nothing to score")
+    return arr, m, marr, mean, std
+
+
+def prepare(img: sitk.Image, mask: Optional[sitk.Image] = None,
+            prep: Optional[Preprocessing] = None, what: str = "input") -> Prepared:
+    """The input on the model grid: z-scored inside the brain mask, anti-aliased in-plane, clipped.
+    Separable path (see above): one float32 copy of the input (check_image's), slabs of _SLAB slices."""
+    prep = prep or Preprocessing()
+    arr, m, marr, mean, std = _checked_and_masked(img, mask, what)
     o = _orientation(img)
     if o is None:
         return _prepare_resampled(img, m, prep, arr, marr, mean, std)
@@ -577,13 +583,7 @@ def prepare_by_resampling(img: sitk.Image, mask: Optional[sitk.Image] = None,
     """`prepare` by 3D resampling (reorient, full-resolution DiscreteGaussian, sitk.Resample): the way it was
     done before the separable path, kept for sheared directions and as the reference in the tests."""
     prep = prep or Preprocessing()
-    arr = check_image(img, what)
-    m = mask_for(img, mask, arr)
-    marr = sitk.GetArrayViewFromImage(m).astype(bool)
-    vals = arr[marr]
-    mean, std = float(vals.mean()), float(vals.std())
-    if std == 0:
-        raise VolumeError(f"{what} is constant inside the brain mask; nothing to score")
+    arr, m, marr, mean, std = _checked_and_masked(img, mask, what)
     return _prepare_resampled(img, m, prep, arr, marr, mean, std)
 
 
