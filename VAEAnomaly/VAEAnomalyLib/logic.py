@@ -8,14 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import queue
 import shutil
 import subprocess
-import sys
 import tempfile
-import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -352,7 +348,30 @@ class VAEAnomalyLogic:
         return img
 
 
-# ----------------------------------------------------------------------------- the subprocess job
+# ----------------------------------------------------------------------------- the background job
+# the process side (the session's warm worker, stopping a process tree) lives in worker.py
+from .worker import kill_process_tree, python_executable  # noqa: E402,F401  (names this module always had)
+
+_CHECKPOINTS: dict = {}  # (path, mtime, size) -> Checkpoint: the panel's side of a job needs name and thresholds
+
+
+def _cached_checkpoint(model):
+    """load_checkpoint, once per file version (a rewritten file is read again)."""
+    from vaeanomaly.checkpoint import load_checkpoint, resolve_model
+    path = resolve_model(model)
+    try:
+        st = path.stat()
+        key = (str(path.resolve()), st.st_mtime_ns, st.st_size)
+    except OSError:  # load_checkpoint says what is wrong
+        return load_checkpoint(path)
+    if key not in _CHECKPOINTS:
+        ck = load_checkpoint(path)
+        if len(_CHECKPOINTS) >= 3:
+            _CHECKPOINTS.pop(next(iter(_CHECKPOINTS)))
+        _CHECKPOINTS[key] = ck
+    return _CHECKPOINTS[key]
+
+
 def calibrated_threshold(checkpoint, predictor: str, options=None) -> tuple[Optional[float], str]:
     """(the checkpoint's healthy-brain threshold for `predictor` with these options as a number, "") or
     (None, why not) -- vaeanomaly.calibration decides whether a calibration holds."""
@@ -365,11 +384,6 @@ def calibrated_threshold(checkpoint, predictor: str, options=None) -> tuple[Opti
         return None, f"the checkpoint's calibration could not be read ({type(err).__name__}: {err})"
 
 
-def python_executable() -> str:
-    """Slicer's own Python launcher inside the application, else this interpreter."""
-    return shutil.which("PythonSlicer") or sys.executable
-
-
 def cli_supports(option: str, command: str = "score") -> bool:
     """Whether this version of the `vaeanomaly` command line knows `option` (e.g. --report)."""
     import argparse
@@ -377,65 +391,6 @@ def cli_supports(option: str, command: str = "score") -> bool:
     from vaeanomaly.cli import build_parser
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     return option in sub.choices[command]._option_string_actions
-
-
-def kill_process_tree(proc: subprocess.Popen, grace: float = 5.0) -> None:
-    """Stop a child and everything it started. Inside Slicer the child is the PythonSlicer launcher and
-    the real Python runs as *its* child, so killing only `proc` leaves the computation running
-    (lassoan/SlicerMONAIAuto3DSeg MONAIAuto3DSegLib/process.py _killProcess kills the children for the
-    same reason). The job starts the child in a new session (POSIX: its own process group) or a new
-    process group (Windows), so the whole group can be stopped."""
-    if proc is None:
-        return
-    if os.name == "posix":
-        import signal
-        pgid = proc.pid  # start_new_session=True: the child leads its own process group
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(pgid, sig)
-            except ProcessLookupError:
-                break
-            if _wait_group_gone(proc, pgid, grace):
-                break
-        proc.poll()
-    else:  # Windows: taskkill /T ends the launcher and its children
-        subprocess.run(["taskkill", "/F", "/T", "/PID", str(proc.pid)], capture_output=True)
-        try:
-            proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
-
-def _wait_group_gone(proc, pgid: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        proc.poll()  # reap our own child
-        try:
-            os.killpg(pgid, 0)  # anyone left in the group?
-        except ProcessLookupError:
-            return True
-        if _group_only_zombies(pgid):
-            return True
-        time.sleep(0.05)
-    return False
-
-
-def _group_only_zombies(pgid: int) -> bool:
-    """Linux: True when every process left in the group is a zombie (dead, awaiting its parent)."""
-    proc_dir = Path("/proc")
-    if not proc_dir.is_dir():
-        return False
-    states = []
-    for d in proc_dir.iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            fields = (d / "stat").read_text(encoding="utf-8").rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid:  # fields after ')': state, ppid, pgrp, ...
-            states.append(fields[0])
-    return all(st == "Z" for st in states)
 
 
 @dataclass
@@ -451,91 +406,113 @@ class JobResult:
 
 
 class ScoringJob:
-    """Scores in a child process through the project's own command line (`vaeanomaly score`), so the
-    application stays responsive: start(), poll() from a timer, cancel() stops the whole process tree,
+    """Scores in the session's warm worker process (VAEAnomalyLib/worker.py: `vaeanomaly.score_worker`, which
+    keeps torch imported and the checkpoint loaded), so the application stays responsive: start(), poll()
+    from a timer, cancel() stops the worker's whole process tree (the next job starts a fresh worker),
     finish() loads the result. The scene is not touched until finish().
 
-    The options travel as one serialised object (`--options options.json`, PredictorOptions.to_dict());
-    the checkpoint is loaded once here (name, calibrated threshold) and once in the child."""
+    The request is the argument list of `vaeanomaly score` (`cmd`), parsed by the command line's own parser
+    in the worker; the options travel as one serialised object (`--options options.json`,
+    PredictorOptions.to_dict()); the input and mask as uncompressed NRRD, the maps come back uncompressed.
+    The checkpoint is loaded here once per file (name, calibrated threshold) and kept by the worker."""
 
     def __init__(self, logic: VAEAnomalyLogic, inputVolume, maskNode=None, model=None, predictor=None,
                  options=None, device="cpu", reconstruction=False, launcher: Optional[str] = None):
         import SimpleITK as sitk
 
-        from vaeanomaly.checkpoint import load_checkpoint
         from vaeanomaly.predictors import PredictorOptions
         from vaeanomaly.registry import DEFAULT_PREDICTOR, RECONSTRUCTION
         predictor = predictor or DEFAULT_PREDICTOR
         self.logic, self.inputVolume, self.predictor = logic, inputVolume, predictor
         self.options = options if options is not None else PredictorOptions()
         img, mask = logic.input_images(inputVolume, maskNode)  # validate before any work
-        self.checkpoint = load_checkpoint(model)
+        self.checkpoint = _cached_checkpoint(model)
         self.calibrated, self.calibration_note = calibrated_threshold(self.checkpoint, predictor, self.options)
         self.tmp = Path(tempfile.mkdtemp(prefix="vaeanomaly-"))
-        sitk.WriteImage(img, str(self.tmp / "input.nrrd"))
-        (self.tmp / "options.json").write_text(json.dumps(self.options.to_dict()), encoding="utf-8")
+        try:
+            sitk.WriteImage(img, str(self.tmp / "input.nrrd"), False)  # uncompressed: read back at once
+            (self.tmp / "options.json").write_text(json.dumps(self.options.to_dict()), encoding="utf-8")
+            if mask is not None:
+                sitk.WriteImage(mask, str(self.tmp / "mask.nrrd"), False)
+        except Exception:
+            self.cleanup()
+            raise
         names = [predictor] + ([RECONSTRUCTION] if reconstruction else [])
         self.report_path = self.tmp / "report.json"
-        self.cmd = [launcher or python_executable(), "-m", "vaeanomaly.cli", "score", str(self.tmp / "input.nrrd"),
-                    "-o", str(self.tmp / "out"), "--predictor", ",".join(names),
+        self.out = self.tmp / "out"
+        self.cmd = ["score", str(self.tmp / "input.nrrd"), "-o", str(self.out), "--predictor", ",".join(names),
                     "--model", str(self.checkpoint.path), "--device", device, "--progress", "lines",
-                    "--options", str(self.tmp / "options.json")]
-        if cli_supports("--report"):  # the out-of-distribution verdict, where the command line has it
-            self.cmd += ["--report", str(self.report_path)]
+                    "--options", str(self.tmp / "options.json"), "--report", str(self.report_path)]
         if mask is not None:
-            sitk.WriteImage(mask, str(self.tmp / "mask.nrrd"))
             self.cmd += ["--mask", str(self.tmp / "mask.nrrd")]
+        self.launcher = launcher or python_executable()
         self.proc, self.progress, self.messages = None, 0.0, []
-        self._q: queue.Queue = queue.Queue()
+        self.worker, self.ticket = None, None
+        self.worker_pid: Optional[int] = None     # the Python process that scored (from its reply)
+        self.model_cached: Optional[bool] = None  # whether the worker had the checkpoint loaded already
+        self._rc: Optional[int] = None
+        self._failure = ""
         self._done = False
-        self._reader = None
 
     def start(self):
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join([str(MODULE_DIR)] + [p for p in [env.get("PYTHONPATH")] if p])
-        group = ({"start_new_session": True} if os.name == "posix"
-                 else {"creationflags": getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0)})
-        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                     env=env, **group)
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
+        from .worker import Ticket, submit
+        self.ticket = Ticket(self.cmd)
+        self.worker = submit(self.launcher, self.ticket)
+        self.proc = self.worker.proc  # the worker's launcher (inside Slicer PythonSlicer, the Python its child)
         return self
 
-    def _read(self):
-        for line in self.proc.stderr:
-            self._q.put(line.rstrip())
-
     def poll(self) -> Optional[int]:
-        """Update self.progress/self.messages; the exit code once finished, else None."""
-        rc = None if self.proc is None else self.proc.poll()
-        if rc is not None and self._reader is not None:
-            self._reader.join(5)  # the child's last lines (its error message) are read before we report
-        self._drain()
-        return rc
+        """Update self.progress/self.messages; the exit code once finished (0: maps written), else None."""
+        if self.ticket is None:
+            return None
+        while True:
+            try:
+                ev = self.ticket.events.get_nowait()
+            except queue.Empty:
+                break
+            if ev[0] == "line":
+                self._line(ev[1])
+            elif ev[0] == "done":
+                self._rc, info = ev[1], ev[2]
+                self.worker_pid, self.model_cached = info.get("pid"), info.get("model_cached")
+            elif ev[0] == "died":
+                from .worker import describe_exit
+                rc = ev[1]
+                last = next((m for m in reversed(self.messages) if "error" in m.lower()), "")
+                self._failure = (f"vaeanomaly: error: the scoring process stopped unexpectedly ({describe_exit(rc)})"
+                                 + (f": {last}" if last else "") + ". The next run starts a new one.")
+                self.messages.append(self._failure)
+                self._rc = rc if rc else 1
+        return self._rc
 
-    def _drain(self) -> None:
-        while not self._q.empty():
-            line = self._q.get_nowait()
-            if line.startswith("PROGRESS "):
-                try:
-                    self.progress = float(line.split()[1])
-                except (IndexError, ValueError):
-                    pass
-            elif line:
-                self.messages.append(line)
+    def _line(self, line: str) -> None:
+        if line.startswith("PROGRESS "):
+            try:
+                self.progress = float(line.split()[1])
+            except (IndexError, ValueError):
+                pass
+        elif line:
+            self.messages.append(line)
 
     def wait(self, timeout=None) -> int:
-        self.proc.wait(timeout)
+        if self.ticket is None:
+            raise RuntimeError("the job was not started")
+        if not self.ticket.done.wait(timeout):
+            raise subprocess.TimeoutExpired(self.cmd, timeout)
         return self.poll()
 
     def error(self) -> str:
+        if self._failure:
+            return self._failure
         errs = [m for m in self.messages if "error" in m.lower()]
         return (errs or self.messages or ["the scoring process failed"])[-1]
 
     def cancel(self):
-        """Stop the child and its children, then remove the temporary folder (nothing can recreate it)."""
-        if self.proc is not None:
-            kill_process_tree(self.proc)
+        """Stop the computation: the worker's whole process tree is killed (the next job starts a fresh
+        worker), then the temporary folder is removed (nothing can recreate it)."""
+        if self.worker is not None and not self.ticket.done.is_set():
+            from .worker import discard
+            discard(self.worker)
         self.cleanup()
 
     def finish(self, heatmapNode=None) -> JobResult:
@@ -548,9 +525,8 @@ class ScoringJob:
             self._done = True
             if self.inputVolume is None or self.inputVolume.GetScene() is not self.logic.scene:
                 raise RuntimeError("the input volume was removed from the scene during the computation")
-            out = self.tmp / "out"
-            maps = {p.name[:-len(".nii.gz")]: sitk.ReadImage(str(p)) for p in out.glob("*.nii.gz")} \
-                if out.is_dir() else {}
+            maps = {p.name[:-len(".nrrd")]: sitk.ReadImage(str(p)) for p in self.out.glob("*.nrrd")
+                    if not p.name.startswith(".")} if self.out.is_dir() else {}
             if self.predictor not in maps:
                 raise RuntimeError(f"the scoring process wrote no '{self.predictor}' heatmap "
                                    f"({'; '.join(self.messages[-3:]) or 'no output'})")

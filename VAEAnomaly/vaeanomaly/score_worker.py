@@ -1,0 +1,202 @@
+"""A long-lived scoring process for an application (the Slicer module, the web viewer): it imports torch
+once, keeps the checkpoints it loaded, and runs `vaeanomaly score` requests one after another.
+
+    python -m vaeanomaly.score_worker          (started by VAEAnomalyLib.worker; not meant for users)
+
+Protocol, one JSON object per line (UTF-8):
+  stdin   {"id": N, "argv": ["score", INPUT, "-o", FOLDER, ...]}   the arguments of `vaeanomaly score`, parsed
+                                                                 by the command line's own parser
+          {"quit": true}                                          (or the end of stdin: the parent is gone)
+  stdout  {"event": "ready", "pid": P}                            once the imports are done
+          {"id": N, "line": TEXT}      what `vaeanomaly score` prints on stderr ("PROGRESS ..." lines included)
+          {"id": N, "done": RC, "pid": P, "model_cached": BOOL, "seconds": S}   RC as the command line's exit code
+
+A request is computed by the functions `vaeanomaly score` uses (`verdict.score_report` for --report,
+`volume.score_volume`); the difference is where the time goes: the checkpoint comes from a cache (keyed by
+its path, modification time and size, so a rewritten file is loaded again), and the maps are written as
+*uncompressed* NRRD (`<FOLDER>/<map>.nrrd`) for the parent to read back at once. The process never imports
+slicer or vtk. Nothing here unpickles anything: requests are JSON, checkpoints safetensors.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import sys
+import time
+import warnings
+from collections import OrderedDict
+from pathlib import Path
+
+MAX_MODELS = 3  # checkpoints kept loaded (least recently used dropped first)
+
+
+class ModelCache:
+    """Checkpoints by (resolved path, mtime, size): a file replaced on disk is read again."""
+
+    def __init__(self, size: int = MAX_MODELS):
+        self.size, self.items = size, OrderedDict()
+
+    def get(self, name_or_path):
+        """(Checkpoint, whether it came from the cache)."""
+        from .checkpoint import load_checkpoint, resolve_model
+        path = resolve_model(name_or_path)
+        try:
+            st = path.stat()
+            key = (str(path.resolve()), st.st_mtime_ns, st.st_size)
+        except OSError:  # load_checkpoint says what is wrong with it
+            return load_checkpoint(path), False
+        if key in self.items:
+            self.items.move_to_end(key)
+            return self.items[key], True
+        ck = load_checkpoint(path)
+        self.items[key] = ck
+        while len(self.items) > self.size:
+            self.items.popitem(last=False)
+        return ck, False
+
+
+class _Lines(io.TextIOBase):
+    """A text stream that sends each complete line to `emit` (the request's stderr)."""
+
+    def __init__(self, emit):
+        self.emit, self.buf = emit, ""
+
+    def writable(self):
+        return True
+
+    def write(self, s):
+        self.buf += s
+        while "\n" in self.buf:
+            line, self.buf = self.buf.split("\n", 1)
+            self.emit(line)
+        return len(s)
+
+    def flush(self):
+        pass
+
+    def close_line(self):
+        if self.buf:
+            self.emit(self.buf)
+            self.buf = ""
+
+
+def _write_uncompressed(img, path: Path) -> None:
+    """Whole or not at all (a temporary file renamed), without compression: the parent reads it next."""
+    import SimpleITK as sitk
+
+    from .io import atomic_path
+    with atomic_path(path) as tmp:
+        sitk.WriteImage(img, str(tmp), False)
+
+
+def score(argv, models: ModelCache) -> bool:
+    """One `vaeanomaly score` request for a single volume; maps into the output folder as <name>.nrrd.
+    Returns whether the checkpoint came from the cache. Raises what `vaeanomaly score` raises."""
+    from . import cli
+    from .volume import read_image, score_volume
+    try:
+        a = cli.build_parser().parse_args(list(argv))
+    except SystemExit:  # argparse printed the usage and the error
+        raise ValueError(f"the scoring worker got arguments `vaeanomaly` does not accept: {' '.join(argv)}") \
+            from None
+    if a.cmd != "score" or len(a.input) != 1 or a.threshold is not None or a.label:
+        raise ValueError("the scoring worker runs `score` for one volume, without --threshold/--label")
+    out = Path(a.output)
+    if cli._is_image_path(out) or (out.exists() and not out.is_dir()):
+        raise ValueError(f"the scoring worker writes into a folder; -o {out} is not one")
+    opts = cli._options(a)                                  # the command line's checks
+    ck, cached = models.get(a.model)
+    names = cli._predictors(a.predictor, ck, opts)
+    device = cli.pick_device(a.device)
+    img = read_image(a.input[0])
+    mask = read_image(a.mask, "mask") if a.mask else None
+    if a.report:  # as `vaeanomaly score --report`: written before scoring, which may refuse
+        from .verdict import score_report
+        score_report(a.report, ck, img, mask, names[0], opts, device, inputs=(a.input[0], a.mask))
+    prog = cli.Progress(a.progress, "scoring")
+    try:
+        maps = score_volume(ck, img, mask, names, opts, device, progress=prog)
+    finally:
+        prog.close()
+    out.mkdir(parents=True, exist_ok=True)
+    for name, m in maps.items():
+        _write_uncompressed(m, out / f"{name}.nrrd")
+        print(f"wrote {out / f'{name}.nrrd'}", file=sys.stderr)
+    return cached
+
+
+def exit_code(err: BaseException) -> tuple[int, str]:
+    """(exit code, the one line `vaeanomaly score` prints) for an error, as vaeanomaly.cli.main maps them."""
+    from .checkpoint import CheckpointError
+    from .predictors import Cancelled
+    from .volume import VolumeError
+    if isinstance(err, Cancelled):
+        return 130, "vaeanomaly: cancelled"
+    if isinstance(err, (VolumeError, CheckpointError, ValueError, OSError)):
+        return 2, f"vaeanomaly: error: {err}"
+    msg = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    if isinstance(err, MemoryError) or "out of memory" in msg.lower():
+        return 2, "vaeanomaly: error: out of memory; crop or resample the volume, or use the CPU"
+    return 1, f"vaeanomaly: error: unexpected {type(err).__name__}: {msg} (please report it)"
+
+
+def serve(requests, send) -> None:
+    """Run requests (an iterable of JSON lines) until {"quit": true} or their end."""
+    from . import cli
+    models = ModelCache()
+    for raw in requests:
+        raw = raw.strip()
+        if not raw:
+            continue
+        try:
+            req = json.loads(raw)
+        except ValueError:
+            print(f"vaeanomaly worker: ignored a request that is not JSON: {raw[:80]}", file=sys.stderr)
+            continue
+        if not isinstance(req, dict) or req.get("quit"):
+            if isinstance(req, dict):
+                return
+            continue
+        job = req.get("id")
+        lines = _Lines(lambda text, job=job: send({"id": job, "line": text}))
+        t0, cached, old_err = time.monotonic(), None, sys.stderr
+        old_warn = warnings.showwarning
+        sys.stderr, warnings.showwarning = lines, cli._show_warning
+        try:
+            cached = score(req.get("argv") or [], models)
+            rc = 0
+        except Exception as err:  # noqa: BLE001  (every failure ends the request with a message, not the worker)
+            rc, text = exit_code(err)
+            print(text, file=sys.stderr)
+        finally:
+            lines.close_line()
+            sys.stderr, warnings.showwarning = old_err, old_warn
+        send({"id": job, "done": rc, "pid": os.getpid(), "model_cached": cached,
+              "seconds": round(time.monotonic() - t0, 4)})
+
+
+def main() -> int:
+    # the protocol keeps the real stdout; anything printed (by us or a library, Python or C) goes to stderr
+    proto = open(os.dup(1), "w", encoding="utf-8", buffering=1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+
+    def send(obj):
+        proto.write(json.dumps(obj) + "\n")
+        proto.flush()
+
+    import torch  # noqa: F401  (the expensive imports, once, before the first request)
+
+    from . import cli, verdict, volume  # noqa: F401
+    send({"event": "ready", "pid": os.getpid()})
+    requests = io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8")
+    try:
+        serve(requests, send)
+    except (BrokenPipeError, KeyboardInterrupt):  # the parent went away
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
