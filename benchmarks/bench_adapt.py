@@ -96,6 +96,12 @@ def main():
     out = Path(a.out)
     files = generate(out, a.domain, a.seed, a.healthy, a.per_family, a.step)
     results = {"domain": a.domain, "base_model": a.model, "command": " ".join(sys.argv), "runs": {}}
+    prev = out / "results.json"
+    if prev.exists():  # keep the rows of earlier runs (other --sizes) on the same data, model and budget
+        old = json.loads(prev.read_text(encoding="utf-8"))
+        if (old.get("domain"), old.get("base_model"), old.get("minutes")) == (a.domain, a.model, a.minutes):
+            results["runs"].update({k: v for k, v in old.get("runs", {}).items() if k != "before"})
+    results["minutes"] = a.minutes
     results["runs"]["before"] = evaluate(a.model, files)
     print("before", results["runs"]["before"], file=sys.stderr, flush=True)
     vaeanomaly = str(Path(sys.executable).parent / "vaeanomaly")
@@ -115,8 +121,8 @@ def main():
                  card_after=meta["adaptation"]["flagged_percent_after"]["rec-grad"])
         results["runs"][f"adapted on {n}"] = r
         print(n, r, file=sys.stderr, flush=True)
-        (out / "results.json").write_text(json.dumps(results, indent=2))
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+        (out / "results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
+    (out / "results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
     print(f"| model | flagged % of healthy brain ({a.healthy} test scans) | lesion AUROC (Rec-grad, in brain) | lesion recall at threshold | adapt wall time |")
     print("|---|---|---|---|---|")
     for k, r in results["runs"].items():

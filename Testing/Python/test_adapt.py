@@ -152,10 +152,31 @@ def test_bad_input_is_refused_with_a_clear_message(site, cohort, tmp_path):
     assert not (tmp_path / "a.safetensors").exists()
 
 
+def test_grossly_abnormal_scan_among_healthy_is_refused(site, tmp_path):
+    """A scan with a large abnormal region (a fifth of the brain replaced by fluid-bright, blurred signal)
+    stands out against the others and is refused; nothing is written."""
+    d, scans, masks = site
+    img = sitk.ReadImage(str(scans[0]))
+    a = sitk.GetArrayFromImage(img)
+    brain = sitk.GetArrayFromImage(sitk.ReadImage(str(masks[0]))) > 0
+    zz, yy, xx = np.nonzero(brain)
+    c = np.array([zz.mean(), yy.mean(), xx.mean()])
+    idx = np.indices(a.shape).reshape(3, -1).T
+    dist = np.linalg.norm((idx - c) * np.array(img.GetSpacing()[::-1]), axis=1).reshape(a.shape)
+    region = brain & (dist < np.quantile(dist[brain], 0.2))
+    bad = sitk.GetImageFromArray(np.where(region, a[brain].max() * 0.95, a).astype(np.float32))
+    bad.CopyInformation(img)
+    sitk.WriteImage(bad, str(tmp_path / "abnormal.nii.gz"))
+    with pytest.raises(AdaptError, match="abnormal.nii.gz .* stand out"):
+        adapt([tmp_path / "abnormal.nii.gz", *scans[1:], d / "lesion.nii.gz"], tmp_path / "a.safetensors",
+              masks=[*masks, d / "lesion_mask.nii.gz"], options=AdaptOptions(minutes=0.1, max_epochs=1))
+    assert not (tmp_path / "a.safetensors").exists()
+
+
 @pytest.mark.slow
-@pytest.mark.xfail(reason="known limitation: in the one run measured (26 Nov), the leave-one-out screen "
-                          "(LESION_LIMIT 5%) did not flag this site-shifted generated glioma case among 3 healthy "
-                          "scans; adapt went on to train on it", strict=False)
+@pytest.mark.xfail(reason="known limitation (docs/adaptation.md): the leave-one-out screen catches gross "
+                          "abnormality only; this site-shifted generated glioma (2 % of the brain) flags 2-3 %, "
+                          "healthy scans from an unknown scanner up to 7.4 %", strict=False)
 def test_lesion_scan_among_healthy_is_refused(site, tmp_path):
     d, scans, masks = site
     with pytest.raises(AdaptError, match="lesion.nii.gz .* stand out"):
