@@ -136,8 +136,7 @@ class VAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         from VAEAnomalyLib.controller import PanelController
         self.controller = PanelController(slicer.mrmlScene, None, _SlicerDialogs(), logic=self.logic.lib,
                                           color_logic=slicer.modules.colors.logic())
-        for label, value in self.controller.model_choices():
-            self.ui.modelSelector.addItem(_(label) if value == CUSTOM_MODEL else label, value)
+        self._fillModelCombos()
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
@@ -151,6 +150,7 @@ class VAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.opacitySlider.connect("valueChanged(double)", lambda v: self._call(self.controller.set_opacity, v))
         self.ui.heatmapSelector.connect("currentNodeChanged(vtkMRMLNode*)",
                                         lambda node: self._call(self.controller.heatmap_selected, node))
+        self.ui.adaptButton.connect("clicked(bool)", self.onAdaptButton)
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
@@ -201,16 +201,37 @@ class VAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             # the Choice connector refills the predictor combo on every connectGui: add the tooltips after it
             for i, name in enumerate(PREDICTOR_CHOICES):
                 self.ui.predictorSelector.setItemData(i, PREDICTOR_INFO[name].description, qt.Qt.ToolTipRole)
-            wasBlocked = [w.blockSignals(True) for w in (self.ui.modelSelector, self.ui.customModelPath)]
-            index = self.ui.modelSelector.findData(self._parameterNode.model)
-            self.ui.modelSelector.currentIndex = max(index, 0)
-            self.ui.customModelPath.currentPath = self._parameterNode.customModelPath
-            for w, b in zip((self.ui.modelSelector, self.ui.customModelPath), wasBlocked):
-                w.blockSignals(b)
-            if index < 0:
+            if self._showModel() < 0:
                 self.onModelChanged()
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._render)
         self._render()
+
+    def _fillModelCombos(self) -> None:
+        """The model combo (bundled, the user's adapted models, "Custom file...") and the adapt section's
+        base model combo (the same, without a custom file), from the controller's list."""
+        for combo, withCustom in ((self.ui.modelSelector, True), (self.ui.adaptBaseModelSelector, False)):
+            wasBlocked = combo.blockSignals(True)
+            combo.clear()
+            for label, value in self.controller.model_choices():
+                if value != CUSTOM_MODEL:
+                    combo.addItem(label, value)
+                elif withCustom:
+                    combo.addItem(_(label), value)
+            combo.blockSignals(wasBlocked)
+
+    def _showModel(self) -> int:
+        """Show the parameter node's model in the combos (no signals). Returns its index, -1 if not listed."""
+        widgets = (self.ui.modelSelector, self.ui.customModelPath, self.ui.adaptBaseModelSelector)
+        wasBlocked = [w.blockSignals(True) for w in widgets]
+        index = self.ui.modelSelector.findData(self._parameterNode.model)
+        self.ui.modelSelector.currentIndex = max(index, 0)
+        self.ui.customModelPath.currentPath = self._parameterNode.customModelPath
+        base = self.ui.adaptBaseModelSelector.findData(self._parameterNode.model)
+        if base >= 0:
+            self.ui.adaptBaseModelSelector.currentIndex = base
+        for w, b in zip(widgets, wasBlocked):
+            w.blockSignals(b)
+        return index
 
     # ------------------------------------------------------------------ events -> controller
     def _call(self, method, *args):
@@ -226,6 +247,29 @@ class VAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onModelChanged(self, *args) -> None:
         self._call(self.controller.select_model, self.ui.modelSelector.currentData, self.ui.customModelPath.currentPath)
+        base = self.ui.adaptBaseModelSelector.findData(self.ui.modelSelector.currentData)
+        if base >= 0:  # the base model to adapt follows the chosen model
+            self.ui.adaptBaseModelSelector.currentIndex = base
+
+    def _checkedVolumes(self) -> list:
+        """The volumes ticked in the adapt section (qMRMLCheckableNodeComboBox: nodeCount, nodeFromIndex,
+        checkState; Libs/MRML/Widgets/qMRMLCheckableNodeComboBox.h)."""
+        combo = self.ui.adaptVolumesSelector
+        nodes = [combo.nodeFromIndex(i) for i in range(combo.nodeCount())]
+        return [n for n in nodes if n is not None and combo.checkState(n) == qt.Qt.Checked]
+
+    def onAdaptButton(self) -> None:
+        if self.controller.adapting:
+            self._call(self.controller.cancel_adapt)
+            self._timer.stop()
+            return
+        if not self.logic.ensureDependencies():
+            self._render()
+            return
+        if self._call(self.controller.start_adapt, self._checkedVolumes(), self.ui.adaptFolderPath.currentPath,
+                      self.ui.adaptBaseModelSelector.currentData, self.ui.adaptNameLineEdit.text,
+                      self.ui.adaptMinutesSpinBox.value):
+            self._timer.start()
 
     def onApplyButton(self) -> None:
         if self.controller.running:
@@ -245,6 +289,11 @@ class VAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._timer.stop()
             if self.controller.take_new_result():
                 slicer.util.resetSliceViews()
+            if self.controller.take_models_changed():  # an adapted model joined the list (and is selected)
+                self._fillModelCombos()
+                if self._parameterNode:
+                    self._showModel()
+                self._render()
 
     # ------------------------------------------------------------------ state -> widgets
     def _render(self, caller=None, event=None) -> None:
@@ -273,6 +322,16 @@ class VAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             ui.warningsLabel.text = "\n".join(f"\u26a0 {w}" for w in s.warnings)
             ui.warningsLabel.visible = bool(s.warnings)
             ui.warningsLabel.styleSheet = "color: #b9770e"
+            ui.adaptButton.enabled = s.adapt_enabled
+            ui.adaptButton.text = _("Cancel") if s.adapt_text == "Cancel" else _("Adapt")
+            ui.adaptButton.toolTip = _(s.adapt_tooltip)
+            ui.adaptProgressBar.visible = s.adapt_progress_visible
+            ui.adaptProgressBar.value = s.adapt_progress
+            ui.adaptProgressBar.format = f"%p% {s.adapt_stage}".rstrip()
+            ui.adaptStatusLabel.text = s.adapt_status
+            for w in (ui.adaptVolumesSelector, ui.adaptFolderPath, ui.adaptBaseModelSelector, ui.adaptNameLineEdit,
+                      ui.adaptMinutesSpinBox):
+                w.enabled = s.adapt_inputs_enabled
             slider = ui.thresholdSlider
             wasBlocked = slider.blockSignals(True)
             slider.decimals = s.threshold_decimals

@@ -382,3 +382,54 @@ def test_module_load_imports_only_the_standard_library():
     tree = ast.parse(MODULE_PY.read_text(encoding="utf-8"))
     lib = [n.module for n in tree.body if isinstance(n, ast.ImportFrom) and n.module.startswith("VAEAnomalyLib")]
     assert lib == ["VAEAnomalyLib.panel"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# "Adapt to my scanner...": the widgets Slicer's designer plugins provide, and only their API.
+# Libs/MRML/Widgets/qMRMLCheckableNodeComboBox.h (a qMRMLNodeComboBox: Q_INVOKABLE checkedNodes, checkState,
+# setCheckState, ...; nodeCount and nodeFromIndex from Libs/MRML/Widgets/qMRMLNodeComboBox.h, where
+# nodeFromIndex skips the "None" item itself) and its designer plugin
+# Libs/MRML/Widgets/DesignerPlugins/qMRMLCheckableNodeComboBoxPlugin.cxx (header qMRMLCheckableNodeComboBox.h).
+# CTK Libs/Widgets/ctkPathLineEdit.h: Filters flag Dirs, property currentPath (empty allowed; ctkDirectoryButton
+# always holds a directory, the current one by default, so "no folder" could not be expressed).
+CHECKABLE_COMBO_API = {"checkedNodes", "uncheckedNodes", "allChecked", "noneChecked", "checkState", "setCheckState",
+                       "setUserCheckable", "check", "uncheck", "nodeCount", "nodeFromIndex", "setMRMLScene",
+                       "mrmlScene", "nodeTypes", "enabled", "connect"}
+QT_WIDGETS = {"QWidget", "QLabel", "QPushButton", "QComboBox", "QCheckBox", "QSpinBox", "QDoubleSpinBox",
+              "QProgressBar", "QLineEdit", "QTextEdit", "QSlider", "QGroupBox", "QFrame", "QToolButton"}
+
+
+def undeclared_widget_classes(ui_text: str) -> set[str]:
+    """Widget classes of the .ui that are neither Qt's nor declared as <customwidget> (uic/QUiLoader, which
+    slicer.util.loadUI uses, cannot create them)."""
+    root = ET.fromstring(ui_text)
+    declared = {c.findtext("class") for c in root.iter("customwidget")}
+    used = {w.get("class") for w in root.iter("widget")}
+    return used - declared - QT_WIDGETS
+
+
+def test_adapt_section_widgets_and_their_api(module_source, ui):
+    text = UI.read_text(encoding="utf-8")
+    assert not undeclared_widget_classes(text), undeclared_widget_classes(text)
+    assert undeclared_widget_classes('<ui><widget class="qMRMLCheckableNodeComboBox" name="x"/></ui>')
+    root = ET.fromstring(text)
+    custom = {c.findtext("class"): c.findtext("header") for c in root.iter("customwidget")}
+    assert custom["qMRMLCheckableNodeComboBox"] == "qMRMLCheckableNodeComboBox.h"
+    sel = ui["adaptVolumesSelector"]
+    assert sel.cls == "qMRMLCheckableNodeComboBox" and sel.parameter is None  # not bound: no GUI connector for it
+    assert sel.props["nodeTypes"] == ["vtkMRMLScalarVolumeNode"] and sel.props["showChildNodeTypes"] == "false"
+    receivers = {c.findtext("receiver") for c in root.iter("connection") if c.findtext("slot").startswith("setMRMLScene")}
+    assert "adaptVolumesSelector" in receivers  # the scene reaches the combo (as for every node selector here)
+    assert ui["adaptFolderPath"].cls == "ctkPathLineEdit" and ui["adaptFolderPath"].props["filters"] == "ctkPathLineEdit::Dirs"
+    assert ui["adaptMinutesSpinBox"].props["value"] == "8.0"  # adaptjob.DEFAULT_MINUTES
+    from VAEAnomalyLib.adaptjob import DEFAULT_MINUTES
+    assert float(ui["adaptMinutesSpinBox"].props["value"]) == DEFAULT_MINUTES
+    called = set(re.findall(r"\bcombo\.(\w+)", module_source)) | \
+        set(re.findall(r"adaptVolumesSelector\.(\w+)", module_source))
+    assert called and called <= CHECKABLE_COMBO_API | {"blockSignals", "clear", "addItem"}, called
+    # the adapt section lays out its items in a grid (row and column, checked above by test_layouts_place_every_item)
+    adapt = next(w for w in root.iter("widget") if w.get("name") == "adaptCollapsibleButton")
+    assert adapt.find("layout").get("class") == "QGridLayout"
+    assert {"adaptButton", "adaptProgressBar", "adaptStatusLabel", "adaptBaseModelSelector", "adaptNameLineEdit"} <= \
+        {w.get("name") for w in adapt.iter("widget")}
+    assert {"start_adapt", "cancel_adapt", "take_models_changed"} <= set(re.findall(r"self\.controller\.(\w+)", module_source))

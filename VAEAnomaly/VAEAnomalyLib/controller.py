@@ -1,6 +1,8 @@
 """The panel's behaviour, without Qt: what may be pressed when, Apply -> background job -> progress ->
 result, error or cancel, scene close during a run, threshold modes and live preview, Create segment with
-the protected edited segment, the out-of-distribution verdict and its warnings.
+the protected edited segment, the out-of-distribution verdict and its warnings, and "Adapt to my scanner..."
+(an AdaptJob: `vaeanomaly adapt` in a child process; the new model joins the model list and is selected).
+One job at a time: Apply is refused while an adaptation runs, and Adapt while a heatmap is computed.
 
 The Slicer Widget (VAEAnomaly.py) wires Qt signals to these methods, calls `poll()` from a timer while
 `running`, and renders `state()`. Everything here runs headless on a real vtkMRMLScene (slicer-core).
@@ -16,6 +18,8 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Callable, Optional
 
+from .adaptjob import (DEFAULT_MINUTES, AdaptJob, AdaptJobError, adaptation_summary, folder_scans,
+                       user_models)
 from .logic import ScoringJob, SegmentEditedError, VAEAnomalyLogic
 from .panel import (ABSOLUTE, CALIBRATED, CUSTOM_MODEL, DEFAULT_PERCENTILE, DEFAULT_PREDICTOR, DEFAULT_THRESHOLD_MODE,
                     OPTION_DEFAULTS, PERCENTILE, PREDICTOR_INFO, bundled_models, default_model)
@@ -89,6 +93,15 @@ class PanelState:
     verdict: Optional[dict] = None
     verdict_text: str = ""
     warnings: list = field(default_factory=list)
+    # "Adapt to my scanner..."
+    adapt_enabled: bool = True
+    adapt_text: str = "Adapt"
+    adapt_tooltip: str = ""
+    adapt_progress: int = 0
+    adapt_progress_visible: bool = False
+    adapt_stage: str = ""
+    adapt_status: str = ""
+    adapt_inputs_enabled: bool = True
 
 
 def dependencies_present() -> bool:
@@ -129,6 +142,10 @@ class PanelController:
         self._gpu_available = gpu_available or _torch_gpu_available
         self._memory_warning = memory_warning or _memory_warning
         self.job: Optional[ScoringJob] = None
+        self.adapt_job: Optional[AdaptJob] = None
+        self.adapt_status = ""
+        self.last_adaptation = None  # the AdaptResult of the last successful adaptation
+        self.models_changed = False  # set when a new model joined the list; the Widget refills its combo once
         self.status = ""
         self.verdict: Optional[dict] = None
         self.warnings: list[str] = []
@@ -165,8 +182,9 @@ class PanelController:
         return heat
 
     def close(self) -> None:
-        """Module cleanup: stop a running job, stop observing the scene."""
+        """Module cleanup: stop a running job (scoring or adaptation), stop observing the scene."""
         self.cancel("Stopped.")
+        self.cancel_adapt("Stopped.")
         for tag in self._observers:
             self.scene.RemoveObserver(tag)
         self._observers = []
@@ -178,13 +196,27 @@ class PanelController:
 
     @property
     def running(self) -> bool:
+        """A heatmap is being computed (the Apply button reads Cancel)."""
         return self.job is not None
+
+    @property
+    def adapting(self) -> bool:
+        """An adaptation runs (the Adapt button reads Cancel)."""
+        return self.adapt_job is not None
 
     # ------------------------------------------------------------------ models
     @staticmethod
     def model_choices() -> list[tuple[str, str]]:
-        """(label, value) for the model combo: bundled models, then a custom file."""
-        return [(m, m) for m in bundled_models()] + [("Custom file...", CUSTOM_MODEL)]
+        """(label, value) for the model combo: bundled models (value: the name), the user's adapted models
+        (value: the file's path; adaptjob.user_models_dir()), then a custom file."""
+        return [(m, m) for m in bundled_models()] + \
+            [(f"{p.name[:-len('.safetensors')]} (adapted)", str(p)) for p in user_models()] + \
+            [("Custom file...", CUSTOM_MODEL)]
+
+    def take_models_changed(self) -> bool:
+        """True once after a new model joined the list (the Widget then refills the model combos)."""
+        changed, self.models_changed = self.models_changed, False
+        return changed
 
     def select_model(self, value: str, custom_path: Optional[str] = None) -> None:
         p = self.params
@@ -210,7 +242,9 @@ class PanelController:
         else:
             try:
                 from vaeanomaly.checkpoint import load_checkpoint
-                self.model_card = load_checkpoint(self.model_path() if self.params else None).card()
+                ck = load_checkpoint(self.model_path() if self.params else None)
+                summary = adaptation_summary(ck.meta)  # an adapted model: what on, flagged % before/after
+                self.model_card = (summary + "\n\n" if summary else "") + ck.card()
             except Exception as err:  # a card is informative only; never fail the panel
                 self.model_card = f"Model unavailable: {err}"
         return self.model_card
@@ -222,6 +256,8 @@ class PanelController:
             return False, "No parameter node"
         if self.running:
             return True, "Stop the running computation"
+        if self.adapting:
+            return False, "An adaptation is running: wait for it or cancel it"
         if p.inputVolume is None:
             return False, "Select an input volume first"
         if p.model == CUSTOM_MODEL and not p.customModelPath:
@@ -291,6 +327,8 @@ class PanelController:
     def poll(self) -> bool:
         """Called from a timer while running: progress, then the result or the error, exactly once.
         Returns whether the job is still running. Never raises."""
+        if self.adapt_job is not None:
+            return self._poll_adapt()
         job = self.job
         if job is None:
             return False
@@ -329,6 +367,110 @@ class PanelController:
         except Exception as err:
             self.status = "The heatmap was computed but could not be displayed."
             self.dialogs.error(f"Could not display the result:\n{err}")
+        return False
+
+    # ------------------------------------------------------------------ adapt to my scanner
+    def can_adapt(self) -> tuple[bool, str]:
+        if self.adapting:
+            return True, "Stop the adaptation (nothing is written)"
+        if self.running:
+            return False, "A heatmap is being computed: wait for it or cancel it"
+        return True, "Fine-tune the base model on these healthy scans and recalibrate its thresholds"
+
+    def adapt_or_cancel(self, *args, **kwargs) -> bool:
+        """The Adapt button: Cancel while adapting, else start_adapt(...). Returns whether a job runs afterwards."""
+        if self.adapting:
+            self.cancel_adapt()
+            return False
+        return self.start_adapt(*args, **kwargs)
+
+    def start_adapt(self, volumes=(), folder: str = "", base_model: Optional[str] = None, name: str = "",
+                    minutes: float = DEFAULT_MINUTES, masks=None, overwrite: bool = False,
+                    max_epochs: Optional[int] = None) -> bool:
+        """Start adapting `base_model` (a bundled name or a checkpoint file; None: the default) to healthy
+        scans: volume nodes of the scene and/or every NIfTI/NRRD file of `folder`. The new model goes to the
+        user's models folder as `name`. A refusal (nothing picked, a bad or taken name, unreadable volumes)
+        is an error message and starts nothing; the child's own refusals arrive through poll()."""
+        if self.running:
+            self.adapt_status = "A heatmap is being computed: wait for it or cancel it first."
+            return False
+        if self.adapting:
+            self.adapt_status = "An adaptation is already running: cancel it first."
+            return True
+        base = base_model if base_model not in (None, "", CUSTOM_MODEL) else None
+        try:
+            items = list(volumes or [])
+            if folder:
+                found = folder_scans(folder)
+                if not found:
+                    raise AdaptJobError(f"folder '{folder}' holds no NIfTI or NRRD file (.nii, .nii.gz, .nrrd, .nhdr)")
+                items += found
+                if masks is not None:
+                    raise AdaptJobError("masks can be given for scene volumes only, not with a folder")
+            self.adapt_job = AdaptJob(self.logic, items, masks, base, name, minutes, launcher=self.launcher,
+                                      overwrite=overwrite, max_epochs=max_epochs).start()
+        except AdaptJobError as err:
+            self.adapt_job = None
+            self.adapt_status = f"Not started: {err}."
+            self.dialogs.error(f"Cannot adapt the model:\n{err}.")
+            return False
+        except Exception as err:
+            self.adapt_job = None
+            self.adapt_status = "Could not start the adaptation."
+            self.dialogs.error(f"Could not start the adaptation:\n{err}")
+            return False
+        n = len(self.adapt_job.scans)
+        self.adapt_status = (f"Adapting {base or 'the default model'} to {n} scan{'s' if n != 1 else ''} "
+                             f"(about {float(minutes):g} min of fine-tuning, plus checks and calibration)...")
+        return True
+
+    def cancel_adapt(self, message: str = "Adaptation cancelled; no model was written.") -> None:
+        job, self.adapt_job = self.adapt_job, None
+        if job is not None:
+            try:
+                job.cancel()
+            finally:
+                self.adapt_status = message
+
+    def adapt_progress(self) -> int:
+        return int(round(100 * self.adapt_job.progress)) if self.adapt_job is not None else 0
+
+    def adapt_stage(self) -> str:
+        job = self.adapt_job
+        if job is None:
+            return ""
+        eta = job.eta
+        left = "" if eta is None else f", about {eta / 60:.0f} min left" if eta >= 90 else f", about {eta:.0f} s left"
+        return f"{job.stage}{left}"
+
+    def _poll_adapt(self) -> bool:
+        job = self.adapt_job
+        try:
+            rc = job.poll()
+        except Exception as err:
+            rc, job.messages = 1, job.messages + [str(err)]
+        if rc is None:
+            return True
+        self.adapt_job = None  # ends here, whatever happens below
+        if rc != 0:
+            err = job.error()
+            job.cleanup()
+            self.adapt_status = "Adaptation failed; no model was written."
+            self.dialogs.error(f"Adapting the model failed:\n{err}")
+            return False
+        try:
+            result = job.finish()
+        except Exception as err:
+            self.adapt_status = "Adaptation failed; no model was written."
+            self.dialogs.error(f"Could not keep the adapted model:\n{err}")
+            return False
+        self.last_adaptation = result
+        self.models_changed = True
+        name = result.path.name[:-len(".safetensors")]
+        if self.params is not None:
+            self.select_model(str(result.path))
+        self.adapt_status = (f"Model '{name}' saved in {result.path.parent} and selected. "
+                             + (result.summary.splitlines()[1] if result.summary.count("\n") else ""))
         return False
 
     def _reusable_heatmap(self, job):
@@ -462,6 +604,12 @@ class PanelController:
                        apply_text="Cancel" if self.running else "Apply", progress=self.progress(),
                        progress_visible=self.running, inputs_enabled=not self.running, model_card=self.model_card,
                        verdict=self.verdict, verdict_text=verdict_text(self.verdict), warnings=list(self.warnings))
+        ok, why = self.can_adapt()
+        s.adapt_enabled, s.adapt_tooltip = ok, why
+        s.adapt_text = "Cancel" if self.adapting else "Adapt"
+        s.adapt_progress, s.adapt_progress_visible = self.adapt_progress(), self.adapting
+        s.adapt_stage, s.adapt_status = self.adapt_stage(), self.adapt_status
+        s.adapt_inputs_enabled = not self.adapting
         if p is None:
             return s
         s.custom_path_visible = p.model == CUSTOM_MODEL
