@@ -471,6 +471,14 @@ class VAEAnomalyTest(ScriptedLoadableModuleTest):
         widget.exit()
         widget.enter()  # re-binding keeps the saved choice
         self.assertEqual(params.thresholdMode, "percentile")
+        # "Adapt to my scanner...": the scene's volumes can be ticked, the base model follows the model
+        combo = widget.ui.adaptVolumesSelector
+        self.assertEqual(widget._checkedVolumes(), [])
+        combo.setCheckState(t2, qt.Qt.Checked)
+        self.assertEqual(widget._checkedVolumes(), [t2])
+        self.assertEqual(widget.ui.adaptBaseModelSelector.currentData, params.model)
+        self.assertEqual(widget.ui.adaptButton.text, "Adapt")
+        self.assertEqual(widget.ui.modelSelector.itemData(widget.ui.modelSelector.count - 1), CUSTOM_MODEL)
 
     def test_HeatmapAndSegment(self):
         import numpy as np

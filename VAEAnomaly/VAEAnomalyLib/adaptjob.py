@@ -91,6 +91,12 @@ def check_model_name(name: str, folder: Optional[Path] = None, overwrite: bool =
     if d.resolve() == MODELS_DIR.resolve():
         raise AdaptJobError(f"the user models folder {d} is the bundled models' folder; set {ENV_USER_MODELS} "
                             f"to another folder")
+    existing = d
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not os.access(existing, os.W_OK):
+        raise AdaptJobError(f"the user models folder {d} cannot be written; set {ENV_USER_MODELS} to a writable "
+                            f"folder")
     out = d / f"{name}.safetensors"
     if out.exists() and not overwrite:
         raise AdaptJobError(f"a model named '{name}' exists ({out}); choose another name")

@@ -407,8 +407,10 @@ class PanelController:
                 items += found
                 if masks is not None:
                     raise AdaptJobError("masks can be given for scene volumes only, not with a folder")
+            gpu = self.params is not None and bool(self.params.useGPU) and self._gpu_available()
             self.adapt_job = AdaptJob(self.logic, items, masks, base, name, minutes, launcher=self.launcher,
-                                      overwrite=overwrite, max_epochs=max_epochs).start()
+                                      overwrite=overwrite, max_epochs=max_epochs,
+                                      device="cuda" if gpu else "cpu").start()
         except AdaptJobError as err:
             self.adapt_job = None
             self.adapt_status = f"Not started: {err}."
