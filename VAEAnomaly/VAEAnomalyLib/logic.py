@@ -446,10 +446,11 @@ class ScoringJob:
         if mask is not None:
             self.cmd += ["--mask", str(self.tmp / "mask.nrrd")]
         self.launcher = launcher or python_executable()
-        self.proc, self.progress, self.messages = None, 0.0, []
-        self.worker, self.ticket = None, None
+        self.progress, self.messages = 0.0, []
+        self.ticket = None
         self.worker_pid: Optional[int] = None     # the Python process that scored (from its reply)
         self.model_cached: Optional[bool] = None  # whether the worker had the checkpoint loaded already
+        self.worker_seconds: Optional[float] = None  # the request's time inside the worker
         self._rc: Optional[int] = None
         self._failure = ""
         self._done = False
@@ -457,9 +458,18 @@ class ScoringJob:
     def start(self):
         from .worker import Ticket, submit
         self.ticket = Ticket(self.cmd)
-        self.worker = submit(self.launcher, self.ticket)
-        self.proc = self.worker.proc  # the worker's launcher (inside Slicer PythonSlicer, the Python its child)
+        submit(self.launcher, self.ticket)
         return self
+
+    @property
+    def worker(self):
+        """The worker running this job (VAEAnomalyLib.worker.Worker), once started."""
+        return self.ticket.worker if self.ticket is not None else None
+
+    @property
+    def proc(self):
+        """The worker's process (inside Slicer the PythonSlicer launcher; the Python runs as its child)."""
+        return self.worker.proc if self.worker is not None else None
 
     def poll(self) -> Optional[int]:
         """Update self.progress/self.messages; the exit code once finished (0: maps written), else None."""
@@ -475,6 +485,9 @@ class ScoringJob:
             elif ev[0] == "done":
                 self._rc, info = ev[1], ev[2]
                 self.worker_pid, self.model_cached = info.get("pid"), info.get("model_cached")
+                self.worker_seconds = info.get("seconds")
+            elif ev[0] == "retry":  # its worker ended before reading it; a fresh one runs it
+                self.messages, self.progress = [], 0.0
             elif ev[0] == "died":
                 from .worker import describe_exit
                 rc = ev[1]

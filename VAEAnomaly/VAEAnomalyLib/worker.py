@@ -137,6 +137,8 @@ class Ticket:
         self.events: queue.Queue = queue.Queue()
         self.done = threading.Event()
         self.worker: Optional[Worker] = None
+        self.accepted = False  # the worker read the request
+        self.retried = False
 
 
 class Worker:
@@ -173,10 +175,16 @@ class Worker:
 
     def submit(self, ticket: Ticket) -> None:
         with self._lock:
-            self.current, ticket.worker = ticket, self
+            ticket.worker = self
             for line in self.stray:  # what the worker said while starting belongs to its first job
                 ticket.events.put(("line", line))
             self.stray.clear()
+            ended = self.gone.is_set()  # checked under the lock the events thread sets it under: no gap
+            if not ended:
+                self.current = ticket
+        if ended:
+            self._ended(ticket, self.proc.returncode)
+            return
         self._send({"id": ticket.id, "argv": ticket.argv})
 
     def _send(self, obj) -> None:
@@ -213,7 +221,9 @@ class Worker:
                 t = self.current if self.current is not None and self.current.id == ev.get("id") else None
             if t is None:
                 continue
-            if "line" in ev:
+            if "started" in ev:
+                t.accepted = True
+            elif "line" in ev:
                 t.events.put(("line", str(ev["line"])))
             elif "done" in ev:
                 with self._lock:
@@ -232,8 +242,20 @@ class Worker:
             t, self.current = self.current, None
             self.gone.set()
         if t is not None:
-            t.events.put(("died", rc))
-            t.done.set()
+            self._ended(t, rc)
+
+    def _ended(self, t: Ticket, rc: Optional[int]) -> None:
+        """This worker ended while `t` was its job."""
+        if not t.accepted and not t.retried:  # it died before reading the job (e.g. killed while idle, just
+            t.retried = True                  # before the job came): the job goes to a fresh worker, once
+            t.events.put(("retry", rc))
+            try:
+                submit(self.launcher, t)
+                return
+            except Exception as err:  # noqa: BLE001  (cannot start another: the job fails with the reason)
+                t.events.put(("line", f"vaeanomaly: error: cannot start the scoring process: {err}"))
+        t.events.put(("died", rc))
+        t.done.set()
 
     def kill(self) -> None:
         """The whole process tree, now (cancel)."""

@@ -8,6 +8,7 @@ Protocol, one JSON object per line (UTF-8):
                                                                  by the command line's own parser
           {"quit": true}                                          (or the end of stdin: the parent is gone)
   stdout  {"event": "ready", "pid": P}                            once the imports are done
+          {"id": N, "started": true}                              the request was read
           {"id": N, "line": TEXT}      what `vaeanomaly score` prints on stderr ("PROGRESS ..." lines included)
           {"id": N, "done": RC, "pid": P, "model_cached": BOOL, "seconds": S}   RC as the command line's exit code
 
@@ -159,6 +160,7 @@ def serve(requests, send) -> None:
                 return
             continue
         job = req.get("id")
+        send({"id": job, "started": True})
         lines = _Lines(lambda text, job=job: send({"id": job, "line": text}))
         t0, cached, old_err = time.monotonic(), None, sys.stderr
         old_warn = warnings.showwarning
