@@ -42,9 +42,39 @@ def old_to_grid(img, grid, interp=sitk.sitkLinear):
     return sitk.GetArrayFromImage(sitk.Resample(img, grid, sitk.Transform(), interp, 0.0, sitk.sitkFloat32))
 
 
+def auto_mask_itk(img):
+    """The automatic mask with ITK's filters on the whole volume (what `auto_mask` replaced)."""
+    arr = sitk.GetArrayFromImage(img).astype(np.float32)
+    lo, hi = float(arr.min()), float(np.percentile(arr, 99.5))
+    fg = sitk.GetImageFromArray((arr > lo + 0.02 * (hi - lo)).astype(np.uint8))
+    fg.CopyInformation(img)
+    fg = sitk.BinaryMorphologicalClosing(fg, [2, 2, 2])
+    fg = sitk.BinaryFillhole(fg)
+    cc = sitk.RelabelComponent(sitk.ConnectedComponent(fg), sortByObjectSize=True)
+    return sitk.Cast(cc == 1, sitk.sitkUInt8)
+
+
+def old_face_coverage(mask):
+    from vaeanomaly.brainmask import FACES
+    m = sitk.GetArrayFromImage(sitk.DICOMOrient(mask, "LPS")) > 0
+    out = {}
+    for name, axis, idx in FACES:
+        areas = m.sum(axis=tuple(a for a in range(3) if a != axis))
+        big = float(areas.max()) if areas.size else 0.0
+        out[name] = float(areas[idx]) / big if big else 0.0
+    return out
+
+
+def old_dark_fraction(img, mask):
+    from vaeanomaly.brainmask import DARK_LEVEL
+    vals = sitk.GetArrayViewFromImage(img)[sitk.GetArrayViewFromImage(mask) > 0].astype(np.float32)
+    lo, hi = float(vals.min()), float(np.percentile(vals, 99))
+    return float(np.mean(vals < lo + DARK_LEVEL * (hi - lo))) if hi > lo else 0.0
+
+
 def old_mask_for(img, mask):
     if mask is None:
-        return V.auto_mask_itk(img)
+        return auto_mask_itk(img)
     m = sitk.Cast(sitk.GetImageFromArray((sitk.GetArrayViewFromImage(mask) > 0).astype(np.uint8)), sitk.sitkUInt8)
     m.CopyInformation(img)
     return m
@@ -174,9 +204,45 @@ def test_auto_mask_equals_itk_filters():
         img = sitk.GetImageFromArray(arr)
         img.SetSpacing((1.0, 1.2, 2.0))
         fast = sitk.GetArrayFromImage(V.auto_mask(img))
-        ref = sitk.GetArrayFromImage(V.auto_mask_itk(img))
+        ref = sitk.GetArrayFromImage(auto_mask_itk(img))
         assert ref.sum() > 1000
         np.testing.assert_array_equal(fast, ref)
+        marr, box = V._auto_mask(arr)  # and its bounding box, found with it
+        np.testing.assert_array_equal(marr, ref > 0)
+        assert box == V._box(ref > 0)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_mask_checks_equal_the_reoriented_computation(name):
+    """Face coverage counted on the input's own axes (and inside the box) equals counting on the volume
+    reoriented to LPS; the dark fraction with the fast percentile equals np.percentile's."""
+    from vaeanomaly import brainmask as B
+    for fov in ((150, 170, 120), (40, 50, 30)):
+        img = phantom(name, fov=fov)
+        m = sitk.Cast(img > 0.5, sitk.sitkUInt8)
+        assert B.face_coverage(m) == old_face_coverage(m)
+        cut = sitk.Image(m)  # cut off at some faces of the field of view
+        size = m.GetSize()
+        a = sitk.GetArrayFromImage(m)
+        a[:, :, : size[0] // 2] = 0
+        a[: size[2] // 3] = 0
+        a[:, -size[1] // 4:] = 1
+        cut = sitk.GetImageFromArray(a)
+        cut.CopyInformation(m)
+        ref = old_face_coverage(cut)
+        assert B.face_coverage(cut) == ref and max(ref.values()) > 0.2
+        marr = a > 0
+        assert B.face_coverage(cut, marr, V._box(marr)) == ref
+        assert B.dark_fraction(img, cut) == old_dark_fraction(img, cut)
+
+
+def test_mask_checks_on_a_sheared_direction():
+    from vaeanomaly import brainmask as B
+    img = make_phantom((60, 70, 40), (1.5, 1.5, 3.0))
+    img.SetDirection((1.0, 0.2, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
+    m = sitk.Cast(img > 0.5, sitk.sitkUInt8)
+    assert B.face_coverage(m) == old_face_coverage(m)
+    assert B.face_coverage(sitk.Image(m.GetSize(), sitk.sitkUInt8)) == {f: 0.0 for f, _, _ in B.FACES}
 
 
 def test_percentile_equals_numpy():
@@ -243,3 +309,63 @@ def test_projection_on_brain_slices_only_and_early_stop(random_model):
     compute_maps(random_model, x, ["proj-rec-error"], options=PredictorOptions(proj_steps=40, proj_tol=0.5),
                  progress=seen.append, brain=brain)
     assert seen[-1] == pytest.approx(1.0)
+
+
+# --------------------------------------------------------------------------- the fused pass (issue 11)
+def old_fused_grads(model, x):
+    """The replaced fused pass: two separate encoder backwards (reconstruction path, then KL path)."""
+    from vaeanomaly.model import kl_loss, rec_loss
+    x = x.detach().requires_grad_(True)
+    mu, log_sigma = model.encode(x)
+    mu_d = mu.detach().requires_grad_(True)
+    x_rec = model.decode(mu_d)
+    (g_mu,) = torch.autograd.grad(rec_loss(x.detach(), x_rec).sum(), mu_d)
+    (g_enc,) = torch.autograd.grad(mu, x, g_mu, retain_graph=True)
+    (g_kl,) = torch.autograd.grad(kl_loss(mu, log_sigma).sum(), x)
+    return (x.detach() - x_rec.detach()) + g_enc, g_kl
+
+
+def test_one_batched_encoder_backward_equals_two(random_model):
+    """Rec-grad and KL-grad cotangents through one batched encoder backward give the two separate
+    backwards' gradients (float rounding at most), alone or together."""
+    from vaeanomaly.predictors import _fused_batch
+    x = torch.as_tensor(np.random.default_rng(1).normal(size=(5, 1, 64, 64)).astype(np.float32))
+    model = random_model.requires_grad_(False)
+    g_rec, g_kl = old_fused_grads(model, x)
+    both = _fused_batch(model, x, {"rec-grad", "kl-grad"})
+    np.testing.assert_allclose(both["g_rec"].numpy(), g_rec.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(both["g_kl"].numpy(), g_kl.numpy(), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(_fused_batch(model, x, {"rec-grad"})["g_rec"].numpy(), g_rec.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(_fused_batch(model, x, {"kl-grad"})["g_kl"].numpy(), g_kl.numpy(), rtol=1e-5, atol=1e-7)
+    assert set(_fused_batch(model, x, {"rec-error"})) == {"x_rec", "rec-error"}
+
+
+def test_fused_maps_on_brain_slices_only(random_model):
+    """With a brain mask, the fused maps are computed on the brain slices only: the same values there as
+    computing every slice (up to float rounding), 0 on the others. Combi without constants normalises over all slices passed, so
+    then every slice is computed (and the values equal the call without a mask)."""
+    from vaeanomaly.ensemble import Ensemble
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(7, 64, 64)).astype(np.float32)
+    brain = np.zeros(x.shape, bool)
+    brain[[1, 2, 5], 10:50, 12:40] = True
+    five = ["rec-error", "elbo-grad", "kl-grad", "rec-grad", "combi", "reconstruction"]
+    every = compute_maps(random_model, x, five, 2.0, combi_norm=(0.0, 0.05))
+    only = compute_maps(random_model, x, five, 2.0, combi_norm=(0.0, 0.05), brain=brain)
+    for n in five:
+        # (other slices in the batch: float rounding of the convolutions may differ in the last bit)
+        np.testing.assert_allclose(only[n][[1, 2, 5]], every[n][[1, 2, 5]], rtol=1e-5, atol=1e-6)
+        assert (only[n][[0, 3, 4, 6]] == 0).all() and (every[n][[0, 3, 4, 6]] != 0).any()
+    no_norm = compute_maps(random_model, x, ["combi", "rec-grad"], 2.0, brain=brain)
+    ref = compute_maps(random_model, x, ["combi", "rec-grad"], 2.0)
+    for n in ("combi", "rec-grad"):
+        np.testing.assert_array_equal(no_norm[n], ref[n])
+    ens = Ensemble(features=("rec-grad", "rec-error"), coef=[1.0, 0.5], intercept=-1.0, mean=[0, 0], scale=[1, 1],
+                   options={"smooth": True, "smooth_sigma": 3.0, "smooth_kernel": 7})
+    a = compute_maps(random_model, x, ["ensemble"], 2.0, ensemble=ens)["ensemble"]
+    b = compute_maps(random_model, x, ["ensemble"], 2.0, ensemble=ens, brain=brain)["ensemble"]
+    np.testing.assert_allclose(b[[1, 2, 5]], a[[1, 2, 5]], rtol=1e-5, atol=1e-6)
+    assert (b[[0, 3, 4, 6]] == 0).all()
+    none = compute_maps(random_model, x, ["rec-grad", "proj-rec-error"], 2.0, brain=np.zeros(x.shape, bool),
+                        options=__import__("vaeanomaly.predictors").predictors.PredictorOptions(proj_steps=2))
+    assert all((v == 0).all() and v.shape == x.shape for v in none.values())

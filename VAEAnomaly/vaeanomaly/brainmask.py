@@ -18,6 +18,8 @@ Limits are anatomical (an adult brain mask, CSF included, is about 1000-1900 ml;
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 import SimpleITK as sitk
 
@@ -43,37 +45,60 @@ def volume_ml(mask: sitk.Image) -> float:
     return float(np.count_nonzero(sitk.GetArrayViewFromImage(mask))) * float(np.prod(mask.GetSpacing())) / 1000.0
 
 
-def face_coverage(mask: sitk.Image) -> dict:
+def face_coverage(mask: sitk.Image, marr: Optional[np.ndarray] = None, box: Optional[list] = None) -> dict:
     """{face: share of the mask's largest cross-section (perpendicular to that face) lying on the face},
-    faces named in patient coordinates (right, left, anterior, posterior, inferior, superior)."""
-    m = sitk.GetArrayFromImage(sitk.DICOMOrient(mask, "LPS")) > 0
+    faces named in patient coordinates (right, left, anterior, posterior, inferior, superior).
+    marr, box: the mask as a bool array and its bounding box [(start, stop)] * 3 in array order, when the
+    caller has them. The areas are counted on the input's own axes (which LPS face each array face is comes
+    from the direction, as sitk.DICOMOrient(mask, "LPS") would reorient it), inside the bounding box."""
+    from .volume import _box, _orientation
+    o = _orientation(mask)
+    if o is None:  # a sheared direction: reorient the voxels
+        m = sitk.GetArrayFromImage(sitk.DICOMOrient(mask, "LPS")) > 0
+        perm, flip, box = (0, 1, 2), (False,) * 3, _box(m)
+    else:
+        m = sitk.GetArrayViewFromImage(mask) > 0 if marr is None else marr
+        perm, flip, box = o.perm, o.flip, box or _box(m)
+    if box is None:
+        return {name: 0.0 for name, _, _ in FACES}
+    sub = m[tuple(slice(a, b) for a, b in box)]
+    yx = sub.sum(0)                                        # one pass for the y and x areas, one for z
+    areas = (sub.sum(axis=(1, 2)), yx.sum(1), yx.sum(0))   # per array axis (z, y, x), inside the box
     out = {}
     for name, axis, idx in FACES:
-        areas = m.sum(axis=tuple(a for a in range(3) if a != axis))
-        big = float(areas.max()) if areas.size else 0.0
-        out[name] = float(areas[idx]) / big if big else 0.0
+        j = 2 - axis                       # LPS array axis -> reoriented axis j (x, y, z) = input axis perm[j]
+        a = 2 - perm[j]                    # ... = input array axis a, read backwards when flip[j]
+        first = (idx == 0) != flip[j]
+        at_face = box[a][0] == 0 if first else box[a][1] == m.shape[a]
+        big = float(areas[a].max())
+        out[name] = float(areas[a][0 if first else -1]) / big if big and at_face else 0.0
     return out
 
 
-def dark_fraction(img: sitk.Image, mask: sitk.Image) -> float:
-    """Share of mask voxels darker than DARK_LEVEL of the mask's 99th-percentile intensity."""
-    vals = sitk.GetArrayViewFromImage(img)[sitk.GetArrayViewFromImage(mask) > 0].astype(np.float32)
+def dark_fraction(img: sitk.Image, mask: sitk.Image, values: Optional[np.ndarray] = None) -> float:
+    """Share of mask voxels darker than DARK_LEVEL of the mask's 99th-percentile intensity.
+    values: the image's voxels inside the mask as float32, when the caller has them."""
+    from .volume import _percentile
+    vals = sitk.GetArrayViewFromImage(img)[sitk.GetArrayViewFromImage(mask) > 0].astype(np.float32) \
+        if values is None else values
     if vals.size == 0:
         return 0.0
-    lo, hi = float(vals.min()), float(np.percentile(vals, 99))
-    return float(np.mean(vals < lo + DARK_LEVEL * (hi - lo))) if hi > lo else 0.0
+    lo, hi = float(vals.min()), _percentile(vals, 99)  # (np.percentile's value, found faster)
+    return float(np.count_nonzero(vals < lo + DARK_LEVEL * (hi - lo))) / vals.size if hi > lo else 0.0
 
 
-def automatic_mask_problems(img: sitk.Image, mask: sitk.Image) -> list[str]:
-    """Reasons why an AUTOMATIC mask cannot be a brain (empty list: plausible)."""
+def automatic_mask_problems(img: sitk.Image, mask: sitk.Image, values: Optional[np.ndarray] = None,
+                            marr: Optional[np.ndarray] = None, box: Optional[list] = None) -> list[str]:
+    """Reasons why an AUTOMATIC mask cannot be a brain (empty list: plausible). values, marr, box: what the
+    caller has already (see dark_fraction and face_coverage)."""
     reasons = []
     ml = volume_ml(mask)
     if ml > HEAD_ML:
         reasons.append(f"it covers {ml:.0f} ml, far more than any brain (about 1000-1900 ml)")
-    dark = dark_fraction(img, mask)
+    dark = dark_fraction(img, mask, values)
     if dark > BACKGROUND_FRACTION:
         reasons.append(f"{100 * dark:.0f}% of it is dark background")
-    touched = [f for f, v in face_coverage(mask).items() if v > FACE_TOUCH]
+    touched = [f for f, v in face_coverage(mask, marr, box).items() if v > FACE_TOUCH]
     if len(touched) >= 3:
         reasons.append(f"it touches the edge of the field of view on {len(touched)} sides ({', '.join(touched)})")
     return reasons
@@ -85,9 +110,11 @@ def refusal_message(reasons, what: str = "input") -> str:
             + HOW_TO_GET_A_MASK)
 
 
-def check_automatic_mask(img: sitk.Image, mask: sitk.Image, what: str = "input") -> None:
-    """Raise VolumeError (with how to get a mask) if an automatic mask is not a plausible brain."""
-    reasons = automatic_mask_problems(img, mask)
+def check_automatic_mask(img: sitk.Image, mask: sitk.Image, what: str = "input", values: Optional[np.ndarray] = None,
+                         marr: Optional[np.ndarray] = None, box: Optional[list] = None) -> None:
+    """Raise VolumeError (with how to get a mask) if an automatic mask is not a plausible brain
+    (values, marr, box: see automatic_mask_problems)."""
+    reasons = automatic_mask_problems(img, mask, values, marr, box)
     if reasons:
         from .volume import VolumeError
         raise VolumeError(refusal_message(reasons, what))

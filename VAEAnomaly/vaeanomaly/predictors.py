@@ -2,8 +2,8 @@
 
 One call (`compute_maps`) returns any subset of the maps for all slices of one volume, sharing
 the forward/backward passes: one encoder forward, one decoder forward, one decoder backward and
-two encoder backwards (reconstruction and KL paths) give Rec-Error, Rec-grad, KL-grad, ELBO-grad
-and Combi together; Proj-Rec-Error runs its own iterative projection.
+one encoder backward carrying both cotangents (reconstruction and KL paths, batched) give Rec-Error,
+Rec-grad, KL-grad, ELBO-grad and Combi together; Proj-Rec-Error runs its own iterative projection.
 
 `reference_map` computes one map at a time the way the reference code does (a separate full
 autograd pass per predictor); it exists for the tests and the benchmark.
@@ -92,24 +92,38 @@ def _fused_batch(model: VAE, x: torch.Tensor, need: set[str]) -> dict[str, torch
 
     g_rec = dL_rec/dx = (x - x̂) + J_mu^T dL_rec/dmu   (direct term + path through the encoder)
     g_kl  = dL_KL/dx  = J_mu^T mu + J_logsigma^T (sigma^2 - 1)
+    Both encoder terms are J_h^T c for the encoder output h = (mu, log sigma) and a cotangent c (dL_rec/dmu, 0)
+    or dL_KL/dh = (mu, sigma^2 - 1): when both are needed they go through ONE encoder backward with the two
+    cotangents batched (is_grads_batched), which gives the two separate calls' values.
     """
-    x = x.detach().requires_grad_(any(n in _GRAD_MAPS for n in need))
-    with torch.set_grad_enabled(x.requires_grad):
-        mu, log_sigma = model.encode(x)
-        mu_d = mu.detach().requires_grad_(x.requires_grad)
+    grads = any(n in _GRAD_MAPS for n in need)
+    x = x.detach().requires_grad_(grads)
+    with torch.set_grad_enabled(grads):
+        h = model.encoder(x).flatten(1)                    # = model.encode(x), kept whole for the backward
+        mu, log_sigma = h.chunk(2, dim=1)
+        mu_d = mu.detach().requires_grad_(grads)
         x_rec = model.decode(mu_d)
         out = {"x_rec": x_rec.detach(), "rec-error": (x.detach() - x_rec.detach()).pow(2)}
-        if not x.requires_grad:
+        if not grads:
             return out
         need_rec = bool(need & {"rec-grad", "elbo-grad"})
         need_kl = bool(need & {"elbo-grad", "kl-grad", "combi"})
+        cot = []
         if need_rec:
-            rec = rec_loss(x.detach(), x_rec).sum()
-            (g_mu,) = torch.autograd.grad(rec, mu_d)                                # decoder backward
-            (g_enc,) = torch.autograd.grad(mu, x, g_mu, retain_graph=need_kl)      # encoder backward 1
-            out["g_rec"] = (x.detach() - x_rec.detach()) + g_enc
+            (g_mu,) = torch.autograd.grad(rec_loss(x.detach(), x_rec).sum(), mu_d)    # decoder backward
+            cot.append(torch.cat([g_mu, torch.zeros_like(log_sigma)], 1))
         if need_kl:
-            (out["g_kl"],) = torch.autograd.grad(kl_loss(mu, log_sigma).sum(), x)  # encoder backward 2
+            (g_h,) = torch.autograd.grad(kl_loss(mu, log_sigma).sum(), h, retain_graph=True)  # dL_KL/dh
+            cot.append(g_h)
+        if len(cot) == 2:                                                            # encoder backward
+            g_rec, g_kl = torch.autograd.grad(h, x, torch.stack(cot), is_grads_batched=True)[0]
+        else:
+            (g,) = torch.autograd.grad(h, x, cot[0])
+            g_rec, g_kl = (g, None) if need_rec else (None, g)
+        if need_rec:
+            out["g_rec"] = (x.detach() - x_rec.detach()) + g_rec
+        if need_kl:
+            out["g_kl"] = g_kl
     return out
 
 
@@ -138,7 +152,7 @@ def _project(model: VAE, x0: torch.Tensor, opts: PredictorOptions,
                     energies[k - PLATEAU_WINDOW] - energies[k] <= opts.proj_tol * energies[k - PLATEAU_WINDOW]:
                 if step_done:
                     step_done(opts.proj_steps)  # the steps not taken count as done
-                break
+                return (x_rec.detach() - x0).pow(2)  # x is unchanged since this forward: no second one
         (g,) = torch.autograd.grad(energy, x)
         if opts.proj_weighted:
             g = g * (x - x_rec).detach().pow(2)
@@ -147,8 +161,8 @@ def _project(model: VAE, x0: torch.Tensor, opts: PredictorOptions,
         optim.step()
         if step_done:
             step_done(k + 1)
-    with torch.no_grad():
-        return (model.decode(model.encode(x)[0]) - x0).pow(2)
+    with torch.inference_mode():
+        return (model.decode(model.encode(x.detach())[0]) - x0).pow(2)
 
 
 def _normalise(a: torch.Tensor, constants: Optional[tuple[float, float]] = None) -> torch.Tensor:
@@ -185,9 +199,11 @@ def compute_maps(model: VAE, slices, predictors: Iterable[str], beta: float = 1.
     healthy calibration data; without them (older checkpoints), over the slices passed (the reference code).
     progress(fraction) is called after every batch of at most PROGRESS_SLICES slices of the fused pass
     and after every projection step; cancel() is checked as often.
-    brain: optional (N, H, W) bool brain mask on the slices (score_volume passes it). With it, Proj-Rec-Error
-    runs only on the slices that contain brain, all of them batched together (batch_size at a time), and is
-    0 on the others; without it, on every slice (the reference code).
+    brain: optional (N, H, W) bool brain mask on the slices (score_volume passes it). With it, the maps are
+    computed only on the slices that contain brain and are 0 on the others (the projection batches those
+    slices together, batch_size at a time) -- except that without `combi_norm`, Combi (alone or as an ensemble
+    feature) normalises over all slices passed, so the fused maps then run on every slice as before.
+    Without it, every slice (the reference code).
     """
     opts = options or PredictorOptions()
     names = list(dict.fromkeys(predictors))
@@ -205,6 +221,9 @@ def compute_maps(model: VAE, slices, predictors: Iterable[str], beta: float = 1.
     model = model.to(device).eval().requires_grad_(False)
     fused = need - {"proj-rec-error"}
     n, bs = len(x_all), opts.batch_size
+    sel = np.arange(n) if brain is None else np.flatnonzero(np.asarray(brain).reshape(n, -1).any(1))
+    # fused maps on the brain slices only, unless Combi is normalised over the slices passed
+    fused_sel = np.arange(n) if "combi" in need and combi_norm is None else sel
     project = "proj-rec-error" in need
     step_cost = 1 / 20  # one projection step costs about 1/20 of a fused pass over the same slices
     total = ((1 if fused else 0) + (opts.proj_steps * step_cost if project else 0)) or 1.0
@@ -223,8 +242,10 @@ def compute_maps(model: VAE, slices, predictors: Iterable[str], beta: float = 1.
     if fused:
         _stage(progress, ", ".join(sorted(fused - {ENSEMBLE})))
         small = max(1, min(bs, PROGRESS_SLICES))
-        for start in range(0, n, small):
-            x = x_all[start:start + small, None].to(device)
+        nf = len(fused_sel)
+        x_fused = x_all if nf == n else x_all[torch.as_tensor(fused_sel)]
+        for start in range(0, nf, small):
+            x = x_fused[start:start + small, None].to(device)
             r = _fused_batch(model, x, fused)
             maps = {"rec-error": r["rec-error"], RECONSTRUCTION: r["x_rec"]}
             grads = {}
@@ -241,9 +262,17 @@ def compute_maps(model: VAE, slices, predictors: Iterable[str], beta: float = 1.
             for k in acc:
                 if k in maps:
                     acc[k].append(maps[k][:, 0].detach().cpu())
-            report(len(x) / n)
+            report(len(x) / max(nf, 1))
+        if nf < n:  # 0 on the slices without brain
+            for k in acc:
+                if k not in ("proj-rec-error", "combi", ENSEMBLE):
+                    full = torch.zeros(x_all.shape)
+                    if acc[k]:
+                        full[torch.as_tensor(fused_sel)] = torch.cat(acc[k])
+                    acc[k] = [full]
+        if nf == 0:
+            report(1.0)
     if project:
-        sel = np.arange(n) if brain is None else np.flatnonzero(np.asarray(brain).reshape(n, -1).any(1))
         proj = torch.zeros(x_all.shape)
         for start in range(0, len(sel), bs):
             idx = torch.as_tensor(sel[start:start + bs])
@@ -258,12 +287,16 @@ def compute_maps(model: VAE, slices, predictors: Iterable[str], beta: float = 1.
                 report(total - done if last and k >= opts.proj_steps else frac * (k - taken[0]))
                 taken[0] = k
             proj[idx] = _project(model, x, opts, step_done)[:, 0].cpu()
+        if not len(sel):
+            report(total - done)
         acc["proj-rec-error"].append(proj)
     out = {k: torch.cat(v).numpy() for k, v in acc.items() if v}
     if "combi" in need:
         out["combi"] = combi_map(out["kl-grad"], out["rec-error"], combi_norm)
     if ENSEMBLE in names:
         out[ENSEMBLE] = ensemble.predict_maps(out)
+        if len(fused_sel) < n:
+            out[ENSEMBLE][np.setdiff1d(np.arange(n), fused_sel)] = 0
     return {k: out[k].astype(np.float32) for k in names}
 
 

@@ -7,6 +7,7 @@ Maps computed on that grid are resampled back onto the exact input grid and zero
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -209,8 +210,9 @@ def read_image(path, what: str = "input") -> sitk.Image:
 def check_image(img: sitk.Image, what: str = "input") -> np.ndarray:
     """Validate a 3D scalar volume; return its voxels as float32 (z, y, x)."""
     _check_header(img.GetDimension(), img.GetSize(), img.GetNumberOfComponentsPerPixel(), what)
-    arr = sitk.GetArrayFromImage(img).astype(np.float32, copy=False)
-    if not np.isfinite(arr).all():
+    raw = sitk.GetArrayFromImage(img)
+    arr = raw.astype(np.float32, copy=False)
+    if raw.dtype.kind not in "iub" and not np.isfinite(arr).all():  # (integer voxels are always finite)
         n = int((~np.isfinite(arr)).sum())
         raise VolumeError(f"{what} contains {n} NaN or infinite voxels; fix or mask them before scoring")
     if arr.max() == arr.min():
@@ -220,33 +222,41 @@ def check_image(img: sitk.Image, what: str = "input") -> np.ndarray:
 
 def auto_mask(img: sitk.Image, arr: Optional[np.ndarray] = None) -> sitk.Image:
     """Foreground mask for SKULL-STRIPPED input (fallback when no brain mask is given):
-    voxels above 2% of the robust intensity range, closed, holes filled, largest component.
+    voxels above 2% of the robust intensity range, closed (radius-2 ball), holes filled, largest component
+    (face connectivity) -- what ITK's BinaryThreshold, BinaryMorphologicalClosing, BinaryFillhole and
+    ConnectedComponent + RelabelComponent give on the whole volume (Testing/Python/test_speed_paths.py).
     arr: the image's voxels as float32 (z, y, x) when the caller has them already (check_image)."""
-    if arr is None:
-        arr = sitk.GetArrayFromImage(img).astype(np.float32)
-    m = sitk.GetImageFromArray(auto_mask_array(arr))  # the same voxels as auto_mask_itk, on the brain's box
-    m.CopyInformation(img)
+    return _image_like(auto_mask_array(sitk.GetArrayFromImage(img).astype(np.float32) if arr is None else arr), img)
+
+
+def _image_like(arr: np.ndarray, ref: sitk.Image) -> sitk.Image:
+    m = sitk.GetImageFromArray(arr)
+    m.CopyInformation(ref)
     return m
-
-
-def auto_mask_itk(img: sitk.Image) -> sitk.Image:
-    """`auto_mask` with ITK's filters on the whole volume (the reference the fast path is tested against)."""
-    arr = sitk.GetArrayFromImage(img).astype(np.float32)
-    lo, hi = float(arr.min()), float(np.percentile(arr, 99.5))
-    fg = sitk.GetImageFromArray((arr > lo + 0.02 * (hi - lo)).astype(np.uint8))
-    fg.CopyInformation(img)
-    fg = sitk.BinaryMorphologicalClosing(fg, [2, 2, 2])
-    fg = sitk.BinaryFillhole(fg)
-    cc = sitk.RelabelComponent(sitk.ConnectedComponent(fg), sortByObjectSize=True)
-    return sitk.Cast(cc == 1, sitk.sitkUInt8)
 
 
 def mask_for(img: sitk.Image, mask: Optional[sitk.Image], arr: Optional[np.ndarray] = None) -> sitk.Image:
     """Check a given mask against the image grid (or make the automatic one; arr: see auto_mask)."""
+    return _mask_and_box(img, mask, arr)[0]
+
+
+def _mask_and_box(img: sitk.Image, mask: Optional[sitk.Image], arr: Optional[np.ndarray] = None,
+                  values: bool = False):
+    """mask_for, plus the mask as a bool array, its bounding box in array order [(start, stop)] * 3 and (values)
+    the image's voxels inside it (float32, in array order), which the automatic mask's checks share."""
     if mask is None:
-        m = auto_mask(img, arr)
+        if arr is None:
+            arr = sitk.GetArrayFromImage(img).astype(np.float32)
+        marr, box = _auto_mask(arr)
+        m = _image_like(marr.view(np.uint8), img)
+        if box is None:
+            raise VolumeError("the brain mask is empty: give a mask that covers the brain, or none to use "
+                              "the automatic foreground mask")
+        vals = arr[_slices(box)][marr[_slices(box)]]
         from .brainmask import check_automatic_mask
-        check_automatic_mask(img, m)  # a head that is not skull-stripped: refuse, saying how to get a mask
+        # a head that is not skull-stripped: refuse, saying how to get a mask
+        check_automatic_mask(img, m, values=vals, marr=marr, box=box)
+        return (m, marr, box) + ((vals,) if values else ())
     else:
         if mask.GetSize() != img.GetSize():
             raise VolumeError(f"mask size {mask.GetSize()} differs from the volume's {img.GetSize()}; "
@@ -256,12 +266,17 @@ def mask_for(img: sitk.Image, mask: Optional[sitk.Image], arr: Optional[np.ndarr
                 np.allclose(mask.GetDirection(), img.GetDirection(), atol=1e-4)):
             raise VolumeError("mask geometry (spacing/origin/direction) differs from the volume's; "
                               "resample the mask onto the volume first")
-        m = sitk.Cast(sitk.GetImageFromArray((sitk.GetArrayViewFromImage(mask) > 0).astype(np.uint8)), sitk.sitkUInt8)
-        m.CopyInformation(img)
-    if not sitk.GetArrayViewFromImage(m).any():
+        marr = sitk.GetArrayViewFromImage(mask) > 0
+        m = _image_like(marr.view(np.uint8), img)
+    if not marr.any():
         raise VolumeError("the brain mask is empty: give a mask that covers the brain, or none to use "
                           "the automatic foreground mask")
-    return m
+    box = _box(marr)
+    if not values:
+        return m, marr, box
+    if arr is None:
+        arr = sitk.GetArrayFromImage(img).astype(np.float32)
+    return m, marr, box, arr[_slices(box)][marr[_slices(box)]]
 
 
 # --------------------------------------------------------------------------- the model grid
@@ -275,8 +290,9 @@ class Prepared:
     box: Optional[list] = None  # the mask's bounding box in LPS array order [(start, stop)] * 3 (fast path)
 
 
-def model_grid(img: sitk.Image, mask: sitk.Image, prep: Preprocessing) -> sitk.Image:
-    """Axial grid over prep.fov_mm centred on the brain; one slice per input slice. Its axes are those of
+def model_grid(img: sitk.Image, mask: sitk.Image, prep: Preprocessing, box: Optional[list] = None) -> sitk.Image:
+    """Axial grid over prep.fov_mm centred on the brain (the bounding box of mask label 1; `box`, that box in
+    array order, when the caller knows it); one slice per input slice. Its axes are those of
     sitk.DICOMOrient(img, "LPS") (found without touching the voxels, see _orientation)."""
     o = _orientation(img)
     if o is None:
@@ -285,7 +301,8 @@ def model_grid(img: sitk.Image, mask: sitk.Image, prep: Preprocessing) -> sitk.I
         nz, sz = oriented.GetSize()[2], oriented.GetSpacing()[2]
     else:
         d, o_img, nz, sz = o.direction, o.origin, o.size[2], o.spacing[2]
-    centre_idx = _bbox_centre_index(sitk.GetArrayViewFromImage(mask) == 1)  # label 1's bounding box
+    box = box or _box(sitk.GetArrayViewFromImage(mask) == 1)  # label 1's bounding box
+    centre_idx = [lo + (hi - lo - 1) / 2 for lo, hi in box[::-1]]  # (x, y, z), as LabelShapeStatistics gives it
     c = np.array(mask.TransformContinuousIndexToPhysicalPoint(centre_idx))
     s = prep.fov_mm / prep.image_size
     half = (prep.image_size - 1) / 2 * s
@@ -325,15 +342,21 @@ class _Orientation:
     origin: np.ndarray
 
 
+@functools.lru_cache(maxsize=64)
+def _lps_direction(direction: tuple) -> tuple:
+    """The direction sitk.DICOMOrient(img, "LPS") gives an image of this direction (found on a 2x2x2 image)."""
+    probe = sitk.Image(2, 2, 2, sitk.sitkUInt8)
+    probe.SetDirection(direction)
+    return sitk.DICOMOrient(probe, "LPS").GetDirection()
+
+
 def _orientation(img: sitk.Image) -> Optional[_Orientation]:
     """What sitk.DICOMOrient(img, 'LPS') does to the axes, without touching the voxels; None when the
     direction is not orthonormal (then only resampling is exact)."""
     d = np.array(img.GetDirection(), float).reshape(3, 3)
     if not np.allclose(d.T @ d, np.eye(3), atol=1e-6):
         return None
-    probe = sitk.Image(2, 2, 2, sitk.sitkUInt8)  # DICOMOrient's choice of axes, on a 2x2x2 image
-    probe.SetDirection(img.GetDirection())
-    d_o = np.array(sitk.DICOMOrient(probe, "LPS").GetDirection(), float).reshape(3, 3)
+    d_o = np.array(_lps_direction(img.GetDirection()), float).reshape(3, 3)
     p = np.rint(d.T @ d_o)
     if not (np.abs(p).sum(0) == 1).all() or not (np.abs(p).sum(1) == 1).all():
         return None
@@ -372,15 +395,20 @@ def _interp_matrix(first: float, step: float, n_out: int, n_in: int) -> np.ndarr
     return w
 
 
+@functools.lru_cache(maxsize=16)
 def _itk_gaussian_matrix(n: int, spacing: float, variance_mm2: float) -> np.ndarray:
     """(n, n) matrix of ITK's DiscreteGaussian along one axis (max kernel width 32, max error 0.01, image
-    spacing used), found by filtering an identity image: kernel, truncation and border as ITK has them."""
+    spacing used), found by filtering an identity image: kernel, truncation and border as ITK has them.
+    Cached (a cohort's volumes share their geometry); read-only, so the cache cannot be altered."""
     if variance_mm2 <= 0:
-        return np.eye(n)
-    eye = sitk.GetImageFromArray(np.eye(n))
-    eye.SetSpacing((spacing, 1.0))
-    out = sitk.GetArrayFromImage(sitk.DiscreteGaussian(eye, [variance_mm2, 0.0], 32, 0.01, True))
-    return out.T.copy()  # out[r, c] = sum_t G[c, t] * I[r, t] = G[c, r]
+        out = np.eye(n)
+    else:
+        eye = sitk.GetImageFromArray(np.eye(n))
+        eye.SetSpacing((spacing, 1.0))
+        out = sitk.GetArrayFromImage(sitk.DiscreteGaussian(eye, [variance_mm2, 0.0], 32, 0.01, True)).T.copy()
+        # out[r, c] = sum_t G[c, t] * I[r, t] = G[c, r]
+    out.flags.writeable = False
+    return out
 
 
 def _grid_matrices(o: _Orientation, grid: sitk.Image, prep: Preprocessing, antialias: bool):
@@ -424,23 +452,30 @@ def _one_blas_thread():
         return contextlib.nullcontext()
 
 
-def _box(marr: np.ndarray) -> list[tuple[int, int]]:
-    """Bounding box of a non-empty mask: [(start, stop)] per array axis."""
+def _box(marr: np.ndarray) -> Optional[list[tuple[int, int]]]:
+    """Bounding box of a 3D mask: [(start, stop)] per array axis (None when empty). Two passes: the z range,
+    then the (y, x) projection of those slices only."""
+    z = np.flatnonzero(marr.any(axis=(1, 2)))
+    if not len(z):
+        return None
+    yx = marr[z[0]:z[-1] + 1].any(0)
+    y, x = np.flatnonzero(yx.any(1)), np.flatnonzero(yx.any(0))
+    return [(int(z[0]), int(z[-1]) + 1), (int(y[0]), int(y[-1]) + 1), (int(x[0]), int(x[-1]) + 1)]
+
+
+def _slices(box) -> tuple:
+    return tuple(slice(a, b) for a, b in box)
+
+
+def _lps_box(box, o: "_Orientation", shape) -> list[tuple[int, int]]:
+    """A bounding box in the input's array order -> the same box in _lps_view's array order."""
     out = []
-    for axis in range(marr.ndim):
-        nz = np.flatnonzero(marr.any(axis=tuple(a for a in range(marr.ndim) if a != axis)))
-        out.append((int(nz[0]), int(nz[-1]) + 1))
+    for i in range(3):                 # LPS array axis i (z, y, x) = reoriented axis j = 2 - i ...
+        j = 2 - i
+        a = 2 - o.perm[j]              # ... = input array axis a, read backwards when flip[j]
+        lo, hi = box[a]
+        out.append((shape[a] - hi, shape[a] - lo) if o.flip[j] else (lo, hi))
     return out
-
-
-def _bbox_centre_index(marr: np.ndarray) -> list[float]:
-    """Centre of the mask's bounding box in (x, y, z) continuous index, as LabelShapeStatistics gives it."""
-    centre = []
-    for axis in (2, 1, 0):
-        any_ = np.flatnonzero(marr.any(axis=tuple(a for a in range(3) if a != axis)))
-        lo, n = int(any_[0]), int(any_[-1] - any_[0] + 1)
-        centre.append(lo + (n - 1) / 2)
-    return centre
 
 
 # the ball of radius 2 ITK's BinaryMorphologicalClosing uses (sitkBall): the 81 offsets of [-2, 2]^3 with at most
@@ -508,46 +543,65 @@ def _percentile(a: np.ndarray, q: float) -> float:
 
 
 def auto_mask_array(arr: np.ndarray) -> np.ndarray:
-    """`auto_mask` on a float32 (z, y, x) array, as a uint8 array; the same voxels as ITK's filters
-    (closing with a radius-2 ball and a safe border, hole filling and connected components with face
-    connectivity), computed on the foreground's bounding box only."""
-    from scipy import ndimage
+    """`auto_mask` on a float32 (z, y, x) array, as a uint8 array."""
+    return _auto_mask(arr)[0].view(np.uint8)
+
+
+def _components(b: np.ndarray):
+    """Connected components of a bool array with face connectivity (ITK's filter: multi-threaded, faster than
+    scipy.ndimage.label here): (the label image, which keeps the view alive; the labels as a read-only array
+    view, 0 = background, 1..n in raster order of first voxel; n)."""
+    f = sitk.ConnectedComponentImageFilter()
+    f.SetFullyConnected(False)
+    img = f.Execute(sitk.GetImageFromArray(b.view(np.uint8)))
+    return img, sitk.GetArrayViewFromImage(img), int(f.GetObjectCount())
+
+
+def _auto_mask(arr: np.ndarray) -> tuple[np.ndarray, Optional[list]]:
+    """The automatic mask as a bool array and its bounding box (None when empty). Closing with a radius-2 ball
+    and a safe border, hole filling and connected components with face connectivity, on the foreground's
+    bounding box only; the common cases (no holes, one component) skip the relabelling passes."""
     lo, hi = float(arr.min()), _percentile(arr, 99.5)
     fg = arr > lo + 0.02 * (hi - lo)
-    out = np.zeros(arr.shape, np.uint8)
-    if not fg.any():
-        return out
-    r, box = 2, []
-    for axis in range(3):
-        nz = np.flatnonzero(fg.any(axis=tuple(a for a in range(3) if a != axis)))
-        box.append(slice(max(int(nz[0]) - r - 1, 0), min(int(nz[-1]) + r + 2, arr.shape[axis])))
+    out = np.zeros(arr.shape, bool)
+    fg_box = _box(fg)
+    if fg_box is None:
+        return out, None
+    r = 2
+    box = [slice(max(a - r - 1, 0), min(b + r + 1, n)) for (a, b), n in zip(fg_box, arr.shape)]
     crop = np.pad(fg[tuple(box)], r)                       # the safe border: background around the crop
-    closed = _ball2(_ball2(crop, True), False)[r:-r, r:-r, r:-r]
-    labels, _ = ndimage.label(~closed)                     # background components (face connectivity)
+    closed = np.ascontiguousarray(_ball2(_ball2(crop, True), False)[r:-r, r:-r, r:-r])
+    keep, labels, n_bg = _components(~closed)             # background components
     faces = np.concatenate([labels[0].ravel(), labels[-1].ravel(), labels[:, 0].ravel(), labels[:, -1].ravel(),
                             labels[:, :, 0].ravel(), labels[:, :, -1].ravel()])
-    outside = np.zeros(int(labels.max()) + 1, bool)
+    outside = np.zeros(n_bg + 1, bool)
     outside[faces] = True
     outside[0] = True                                     # (foreground: kept by `closed`)
-    filled = closed | ~outside[labels]                    # holes: background not reaching the crop's faces
-    labels, n = ndimage.label(filled)
-    if n:
-        counts = np.bincount(labels.ravel())
+    # holes: background not reaching the crop's faces
+    filled = closed if outside.all() else closed | ~outside[labels]
+    keep, labels, n = _components(filled)
+    if n == 0:
+        return out, None
+    if n == 1:
+        comp = filled
+    else:
+        counts = np.bincount(labels.ravel(), minlength=n + 1)
         counts[0] = 0
-        out[tuple(box)] = labels == int(np.argmax(counts))
-    return out
+        comp = labels == int(np.argmax(counts))
+    out[tuple(box)] = comp
+    inner = _box(comp)
+    return out, [(s.start + a, s.start + b) for s, (a, b) in zip(box, inner)]
 
 
 def _checked_and_masked(img: sitk.Image, mask: Optional[sitk.Image], what: str):
-    """The validated voxels, the brain mask (image and bool array) and the z-score statistics inside it."""
+    """The validated voxels, the brain mask (image, bool array, bounding box) and the z-score statistics
+    inside it (the mask's voxels in array order, as arr[marr] gives them)."""
     arr = check_image(img, what)
-    m = mask_for(img, mask, arr)
-    marr = sitk.GetArrayViewFromImage(m).astype(bool)
-    vals = arr[marr]
+    m, marr, box, vals = _mask_and_box(img, mask, arr, values=True)
     mean, std = float(vals.mean()), float(vals.std())
     if std == 0:
         raise VolumeError(f"{what} is constant inside the brain mask; nothing to score")
-    return arr, m, marr, mean, std
+    return arr, m, marr, box, mean, std
 
 
 def prepare(img: sitk.Image, mask: Optional[sitk.Image] = None,
@@ -555,15 +609,16 @@ def prepare(img: sitk.Image, mask: Optional[sitk.Image] = None,
     """The input on the model grid: z-scored inside the brain mask, anti-aliased in-plane, clipped.
     Separable path (see above): one float32 copy of the input (check_image's), slabs of _SLAB slices."""
     prep = prep or Preprocessing()
-    arr, m, marr, mean, std = _checked_and_masked(img, mask, what)
+    arr, m, marr, box, mean, std = _checked_and_masked(img, mask, what)
     o = _orientation(img)
     if o is None:
         return _prepare_resampled(img, m, prep, arr, marr, mean, std)
-    grid = model_grid(img, m, prep)
+    grid = model_grid(img, m, prep, box)
     a_o, m_o = _lps_view(arr, o), _lps_view(marr, o)
     n, S = o.size[2], prep.image_size
     slices, brain = np.zeros((n, S, S), np.float32), np.zeros((n, S, S), bool)
-    (z0, z1), (y0, y1), (x0, x1) = _box(m_o)  # z is 0 outside the mask: only its bounding box contributes
+    lps_box = _lps_box(box, o, marr.shape)
+    (z0, z1), (y0, y1), (x0, x1) = lps_box  # z is 0 outside the mask: only its bounding box contributes
     with _one_blas_thread():
         wx, wy = _grid_matrices(o, grid, prep, prep.antialias)
         lx, ly = _grid_matrices(o, grid, prep, False)  # the mask: interpolation only
@@ -575,7 +630,7 @@ def prepare(img: sitk.Image, mask: Optional[sitk.Image] = None,
             slices[k:e] = _products(wy, z, wx)
             brain[k:e] = _products(ly, mk.astype(np.float32), lx) > 0.5
     slices = np.clip(np.where(brain, slices, 0), -prep.clip, prep.clip).astype(np.float32)
-    return Prepared(slices, brain, grid, img, m, [(z0, z1), (y0, y1), (x0, x1)])
+    return Prepared(slices, brain, grid, img, m, lps_box)
 
 
 def prepare_by_resampling(img: sitk.Image, mask: Optional[sitk.Image] = None,
@@ -583,7 +638,7 @@ def prepare_by_resampling(img: sitk.Image, mask: Optional[sitk.Image] = None,
     """`prepare` by 3D resampling (reorient, full-resolution DiscreteGaussian, sitk.Resample): the way it was
     done before the separable path, kept for sheared directions and as the reference in the tests."""
     prep = prep or Preprocessing()
-    arr, m, marr, mean, std = _checked_and_masked(img, mask, what)
+    arr, m, marr, _, mean, std = _checked_and_masked(img, mask, what)
     return _prepare_resampled(img, m, prep, arr, marr, mean, std)
 
 
