@@ -149,6 +149,10 @@ def test_cancel_kills_the_tree_and_the_next_job_starts_a_fresh_worker(scene, sam
     node = add_volume(scene, sample_small, "T2")
     exe = launcher(tmp_path)
     long = PredictorOptions(proj_steps=100000)
+    early = ScoringJob(logic, node, None, None, "proj-rec-error", long, launcher=exe).start()
+    early.cancel()  # before the new worker even read the job: it is not handed to another worker
+    assert early.proc.poll() is not None and early.poll() is not None
+    assert not [w for w in worker.workers() if w.launcher == exe]
     job = ScoringJob(logic, node, None, None, "proj-rec-error", long, launcher=exe).start()
     python = wait_running(job)
     assert python != job.proc.pid and alive(python)  # the launcher's child does the work

@@ -523,9 +523,9 @@ class ScoringJob:
     def cancel(self):
         """Stop the computation: the worker's whole process tree is killed (the next job starts a fresh
         worker), then the temporary folder is removed (nothing can recreate it)."""
-        if self.worker is not None and not self.ticket.done.is_set():
-            from .worker import discard
-            discard(self.worker)
+        if self.ticket is not None:
+            from .worker import cancel
+            cancel(self.ticket)
         self.cleanup()
 
     def finish(self, heatmapNode=None) -> JobResult:

@@ -139,6 +139,7 @@ class Ticket:
         self.worker: Optional[Worker] = None
         self.accepted = False  # the worker read the request
         self.retried = False
+        self.cancelled = False
 
 
 class Worker:
@@ -246,14 +247,16 @@ class Worker:
 
     def _ended(self, t: Ticket, rc: Optional[int]) -> None:
         """This worker ended while `t` was its job."""
-        if not t.accepted and not t.retried:  # it died before reading the job (e.g. killed while idle, just
-            t.retried = True                  # before the job came): the job goes to a fresh worker, once
-            t.events.put(("retry", rc))
-            try:
-                submit(self.launcher, t)
-                return
-            except Exception as err:  # noqa: BLE001  (cannot start another: the job fails with the reason)
-                t.events.put(("line", f"vaeanomaly: error: cannot start the scoring process: {err}"))
+        with _pool_lock:  # a cancel decides under this lock too: never a retry after it
+            retry = not t.accepted and not t.retried and not t.cancelled
+            if retry:  # it died before reading the job (e.g. killed while idle, just before the job came):
+                t.retried = True  # the job goes to a fresh worker, once
+                t.events.put(("retry", rc))
+                try:
+                    submit(self.launcher, t)
+                    return
+                except Exception as err:  # noqa: BLE001  (cannot start another: the job fails with the reason)
+                    t.events.put(("line", f"vaeanomaly: error: cannot start the scoring process: {err}"))
         t.events.put(("died", rc))
         t.done.set()
 
@@ -315,11 +318,24 @@ def prestart(launcher: Optional[str] = None) -> Worker:
 
 
 def discard(worker: Worker) -> None:
-    """Kill a worker's process tree (cancel) and forget it; the next job starts a fresh worker."""
+    """Kill a worker's process tree and forget it; the next job starts a fresh worker."""
     with _pool_lock:
         if worker in _workers:
             _workers.remove(worker)
     worker.kill()
+
+
+def cancel(ticket: Ticket) -> None:
+    """Stop a job: its worker's whole process tree is killed (a job never shares a worker), and the job is
+    not given to another worker (as a job whose worker died before reading it would be)."""
+    with _pool_lock:
+        ticket.cancelled = True
+        w = ticket.worker
+        if w is None or ticket.done.is_set():
+            return
+        if w in _workers:
+            _workers.remove(w)
+    w.kill()
 
 
 def workers() -> list:
