@@ -11,7 +11,15 @@ Issue 11 added: `score_volume` for Rec-grad alone (against the network time, `co
 the same with the replaced 3D-resampling preprocessing ('score-volume-resampling'); `prepare` and
 `to_input_grid` alone; Proj-Rec-Error on brain slices only, with and without early stopping; cohort throughput
 (`vaeanomaly.cohort.score_many` over copies of the sample, DataLoader workers, heatmaps written as .nii.gz).
-Every time is also given as a ratio to the network time (the 'rec-grad' case).
+Every time is also given as a ratio to the network time (the 'rec-grad' case). Peak memory: the process's peak
+resident set (ru_maxrss) and the peak of memory traced by tracemalloc (numpy arrays and Python objects; torch's
+CPU tensors are not traced) during one extra run of the case. The Slicer job (cold and warm Apply) comes from
+benchmarks/bench_slicer_job.py's measure(), in a process of its own.
+
+--interleaved (for a busy machine): one process; each round times every case back to back, so the load hits them
+alike; medians over rounds and ratios to the network time of the same rounds, with the load average next to each
+figure. --clock cpu measures process CPU time instead of wall time (with --threads 1 the fairest A/B on a machine
+shared with other work: time spent waiting for a core is not counted).
 """
 from __future__ import annotations
 
@@ -29,6 +37,58 @@ sys.path.insert(0, str(ROOT / "VAEAnomaly"))
 FIVE = ["rec-error", "elbo-grad", "kl-grad", "rec-grad", "combi"]
 BUSY_LOAD = 1.5
 PROJ_TOL = 0.005  # the early-stopping tolerance the bench times (see benchmarks/bench_projection.py for AUROC)
+
+
+def auto_mask_itk(img):
+    """The replaced automatic mask: ITK's filters on the whole volume (the 'replaced path' case)."""
+    import numpy as np
+    import SimpleITK as sitk
+    arr = sitk.GetArrayFromImage(img).astype(np.float32)
+    lo, hi = float(arr.min()), float(np.percentile(arr, 99.5))
+    fg = sitk.GetImageFromArray((arr > lo + 0.02 * (hi - lo)).astype(np.uint8))
+    fg.CopyInformation(img)
+    fg = sitk.BinaryMorphologicalClosing(fg, [2, 2, 2])
+    fg = sitk.BinaryFillhole(fg)
+    cc = sitk.RelabelComponent(sitk.ConnectedComponent(fg), sortByObjectSize=True)
+    return sitk.Cast(cc == 1, sitk.sitkUInt8)
+
+
+def traced_peak_mb(f) -> float:
+    """Peak of the memory tracemalloc traces (numpy arrays, Python objects) while f() runs, in MB."""
+    import tracemalloc
+    tracemalloc.start()
+    try:
+        f()
+        return tracemalloc.get_traced_memory()[1] / 2 ** 20
+    finally:
+        tracemalloc.stop()
+
+
+def slicer_job(threads: int, repeats: int = 3) -> dict | str:
+    """benchmarks/bench_slicer_job.py's measure() in a process of its own: its dict, or why it was not measured."""
+    code = ("import json, sys; sys.path.insert(0, %r); import bench_slicer_job as B; "
+            "print(json.dumps(B.measure(repeats=%d, threads=%d)))" % (str(ROOT / "benchmarks"), repeats, threads))
+    try:
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return f"{type(err).__name__}: {err}"
+    if r.returncode != 0:
+        lines = [ln for ln in (r.stderr or r.stdout).strip().splitlines() if ln.strip()]
+        return lines[-1] if lines else f"exit status {r.returncode}"
+    try:
+        return json.loads(r.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return "its output was not the expected JSON"
+
+
+def print_slicer_job(res, net_ms: float) -> None:
+    if isinstance(res, str):
+        print(f"slicer job: not measured ({res})")
+        return
+    print(f"slicer job (bench_slicer_job.measure, {res.get('threads')} threads, load up to {res.get('load', 0):.2f}): "
+          f"cold {res['cold_ms']:.0f} ms = {res['cold_ms'] / net_ms:.1f}x, warm {res['warm_ms']:.0f} ms = "
+          f"{res['warm_ms'] / net_ms:.1f}x this run's network time ({res['warm_ratio']:.1f}x the job's own network "
+          f"time of {res['network_ms']:.0f} ms; target <= {res.get('target_warm_ratio', 4):g}x)")
 
 
 def busy_warning(load: float | None = None) -> str | None:
@@ -77,7 +137,7 @@ def run_case(case: str, threads: int, repeat: int, device: str) -> dict:
         elif case == "score-volume-rec-grad":
             score_volume(ck, img, None, ["rec-grad"], opts, device)
         elif case == "score-volume-resampling":  # the replaced path: 3D reorient/smooth/resample and back
-            p = V.prepare_by_resampling(img, V.auto_mask_itk(img))  # ITK's filters on the whole volume too
+            p = V.prepare_by_resampling(img, auto_mask_itk(img))  # ITK's filters on the whole volume too
             m = compute_maps(ck.model, p.slices, ["rec-grad"], ck.beta, opts, device)["rec-grad"]
             V.to_input_grid_by_resampling(np.where(p.brain, m, 0), p)
         elif case == "prepare":
@@ -110,18 +170,22 @@ def run_case(case: str, threads: int, repeat: int, device: str) -> dict:
         once()
         times.append(time.perf_counter() - t)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    traced = traced_peak_mb(once) if not case.startswith(("proj-rec-error", "cohort")) else float("nan")
     if case == "cohort":
         import shutil
         shutil.rmtree(tmp, ignore_errors=True)
-    return {"case": case, "ms": 1000 * float(np.median(times)), "peak_mb": peak / 1024,
+    return {"case": case, "ms": 1000 * float(np.median(times)), "peak_mb": peak / 1024, "traced_mb": traced,
             "slices": len(slices), "size": img.GetSize(), "items": n_items,
             "brain_slices": int(prepared.brain.reshape(len(slices), -1).any(1).sum())}
 
 
-def interleaved(threads: int, rounds: int, device: str, cohort_items: int) -> None:
+def interleaved(threads: int, rounds: int, device: str, cohort_items: int, clock: str = "wall",
+                proj: bool = True, job: bool = True) -> None:
     """--interleaved: for a busy machine. One process; each round times the network (compute_maps, Rec-grad),
-    score_volume (Rec-grad), prepare, to_input_grid and the replaced resampling path back to back, so the
-    load hits them alike; medians over rounds, ratios to the network time; then the cohort once."""
+    score_volume (Rec-grad), prepare, to_input_grid, the five fused maps, the reference code's way and the replaced
+    resampling path back to back, so the load hits them alike; medians over rounds, ratios to the network time of
+    the same rounds, the load average next to each figure; then the projection, the cohort, the Slicer job and
+    peak memory once."""
     import shutil
     import tempfile
 
@@ -132,56 +196,91 @@ def interleaved(threads: int, rounds: int, device: str, cohort_items: int) -> No
     from vaeanomaly import volume as V
     from vaeanomaly.checkpoint import load_checkpoint, sample_data
     from vaeanomaly.cohort import expand_inputs, score_many
-    from vaeanomaly.predictors import compute_maps
+    from vaeanomaly.predictors import PredictorOptions, compute_maps, reference_map
+    tick = time.process_time if clock == "cpu" else time.perf_counter
     ck = load_checkpoint(None, device)
     img = sitk.ReadImage(str(sample_data("VAEAnomalySample_T2.nrrd")))
     p = V.prepare(img)
     compute_maps(ck.model, p.slices, ["rec-grad"], ck.beta, None, device)  # warm-up
 
     def old_path():
-        q = V.prepare_by_resampling(img, V.auto_mask_itk(img))
+        q = V.prepare_by_resampling(img, auto_mask_itk(img))
         m = compute_maps(ck.model, q.slices, ["rec-grad"], ck.beta, None, device)["rec-grad"]
         V.to_input_grid_by_resampling(np.where(q.brain, m, 0), q)
 
-    cases = {"network (compute_maps, rec-grad)": lambda: compute_maps(ck.model, p.slices, ["rec-grad"], ck.beta,
-                                                                      None, device),
+    def reference_way():
+        for name in FIVE:
+            reference_map(ck.model, p.slices, name, ck.beta, None, weight_grads=True)
+
+    net_key = "network (compute_maps, rec-grad)"
+    cases = {net_key: lambda: compute_maps(ck.model, p.slices, ["rec-grad"], ck.beta, None, device),
              "score_volume (rec-grad)": lambda: V.score_volume(ck, img, None, ["rec-grad"], None, device),
              "prepare": lambda: V.prepare(img),
              "to_input_grid": lambda: V.to_input_grid(p.slices, p),
+             "fused five maps (compute_maps)": lambda: compute_maps(ck.model, p.slices, FIVE, ck.beta, None, device),
+             "reference code's way (5 maps, loss.backward())": reference_way,
              "replaced path (3D resampling, ITK mask)": old_path}
     times = {k: [] for k in cases}
-    loads = []
+    loads = {k: [] for k in cases}
     for r in range(rounds):
         for k, f in cases.items():
-            loads.append(os.getloadavg()[0])
-            t = time.perf_counter()
+            loads[k].append(os.getloadavg()[0])
+            t = tick()
             f()
-            times[k].append(time.perf_counter() - t)
-            print(f"round {r + 1}: {k:42s} {1000 * times[k][-1]:9.0f} ms", file=sys.stderr, flush=True)
+            times[k].append(tick() - t)
+            print(f"round {r + 1}: {k:48s} {1000 * times[k][-1]:9.0f} ms  load {loads[k][-1]:.2f}",
+                  file=sys.stderr, flush=True)
+    net = 1000 * float(np.median(times[net_key]))
+    med = {k: 1000 * float(np.median(v)) for k, v in times.items()}
+    rows = [(k, med[k], float(np.median(loads[k]))) for k in cases]
+    brain_slices = int(p.brain.reshape(len(p.brain), -1).any(1).sum())
+    if proj:  # (long: once each)
+        for label, opts in ((f"proj-rec-error, {brain_slices} brain slices, 100 steps", PredictorOptions()),
+                            (f"proj-rec-error, {brain_slices} brain slices, early stop (proj_tol {PROJ_TOL:g})",
+                             PredictorOptions(proj_tol=PROJ_TOL))):
+            load = os.getloadavg()[0]
+            t = tick()
+            compute_maps(ck.model, p.slices, ["proj-rec-error"], ck.beta, opts, device, brain=p.brain)
+            rows.append((label, 1000 * (tick() - t), load))
+            print(f"{label}: {rows[-1][1]:.0f} ms", file=sys.stderr, flush=True)
     tmp = Path(tempfile.mkdtemp(prefix="vaeanomaly-bench-"))
     try:
         for k in range(cohort_items):
             sitk.WriteImage(img, str(tmp / f"case{k:02d}.nrrd"))
-        t = time.perf_counter()
-        rows = score_many(ck, expand_inputs([str(tmp)]), ["rec-grad"], tmp / "out", None, device, workers=2,
-                          log=open(os.devnull, "w"))
+        load = os.getloadavg()[0]
+        t = time.perf_counter()  # (wall time: the DataLoader workers are other processes)
+        res = score_many(ck, expand_inputs([str(tmp)]), ["rec-grad"], tmp / "out", None, device, workers=2,
+                         log=open(os.devnull, "w"))
         cohort_s = time.perf_counter() - t
-        assert all(r_["status"] == "ok" for r_ in rows), rows
+        assert all(r_["status"] == "ok" for r_ in res), res
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    net = 1000 * float(np.median(times["network (compute_maps, rec-grad)"]))
-    print(f"\nvolume {img.GetSize()}, {threads} thread(s), {device}, {rounds} interleaved rounds (medians)\n")
-    print("| case | ms per volume | / network time |\n|---|---|---|")
-    for k, v in times.items():
-        ms = 1000 * float(np.median(v))
-        print(f"| {k} | {ms:.0f} | {ms / net:.2f}x |")
-    ms = 1000 * cohort_s / cohort_items
-    print(f"| cohort: {cohort_items} copies, 2 DataLoader workers, read + score + write .nii.gz | {ms:.0f} | "
-          f"{ms / net:.2f}x |")
-    print(f"\ncohort throughput: {60 * cohort_items / cohort_s:.1f} volumes/min")
-    print(f"peak RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB "
-          f"(workers not counted)")
-    worst = max(loads + [os.getloadavg()[0]])
+    rows.append((f"cohort: {cohort_items} copies, 2 DataLoader workers, read + score + write .nii.gz (wall)",
+                 1000 * cohort_s / cohort_items, load))
+    traced = {"score_volume (rec-grad)": traced_peak_mb(cases["score_volume (rec-grad)"]),
+              "fused five maps (compute_maps)": traced_peak_mb(cases["fused five maps (compute_maps)"])}
+    print(f"\nvolume {img.GetSize()}, {len(p.slices)} slices ({brain_slices} with brain), {threads} thread(s), "
+          f"{device}, {rounds} interleaved rounds (medians), {'process CPU time' if clock == 'cpu' else 'wall time'}\n")
+    print("| case | ms per volume | / network time | load (1-min average) |\n|---|---|---|---|")
+    for k, ms, load in rows:
+        print(f"| {k} | {ms:.0f} | {ms / net:.2f}x | {load:.2f} |")
+    print(f"\nnetwork time (compute_maps, Rec-grad): {net:.0f} ms")
+    print(f"score_volume (Rec-grad) / network: {med['score_volume (rec-grad)'] / net:.2f}x (target <= 2)")
+    print(f"fused five maps / one Rec-grad pass: {med['fused five maps (compute_maps)'] / net:.2f}x (target <= 1.25)")
+    ref_key = "reference code's way (5 maps, loss.backward())"
+    print(f"reference code's way / fused: {med[ref_key] / med['fused five maps (compute_maps)']:.2f}x (target >= 3)")
+    if proj:
+        for k, ms, load in rows:
+            if k.startswith("proj-rec-error"):
+                print(f"{k}: {ms / 1000:.1f} s = {ms / net:.1f}x network (target <= 4 s for 100 steps)")
+    print(f"cohort throughput: {60 * cohort_items / cohort_s:.1f} volumes/min")
+    print(f"peak memory: RSS of this process {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB "
+          f"(torch import, model, all cases; workers not counted); traced by tracemalloc (numpy + Python) during "
+          + ", ".join(f"{k} {v:.0f} MB" for k, v in traced.items()))
+    if job:
+        print_slicer_job(slicer_job(threads), net)
+    worst = max(max(v) for v in loads.values())
+    worst = max(worst, os.getloadavg()[0])
     print(f"load average during the run: up to {worst:.2f} on {os.cpu_count()} cores" +
           (f" -- {busy_warning(worst)}" if busy_warning(worst) else " (quiet)"))
 
@@ -197,9 +296,13 @@ def main():
     ap.add_argument("--interleaved", action="store_true",
                     help="busy machine: the score_volume / preprocessing cases in one process, alternating rounds")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="--interleaved: wall time, or process CPU time (with --threads 1: A/B on a shared machine)")
+    ap.add_argument("--no-projection", action="store_true", help="--interleaved: leave out the projection")
+    ap.add_argument("--no-slicer-job", action="store_true", help="leave out the Slicer job")
     a = ap.parse_args()
     if a.interleaved:
-        interleaved(a.threads, a.rounds, a.device, 2)
+        interleaved(a.threads, a.rounds, a.device, 2, a.clock, not a.no_projection, not a.no_slicer_job)
         return
     if a.case:
         print(json.dumps(run_case(a.case, a.threads, a.repeat, a.device)))
@@ -218,20 +321,25 @@ def main():
         r = subprocess.run([sys.executable, __file__, "--case", c, "--threads", str(a.threads), "--repeat",
                             str(a.repeat), "--device", a.device], capture_output=True, text=True, check=True)
         rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
-        print(f"{c:18s} {rows[-1]['ms']:9.0f} ms   peak RSS {rows[-1]['peak_mb']:6.0f} MB", file=sys.stderr)
+        rows[-1]["load"] = loads[-1]
+        print(f"{c:18s} {rows[-1]['ms']:9.0f} ms   peak RSS {rows[-1]['peak_mb']:6.0f} MB  load {loads[-1]:.2f}",
+              file=sys.stderr)
     by = {r["case"]: r for r in rows}
     print(f"\nvolume {rows[0]['size']}, {rows[0]['slices']} axial slices at 64x64, {a.threads} threads, {a.device}\n")
     net = by["rec-grad"]["ms"]
     print(f"network time (compute_maps, Rec-grad): {net:.0f} ms\n")
-    print("| case | ms per volume | / network time | peak RSS of the process (MB) |\n|---|---|---|---|")
+    print("| case | ms per volume | / network time | peak RSS of the process (MB) | peak traced (MB) | load |\n"
+          "|---|---|---|---|---|---|")
     for r in rows:
         ms = r["ms"] / r["items"] if r.get("items") else r["ms"]
-        print(f"| {r['case']} | {ms:.0f} | {ms / net:.2f}x | {r['peak_mb']:.0f} |")
-    print("\n(peak RSS includes the torch import, about 0.5 GB, and reading + preprocessing the volume)")
+        print(f"| {r['case']} | {ms:.0f} | {ms / net:.2f}x | {r['peak_mb']:.0f} | {r['traced_mb']:.0f} | "
+              f"{r['load']:.2f} |")
+    print("\n(peak RSS includes the torch import, about 0.5 GB, and reading + preprocessing the volume; 'traced':\n"
+          "tracemalloc's peak during one run of the case -- numpy arrays and Python objects, not torch's tensors)")
     def has(*names):
         return all(n in by for n in names)
     if has("fused-5"):
-        print(f"\nfused five maps / one rec-grad pass: {by['fused-5']['ms'] / by['rec-grad']['ms']:.2f}x (target <= 1.5)")
+        print(f"\nfused five maps / one rec-grad pass: {by['fused-5']['ms'] / by['rec-grad']['ms']:.2f}x (target <= 1.25)")
     if has("fused-5", "one-at-a-time-5"):
         print(f"one-at-a-time / fused (five maps): {by['one-at-a-time-5']['ms'] / by['fused-5']['ms']:.2f}x "
               f"without weight gradients (target >= 3)")
@@ -254,6 +362,9 @@ def main():
         print(f"cohort: {c['items']} copies of the sample, 2 DataLoader workers: {60000 * c['items'] / c['ms']:.1f} "
               f"volumes/min ({c['ms'] / c['items']:.0f} ms per volume: read + score Rec-grad + write .nii.gz; "
               f"peak RSS of the main process {c['peak_mb']:.0f} MB, workers not counted)")
+    if not a.no_slicer_job:
+        loads.append(os.getloadavg()[0])
+        print_slicer_job(slicer_job(a.threads, a.repeat), net)
     worst = max(loads + [os.getloadavg()[0]])
     print(f"\nload average during the run: up to {worst:.2f} on {os.cpu_count()} cores" +
           (f" -- {busy_warning(worst)}" if busy_warning(worst) else " (quiet)"))

@@ -6,10 +6,14 @@ Lesion cases from the benchmark slice cache (read-only) if it exists, else gener
 (vaeanomaly.synth.make_subject(seed, lesion=True)); brain slices only, batched (batch_size at a time), as
 score_volume runs the projection. The early-stopping rule is predictors._project's: stop once the last 10
 steps lowered the batch's energy by at most a fraction proj_tol; proj_steps (100, the paper's N) is the maximum.
+Each row also gives the network time (compute_maps, Rec-grad, on the first case's slices, measured just before
+the row) and the row's time as a ratio to it, the load average, and the process's peak memory so far (ru_maxrss).
 """
 from __future__ import annotations
 
 import argparse
+import os
+import resource
 import sys
 import time
 from pathlib import Path
@@ -50,13 +54,19 @@ def main():
     torch.set_num_threads(a.threads)
     from vaeanomaly.checkpoint import load_checkpoint
     from vaeanomaly.metrics import pixel_metrics
-    from vaeanomaly.predictors import PredictorOptions, _project
+    from vaeanomaly.predictors import PredictorOptions, _project, compute_maps
     ck = load_checkpoint(None)
     model = ck.model.eval().requires_grad_(False)
     source, cases = lesion_cases(Path(a.cache), a.cases)
     print(f"model {ck.name}; {source}; {a.threads} threads")
-    print("| proj_tol | steps per batch (mean, max) | AUROC in brain | AP | seconds |\n|---|---|---|---|---|")
+    print("| proj_tol | steps per batch (mean, max) | AUROC in brain | AP | seconds | per case / network | load | "
+          "peak RSS (MB) |\n|---|---|---|---|---|---|---|---|")
     for tol in [0.0] + list(a.tol):
+        compute_maps(model, cases[0][1], ["rec-grad"], ck.beta)  # the network time, just before the row
+        t_net = time.perf_counter()
+        compute_maps(model, cases[0][1], ["rec-grad"], ck.beta)
+        t_net = time.perf_counter() - t_net
+        load = os.getloadavg()[0]
         opts = PredictorOptions(proj_tol=tol)
         scores, labels, steps, t = [], [], [], time.perf_counter()
         for _, slices, brain, label in cases:
@@ -78,7 +88,9 @@ def main():
         dt = time.perf_counter() - t
         m = pixel_metrics(np.concatenate(scores), np.concatenate(labels))
         print(f"| {tol:g}{' (off: N = 100)' if tol == 0 else ''} | {np.mean(steps):.0f}, {max(steps)} | "
-              f"{m['auroc']:.4f} | {m['ap']:.4f} | {dt:.1f} |", flush=True)
+              f"{m['auroc']:.4f} | {m['ap']:.4f} | {dt:.1f} | {dt / len(cases) / t_net:.0f}x ({1000 * t_net:.0f} ms) | "
+              f"{max(load, os.getloadavg()[0]):.2f} | {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} |",
+              flush=True)
 
 
 if __name__ == "__main__":
