@@ -328,7 +328,8 @@ def _fine_tune(net, beta, x, b, x_ho, o: AdaptOptions, device, progress, log) ->
             else:
                 since += 1
             elapsed = time.monotonic() - t0
-            progress(max(epoch / o.max_epochs, elapsed / (60 * o.minutes), since / o.patience if o.patience else 0))
+            progress(min(1.0, max(epoch / o.max_epochs, elapsed / (60 * o.minutes),
+                                  since / o.patience if o.patience else 0)))  # never past the stage's end
             if since >= o.patience:
                 why = f"no held-out improvement for {o.patience} epochs"
                 break
