@@ -182,3 +182,14 @@ def test_lesion_scan_among_healthy_is_refused(site, tmp_path):
     with pytest.raises(AdaptError, match="lesion.nii.gz .* stand out"):
         adapt([*scans, d / "lesion.nii.gz"], tmp_path / "a.safetensors", masks=[*masks, d / "lesion_mask.nii.gz"],
               options=AdaptOptions(minutes=0.1, max_epochs=1))
+
+
+def test_progress_only_moves_forward(epi, tmp_path):
+    """The progress bar never runs past a stage and back: a fine-tuning budget overrun (here: after the
+    first epoch) reports the stage's end, not more."""
+    scans, masks = epi
+    seen = []
+    adapt(scans, tmp_path / "p.safetensors", BASE, masks, AdaptOptions(minutes=0.001, max_epochs=3, allow_mixed=True),
+          progress=seen.append)
+    assert seen[-1] == 1.0 and all(0.0 <= f <= 1.0 for f in seen)
+    assert all(b >= a for a, b in zip(seen, seen[1:])), seen
