@@ -311,35 +311,7 @@ def test_projection_on_brain_slices_only_and_early_stop(random_model):
     assert seen[-1] == pytest.approx(1.0)
 
 
-# --------------------------------------------------------------------------- the fused pass (issue 11)
-def old_fused_grads(model, x):
-    """The replaced fused pass: two separate encoder backwards (reconstruction path, then KL path)."""
-    from vaeanomaly.model import kl_loss, rec_loss
-    x = x.detach().requires_grad_(True)
-    mu, log_sigma = model.encode(x)
-    mu_d = mu.detach().requires_grad_(True)
-    x_rec = model.decode(mu_d)
-    (g_mu,) = torch.autograd.grad(rec_loss(x.detach(), x_rec).sum(), mu_d)
-    (g_enc,) = torch.autograd.grad(mu, x, g_mu, retain_graph=True)
-    (g_kl,) = torch.autograd.grad(kl_loss(mu, log_sigma).sum(), x)
-    return (x.detach() - x_rec.detach()) + g_enc, g_kl
-
-
-def test_one_batched_encoder_backward_equals_two(random_model):
-    """Rec-grad and KL-grad cotangents through one batched encoder backward give the two separate
-    backwards' gradients (float rounding at most), alone or together."""
-    from vaeanomaly.predictors import _fused_batch
-    x = torch.as_tensor(np.random.default_rng(1).normal(size=(5, 1, 64, 64)).astype(np.float32))
-    model = random_model.requires_grad_(False)
-    g_rec, g_kl = old_fused_grads(model, x)
-    both = _fused_batch(model, x, {"rec-grad", "kl-grad"})
-    np.testing.assert_allclose(both["g_rec"].numpy(), g_rec.numpy(), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(both["g_kl"].numpy(), g_kl.numpy(), rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(_fused_batch(model, x, {"rec-grad"})["g_rec"].numpy(), g_rec.numpy(), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(_fused_batch(model, x, {"kl-grad"})["g_kl"].numpy(), g_kl.numpy(), rtol=1e-5, atol=1e-7)
-    assert set(_fused_batch(model, x, {"rec-error"})) == {"x_rec", "rec-error"}
-
-
+# --------------------------------------------------------------------------- the fused pass on brain slices (issue 11)
 def test_fused_maps_on_brain_slices_only(random_model):
     """With a brain mask, the fused maps are computed on the brain slices only: the same values there as
     computing every slice (up to float rounding), 0 on the others. Combi without constants normalises over all slices passed, so

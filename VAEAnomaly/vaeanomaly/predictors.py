@@ -2,8 +2,8 @@
 
 One call (`compute_maps`) returns any subset of the maps for all slices of one volume, sharing
 the forward/backward passes: one encoder forward, one decoder forward, one decoder backward and
-one encoder backward carrying both cotangents (reconstruction and KL paths, batched) give Rec-Error,
-Rec-grad, KL-grad, ELBO-grad and Combi together; Proj-Rec-Error runs its own iterative projection.
+two encoder backwards (reconstruction and KL paths) give Rec-Error, Rec-grad, KL-grad, ELBO-grad
+and Combi together; Proj-Rec-Error runs its own iterative projection.
 
 `reference_map` computes one map at a time the way the reference code does (a separate full
 autograd pass per predictor); it exists for the tests and the benchmark.
@@ -92,38 +92,24 @@ def _fused_batch(model: VAE, x: torch.Tensor, need: set[str]) -> dict[str, torch
 
     g_rec = dL_rec/dx = (x - x̂) + J_mu^T dL_rec/dmu   (direct term + path through the encoder)
     g_kl  = dL_KL/dx  = J_mu^T mu + J_logsigma^T (sigma^2 - 1)
-    Both encoder terms are J_h^T c for the encoder output h = (mu, log sigma) and a cotangent c (dL_rec/dmu, 0)
-    or dL_KL/dh = (mu, sigma^2 - 1): when both are needed they go through ONE encoder backward with the two
-    cotangents batched (is_grads_batched), which gives the two separate calls' values.
     """
-    grads = any(n in _GRAD_MAPS for n in need)
-    x = x.detach().requires_grad_(grads)
-    with torch.set_grad_enabled(grads):
-        h = model.encoder(x).flatten(1)                    # = model.encode(x), kept whole for the backward
-        mu, log_sigma = h.chunk(2, dim=1)
-        mu_d = mu.detach().requires_grad_(grads)
+    x = x.detach().requires_grad_(any(n in _GRAD_MAPS for n in need))
+    with torch.set_grad_enabled(x.requires_grad):
+        mu, log_sigma = model.encode(x)
+        mu_d = mu.detach().requires_grad_(x.requires_grad)
         x_rec = model.decode(mu_d)
         out = {"x_rec": x_rec.detach(), "rec-error": (x.detach() - x_rec.detach()).pow(2)}
-        if not grads:
+        if not x.requires_grad:
             return out
         need_rec = bool(need & {"rec-grad", "elbo-grad"})
         need_kl = bool(need & {"elbo-grad", "kl-grad", "combi"})
-        cot = []
         if need_rec:
-            (g_mu,) = torch.autograd.grad(rec_loss(x.detach(), x_rec).sum(), mu_d)    # decoder backward
-            cot.append(torch.cat([g_mu, torch.zeros_like(log_sigma)], 1))
+            rec = rec_loss(x.detach(), x_rec).sum()
+            (g_mu,) = torch.autograd.grad(rec, mu_d)                                # decoder backward
+            (g_enc,) = torch.autograd.grad(mu, x, g_mu, retain_graph=need_kl)      # encoder backward 1
+            out["g_rec"] = (x.detach() - x_rec.detach()) + g_enc
         if need_kl:
-            (g_h,) = torch.autograd.grad(kl_loss(mu, log_sigma).sum(), h, retain_graph=True)  # dL_KL/dh
-            cot.append(g_h)
-        if len(cot) == 2:                                                            # encoder backward
-            g_rec, g_kl = torch.autograd.grad(h, x, torch.stack(cot), is_grads_batched=True)[0]
-        else:
-            (g,) = torch.autograd.grad(h, x, cot[0])
-            g_rec, g_kl = (g, None) if need_rec else (None, g)
-        if need_rec:
-            out["g_rec"] = (x.detach() - x_rec.detach()) + g_rec
-        if need_kl:
-            out["g_kl"] = g_kl
+            (out["g_kl"],) = torch.autograd.grad(kl_loss(mu, log_sigma).sum(), x)  # encoder backward 2
     return out
 
 
