@@ -170,6 +170,8 @@ def test_refusals_before_anything_starts(scene, site_images, models_dir, tmp_pat
     (models_dir / "taken.safetensors").write_bytes(b"x")
     heat = add_volume(scene, site_images[0][0], "a heatmap")
     heat.SetAttribute("VAEAnomaly.Predictor", "rec-grad")
+    rec = add_volume(scene, site_images[0][0], "a reconstruction")
+    rec.SetAttribute("VAEAnomaly.ReconstructionOf", vols[0].GetID())  # as logic.add_results marks it
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "brain_mask.nii.gz").write_bytes(b"")  # masks are not scans
@@ -178,7 +180,8 @@ def test_refusals_before_anything_starts(scene, site_images, models_dir, tmp_pat
     ctl = PanelController(scene, PanelParams(), user)
     cases = [((), "x", "pick the healthy scans"), (vols, "taken", "exists"),
              (vols, bundled_models()[0], "bundled model"), (vols, "", "cannot be a model name"),
-             (vols, "../escape", "cannot be a model name"), (vols + [heat], "new", "heatmap computed by this module")]
+             (vols, "../escape", "cannot be a model name"), (vols + [heat], "new", "heatmap computed by this module"),
+             (vols + [rec], "new", "reconstruction computed by this module")]
     for k, (v, name, why) in enumerate(cases):
         assert not ctl.start_adapt(v, name=name) and ctl.adapt_job is None, name
         assert user.kinds() == ["error"] * (k + 1) and why in user.shown[-1][1], (why, user.shown[-1])

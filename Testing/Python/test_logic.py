@@ -111,6 +111,7 @@ def test_subprocess_job_equals_in_process(scene, tiny_checkpoint):
     smoothed = score_volume(ck, img, None, ["kl-grad"])["kl-grad"]
     assert not np.allclose(logic.heatmap_array(heat), sitk.GetArrayFromImage(smoothed), rtol=1e-3, atol=1e-6)
     assert result.reconstruction is not None and logic.lastReconstruction is result.reconstruction
+    assert result.reconstruction.GetAttribute("VAEAnomaly.ReconstructionOf") == node.GetID()  # not a scan to adapt on
     # the calibrated threshold travels as a number, not a string attribute parsed back; it holds only for
     # the options it was calibrated with (smoothing), and the job says so
     assert result.calibrated is None and "options" in result.calibration_note

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .logic import MODULE_DIR, kill_process_tree, python_executable
+from .worker import CANCEL_GRACE, child_env, child_group, kill_process_tree, python_executable
 
 ENV_USER_MODELS = "VAEANOMALY_USER_MODELS"
 SCAN_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr")  # what a chosen folder contributes
@@ -177,6 +177,8 @@ class AdaptJob:
         for v in volumes:
             if not _is_file_item(v) and v.GetAttribute("VAEAnomaly.Predictor"):
                 raise AdaptJobError(f"'{v.GetName()}' is a heatmap computed by this module, not a scan")
+            if not _is_file_item(v) and v.GetAttribute("VAEAnomaly.ReconstructionOf"):
+                raise AdaptJobError(f"'{v.GetName()}' is a reconstruction computed by this module, not a scan")
         self.tmp = Path(tempfile.mkdtemp(prefix="vaeanomaly-adapt-"))
         try:
             scans, mask_files, used = [], [], set()
@@ -226,13 +228,9 @@ class AdaptJob:
 
     # ------------------------------------------------------------------ the child
     def start(self):
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join([str(MODULE_DIR)] + [p for p in [env.get("PYTHONPATH")] if p])
-        group = ({"start_new_session": True} if os.name == "posix"
-                 else {"creationflags": getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0)})
         try:
             self.proc = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                         encoding="utf-8", errors="replace", env=env, **group)
+                                         encoding="utf-8", errors="replace", env=child_env(), **child_group())
         except Exception:
             self.cleanup()
             raise
@@ -284,7 +282,7 @@ class AdaptJob:
     def cancel(self) -> None:
         """Stop the child and everything it started, then remove the temporary folder: nothing is written."""
         if self.proc is not None:
-            kill_process_tree(self.proc)
+            kill_process_tree(self.proc, CANCEL_GRACE)  # on the GUI thread: at most about 2 x 0.5 s
         self.cleanup()
 
     def finish(self) -> AdaptResult:

@@ -34,7 +34,6 @@ TERMINOLOGY_ENTRY = ("Segmentation category and type - DICOM master list"
                      "~^^")
 SEGMENT_COLOR = (144 / 255, 238 / 255, 144 / 255)  # the type's recommendedDisplayRGBValue in the same file
 HEAT_TABLE_NAME = "VAEAnomaly Heat"
-MODULE_DIR = Path(__file__).resolve().parent.parent  # holds the vaeanomaly core package
 
 # inferno anchor colours (matplotlib's, sampled every 1/8) for the self-built heat table
 _INFERNO = [(0.001, 0.000, 0.014), (0.106, 0.047, 0.255), (0.316, 0.071, 0.485), (0.512, 0.152, 0.509),
@@ -226,6 +225,7 @@ class VAEAnomalyLogic:
             rec.SetName(self.scene.GenerateUniqueName(f"{inputVolume.GetName()} reconstruction"))
             self.scene.AddNode(rec)
             set_node_from_image(rec, maps["reconstruction"])
+            rec.SetAttribute("VAEAnomaly.ReconstructionOf", inputVolume.GetID())  # not a scan (adapt refuses it)
             rec.CreateDefaultDisplayNodes()
             self.lastReconstruction = rec
         return node

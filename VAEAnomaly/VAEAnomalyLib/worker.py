@@ -42,7 +42,24 @@ def python_executable() -> str:
     return shutil.which("PythonSlicer") or sys.executable
 
 
-# ----------------------------------------------------------------------------- stopping a process tree
+# ----------------------------------------------------------------------------- starting and stopping a process tree
+def child_env() -> dict:
+    """The environment of our children: the module folder on PYTHONPATH (the core library), UTF-8 pipes."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(MODULE_DIR)] + [p for p in [env.get("PYTHONPATH")] if p])
+    env.setdefault("PYTHONIOENCODING", "utf-8")
+    return env
+
+
+def child_group() -> dict:
+    """Popen arguments that put a child in its own process group (so kill_process_tree stops all of it) and,
+    on Windows, show no console window: PythonSlicer.exe is a console program started from a GUI process
+    (Slicer's own slicer.util.launchConsoleProcess hides the window the same way)."""
+    if os.name == "posix":
+        return {"start_new_session": True}
+    return {"creationflags": getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0) | getattr(subprocess, "CREATE_NO_WINDOW", 0)}
+
+
 def kill_process_tree(proc: subprocess.Popen, grace: float = 5.0) -> None:
     """Stop a child and everything it started. Inside Slicer the child is the PythonSlicer launcher and
     the real Python runs as *its* child, so killing only `proc` leaves the computation running
@@ -63,7 +80,8 @@ def kill_process_tree(proc: subprocess.Popen, grace: float = 5.0) -> None:
                 break
         proc.poll()
     else:  # Windows: taskkill /T ends the launcher and its children
-        subprocess.run(["taskkill", "/F", "/T", "/PID", str(proc.pid)], capture_output=True)
+        subprocess.run(["taskkill", "/F", "/T", "/PID", str(proc.pid)], capture_output=True,
+                       creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0))
         try:
             proc.wait(grace)
         except subprocess.TimeoutExpired:
@@ -147,14 +165,9 @@ class Worker:
 
     def __init__(self, launcher: str):
         self.launcher = launcher
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join([str(MODULE_DIR)] + [p for p in [env.get("PYTHONPATH")] if p])
-        env.setdefault("PYTHONIOENCODING", "utf-8")
-        group = ({"start_new_session": True} if os.name == "posix"
-                 else {"creationflags": getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0)})
         self.proc = subprocess.Popen([launcher, "-m", WORKER_MODULE], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, encoding="utf-8",
-                                     errors="replace", bufsize=1, env=env, **group)
+                                     errors="replace", bufsize=1, env=child_env(), **child_group())
         self.pid: Optional[int] = None  # the Python worker's own pid (the launcher's child inside Slicer)
         self.ready = threading.Event()
         self.current: Optional[Ticket] = None
