@@ -441,6 +441,28 @@ def _products(left: np.ndarray, a: np.ndarray, right: np.ndarray) -> np.ndarray:
     return np.matmul(left, t)
 
 
+def _threads() -> int:
+    """Threads for the slab loops: torch's setting when torch is loaded (torch.set_num_threads is respected),
+    else the cores."""
+    import sys
+    torch = sys.modules.get("torch")
+    return max(1, torch.get_num_threads() if torch is not None else (os.cpu_count() or 1))
+
+
+def _for_slabs(z0: int, z1: int, fn) -> None:
+    """fn(k, e) for the slabs [k, e) of _SLAB slices covering [z0, z1); the slabs are independent (each writes
+    its own slices), so they run on _threads() threads at once (numpy's products and ufuncs release the GIL)."""
+    starts = list(range(z0, z1, _SLAB))
+    n = min(_threads(), len(starts))
+    if n < 2:
+        for k in starts:
+            fn(k, min(k + _SLAB, z1))
+        return
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(n) as pool:
+        list(pool.map(lambda k: fn(k, min(k + _SLAB, z1)), starts))  # (list: re-raises a slab's exception)
+
+
 def _one_blas_thread():
     """The products are small: one BLAS thread does them as fast as two on a quiet machine and much faster on a
     busy one (waiting BLAS threads spin), and leaves the other cores to the network (torch has its own pool)."""
@@ -623,12 +645,12 @@ def prepare(img: sitk.Image, mask: Optional[sitk.Image] = None,
         wx, wy = _grid_matrices(o, grid, prep, prep.antialias)
         lx, ly = _grid_matrices(o, grid, prep, False)  # the mask: interpolation only
         wx, wy, lx, ly = wx[:, x0:x1], wy[:, y0:y1], lx[:, x0:x1], ly[:, y0:y1]
-        for k in range(z0, z1, _SLAB):  # dense products: ~10x faster here than gathering the narrow bands
-            e = min(k + _SLAB, z1)
+        def slab(k, e):  # dense products: ~10x faster here than gathering the narrow bands
             mk = m_o[k:e, y0:y1, x0:x1]
             z = np.where(mk, (a_o[k:e, y0:y1, x0:x1] - mean) / std, 0).astype(np.float32)
             slices[k:e] = _products(wy, z, wx)
             brain[k:e] = _products(ly, mk.astype(np.float32), lx) > 0.5
+        _for_slabs(z0, z1, slab)
     slices = np.clip(np.where(brain, slices, 0), -prep.clip, prep.clip).astype(np.float32)
     return Prepared(slices, brain, grid, img, m, lps_box)
 
@@ -679,10 +701,10 @@ def to_input_grid(maps: np.ndarray, p: Prepared) -> sitk.Image:
     m_o = _lps_view(sitk.GetArrayViewFromImage(p.mask), o)
     (z0, z1), (y0, y1), (x0, x1) = p.box or _box(m_o)  # 0 outside the mask's box
     bx, by = bx[x0:x1], by[y0:y1]
+    def slab(k, e):
+        out_o[k:e, y0:y1, x0:x1] = _products(by, maps[k:e], bx) * m_o[k:e, y0:y1, x0:x1]
     with _one_blas_thread():
-        for k in range(z0, z1, _SLAB):
-            e = min(k + _SLAB, z1)
-            out_o[k:e, y0:y1, x0:x1] = _products(by, maps[k:e], bx) * m_o[k:e, y0:y1, x0:x1]
+        _for_slabs(z0, z1, slab)
     img = sitk.GetImageFromArray(out)
     img.CopyInformation(p.image)
     return img
