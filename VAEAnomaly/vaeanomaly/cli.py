@@ -282,7 +282,7 @@ def write_score_outputs(plan: ScorePlan, maps: dict) -> None:
 
 
 def cmd_score(a) -> int:
-    from .volume import read_image, score_volume
+    from .volume import read_image
     if isinstance(a.input, (list, tuple)):  # many inputs (files, a folder of volumes, a glob, a CSV): cohort.py
         from .cohort import cmd_score_many, is_cohort
         if is_cohort(a.input):
@@ -291,18 +291,27 @@ def cmd_score(a) -> int:
     plan = plan_score(a)                                 # everything checked, nothing computed yet
     img = read_image(a.input)                            # read whole and checked
     mask = read_image(a.mask, "mask") if a.mask else None
-    if getattr(a, "report", None):  # the out-of-distribution verdict (issue 8): written before scoring, which may refuse
-        from .verdict import score_report
-        score_report(a.report, plan.checkpoint, img, mask, plan.names[0], plan.options, pick_device(a.device),
-                     inputs=(a.input, a.mask))
-    prog = Progress(a.progress, "scoring")
-    try:
-        maps = score_volume(plan.checkpoint, img, mask, plan.names, plan.options, pick_device(a.device),
-                            progress=prog)
-    finally:
-        prog.close()
+    maps = run_score(a, plan.checkpoint, img, mask, plan.names, plan.options)
     write_score_outputs(plan, maps)
     return 0
+
+
+def run_score(a, checkpoint, img, mask, names, options) -> dict:
+    """The computation of `vaeanomaly score` for one volume (also the warm scoring worker's): the heatmaps
+    on the input grid and, with --report, the out-of-distribution verdict from the same network pass."""
+    from .volume import score_volume
+    device = pick_device(a.device)
+    prog = Progress(a.progress, "scoring")
+    try:
+        if getattr(a, "report", None):
+            from .verdict import score_with_report
+            maps, _ = score_with_report(a.report, checkpoint, img, mask, names, options, device,
+                                        inputs=(a.input, a.mask), progress=prog)
+        else:
+            maps = score_volume(checkpoint, img, mask, names, options, device, progress=prog)
+    finally:
+        prog.close()
+    return maps
 
 
 # --------------------------------------------------------------------------- other commands

@@ -174,14 +174,9 @@ def score_many(checkpoint, items: list[Item], names: list[str], out: Path, optio
     rank, world, _ = dist_info()
     mine = items[rank::world]
     prep = Preprocessing.from_dict(checkpoint.preprocessing)
-    flag = None
-    try:
-        from .verdict import _flag_predictor, assess_slices
-        flag = _flag_predictor(checkpoint, names[0] if names else None)
-    except ImportError:  # no verdict module: the summary has flagged % only where a threshold is known
-        assess_slices = None
-    grid_names = list(dict.fromkeys(list(names) + ["rec-error"] + ([flag] if flag else [])))
-    kw = inference_kwargs(checkpoint, grid_names, opts)
+    from .verdict import assess_slices, grid_names
+    on_grid = grid_names(checkpoint, names)  # the heatmaps and what the verdict reads, in one pass
+    kw = inference_kwargs(checkpoint, on_grid, opts)
     loader = DataLoader(_Volumes(mine, prep), batch_size=None, shuffle=False, num_workers=workers,
                         collate_fn=_identity, prefetch_factor=2 if workers else None,
                         persistent_workers=False)
@@ -231,15 +226,15 @@ def score_many(checkpoint, items: list[Item], names: list[str], out: Path, optio
                 print(f"[{rank}] error {it.volume}: {p}", file=log, flush=True)
                 continue
             t0 = time.perf_counter()
-            maps = compute_maps(checkpoint.model, p.slices, grid_names, checkpoint.beta, opts, device,
+            maps = compute_maps(checkpoint.model, p.slices, on_grid, checkpoint.beta, opts, device,
                                 brain=p.brain, **kw)
-            if assess_slices is not None:
-                v = assess_slices(checkpoint, p.slices, p.brain, names[0] if names else None, opts, device, maps=maps)
-                row.update({"in_distribution": v["in_distribution"], "fit": v["fit"] if v["fit"] is not None else "",
-                            "flagged_percent": v["flagged_percent"] if v["flagged_percent"] is not None else "",
-                            "predictor": v["predictor"] or "",
-                            "threshold": v["threshold"] if v["threshold"] is not None else "",
-                            "message": " | ".join(v["warnings"])})
+            # the verdict on the maps just computed
+            v = assess_slices(checkpoint, p.slices, p.brain, names[0] if names else None, opts, device, maps=maps)
+            row.update({"in_distribution": v["in_distribution"], "fit": v["fit"] if v["fit"] is not None else "",
+                        "flagged_percent": v["flagged_percent"] if v["flagged_percent"] is not None else "",
+                        "predictor": v["predictor"] or "",
+                        "threshold": v["threshold"] if v["threshold"] is not None else "",
+                        "message": " | ".join(v["warnings"])})
             todo.put((row, p, maps, t0))
     finally:
         todo.put(None)

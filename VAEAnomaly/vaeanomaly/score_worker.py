@@ -12,8 +12,8 @@ Protocol, one JSON object per line (UTF-8):
           {"id": N, "line": TEXT}      what `vaeanomaly score` prints on stderr ("PROGRESS ..." lines included)
           {"id": N, "done": RC, "pid": P, "model_cached": BOOL, "seconds": S}   RC as the command line's exit code
 
-A request is computed by the functions `vaeanomaly score` uses (`verdict.score_report` for --report,
-`volume.score_volume`); the difference is where the time goes: the checkpoint comes from a cache (keyed by
+A request is computed by `vaeanomaly score`'s own function (`cli.run_score`: `volume.score_volume`, and
+`verdict.score_with_report` for --report); the difference is where the time goes: the checkpoint comes from a cache (keyed by
 its path, modification time and size, so a rewritten file is loaded again), and the maps are written as
 *uncompressed* NRRD (`<FOLDER>/<map>.nrrd`) for the parent to read back at once. The process never imports
 slicer or vtk. Nothing here unpickles anything: requests are JSON, checkpoints safetensors.
@@ -95,7 +95,7 @@ def score(argv, models: ModelCache) -> bool:
     """One `vaeanomaly score` request for a single volume; maps into the output folder as <name>.nrrd.
     Returns whether the checkpoint came from the cache. Raises what `vaeanomaly score` raises."""
     from . import cli
-    from .volume import read_image, score_volume
+    from .volume import read_image
     try:
         a = cli.build_parser().parse_args(list(argv))
     except SystemExit:  # argparse printed the usage and the error
@@ -109,17 +109,10 @@ def score(argv, models: ModelCache) -> bool:
     opts = cli._options(a)                                  # the command line's checks
     ck, cached = models.get(a.model)
     names = cli._predictors(a.predictor, ck, opts)
-    device = cli.pick_device(a.device)
-    img = read_image(a.input[0])
+    a.input = a.input[0]
+    img = read_image(a.input)
     mask = read_image(a.mask, "mask") if a.mask else None
-    if a.report:  # as `vaeanomaly score --report`: written before scoring, which may refuse
-        from .verdict import score_report
-        score_report(a.report, ck, img, mask, names[0], opts, device, inputs=(a.input[0], a.mask))
-    prog = cli.Progress(a.progress, "scoring")
-    try:
-        maps = score_volume(ck, img, mask, names, opts, device, progress=prog)
-    finally:
-        prog.close()
+    maps = cli.run_score(a, ck, img, mask, names, opts)  # exactly `vaeanomaly score`'s computation
     out.mkdir(parents=True, exist_ok=True)
     for name, m in maps.items():
         _write_uncompressed(m, out / f"{name}.nrrd")

@@ -273,6 +273,30 @@ def input_checks(image, mask_given: bool, mask=None) -> tuple[dict, list[str], b
     return fields, warnings, True
 
 
+def grid_names(checkpoint, names) -> list:
+    """`names` plus the maps the verdict reads on the model grid (rec-error, the flagged predictor), so one
+    network pass serves the heatmaps and the verdict."""
+    flag = _flag_predictor(checkpoint, names[0] if names else None)
+    return list(dict.fromkeys(list(names) + ["rec-error"] + ([flag] if flag else [])))
+
+
+def _input_part(checkpoint, image, mask) -> tuple[dict, bool]:
+    """The report's input-grid part (mask, brain volume, coverage, noise) and whether the scan can be scored."""
+    from .volume import mask_for
+    fields, warnings, scoreable = input_checks(image, mask is not None, mask_for(image, mask) if mask is not None else None)
+    base = {"in_distribution": scoreable and not warnings, "fit": None, "fit_range": None, "flagged_percent": None,
+            "predictor": None, "threshold": None, "model": checkpoint.name, **fields, "warnings": list(warnings)}
+    return base, scoreable
+
+
+def _with_grid_part(base: dict, grid: dict) -> dict:
+    report = dict(base)
+    report.update({k: v for k, v in grid.items() if k != "warnings"})
+    report["warnings"] = list(base["warnings"]) + grid["warnings"]
+    report["in_distribution"] = base["in_distribution"] and grid["in_distribution"]
+    return report
+
+
 def assess(checkpoint, image, mask=None, predictor: Optional[str] = None, options=None, device="cpu") -> dict:
     """The verdict for one scan (a SimpleITK image, and a brain mask or None for the automatic one).
 
@@ -283,19 +307,12 @@ def assess(checkpoint, image, mask=None, predictor: Optional[str] = None, option
     A head that is not skull-stripped and comes without a mask is not scored (fit and flagged_percent
     null, in_distribution false)."""
     from .preprocessing import Preprocessing
-    from .volume import mask_for, prepare
-    fields, warnings, scoreable = input_checks(image, mask is not None, mask_for(image, mask) if mask is not None else None)
-    base = {"in_distribution": not warnings, "fit": None, "fit_range": None, "flagged_percent": None,
-            "predictor": None, "threshold": None, "model": checkpoint.name, **fields, "warnings": list(warnings)}
+    from .volume import prepare
+    base, scoreable = _input_part(checkpoint, image, mask)
     if not scoreable:
-        base["in_distribution"] = False
         return base
     p = prepare(image, mask, Preprocessing.from_dict(checkpoint.preprocessing))
-    grid = assess_slices(checkpoint, p.slices, p.brain, predictor, options, device)
-    base.update({k: v for k, v in grid.items() if k != "warnings"})
-    base["warnings"] = list(warnings) + grid["warnings"]
-    base["in_distribution"] = not warnings and grid["in_distribution"]
-    return base
+    return _with_grid_part(base, assess_slices(checkpoint, p.slices, p.brain, predictor, options, device))
 
 
 def write_report(path, report: dict) -> Path:
@@ -316,16 +333,47 @@ def summary(report: dict) -> str:
     return "\n".join([f"verdict: {head}"] + [f"  warning: {w}" for w in report["warnings"]])
 
 
-def score_report(path, checkpoint, image, mask=None, predictor: Optional[str] = None, options=None, device="cpu",
-                 inputs=()) -> dict:
-    """`vaeanomaly score ... --report R.json`: assess, write the JSON, print the summary to stderr."""
-    import sys
+def check_report_path(path, inputs=()) -> Path:
     p = Path(path)
     if not p.name.lower().endswith(".json"):
         raise ValueError(f"--report '{p}' must be a .json file")
     if any(x and Path(x).resolve() == p.resolve() for x in inputs):
         raise ValueError(f"--report '{p}' is one of the inputs; choose another file name")
+    return p
+
+
+def _publish(path: Path, report: dict) -> None:
+    import sys
+    write_report(path, report)
+    print(summary(report) + f"\nwrote {path}", file=sys.stderr)
+
+
+def score_report(path, checkpoint, image, mask=None, predictor: Optional[str] = None, options=None, device="cpu",
+                 inputs=()) -> dict:
+    """Assess one scan, write the JSON report, print the summary to stderr (the verdict alone)."""
+    p = check_report_path(path, inputs)
     report = assess(checkpoint, image, mask, predictor, options, device)
-    write_report(p, report)
-    print(summary(report) + f"\nwrote {p}", file=sys.stderr)
+    _publish(p, report)
     return report
+
+
+def score_with_report(path, checkpoint, image, mask=None, names=("rec-grad",), options=None, device="cpu",
+                      inputs=(), progress=None, cancel=None) -> tuple[dict, dict]:
+    """`vaeanomaly score ... --report R.json`: the heatmaps (volume.score_volume) and the verdict from ONE
+    preparation and ONE network pass (the verdict's maps ride along, grid_names). The report is written
+    before a refusal (a head that is not skull-stripped, without a mask), after the heatmaps otherwise.
+    Returns (maps on the input grid, report)."""
+    from .volume import score_volume
+    p = check_report_path(path, inputs)
+    base, scoreable = _input_part(checkpoint, image, mask)
+    if not scoreable:
+        _publish(p, base)  # then score_volume refuses, with the same message as without --report
+    keep: dict = {}
+    maps = score_volume(checkpoint, image, mask, names, options, device, progress=progress, cancel=cancel,
+                        also=grid_names(checkpoint, names), keep=keep)
+    pr = keep["prepared"]
+    grid = assess_slices(checkpoint, pr.slices, pr.brain, names[0] if names else None, options, device,
+                         maps=keep["maps"])
+    report = _with_grid_part(base, grid)
+    _publish(p, report)
+    return maps, report

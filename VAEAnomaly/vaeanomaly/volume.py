@@ -729,15 +729,21 @@ def label_on_grid(seg: sitk.Image, grid: sitk.Image) -> np.ndarray:
 # --------------------------------------------------------------------------- volume in, heatmaps out
 def score_volume(checkpoint, img: sitk.Image, mask: Optional[sitk.Image] = None, predictors=("rec-grad",),
                  options=None, device="cpu", progress: Optional[Callable[[float], None]] = None,
-                 cancel: Optional[Callable[[], bool]] = None) -> dict[str, sitk.Image]:
-    """Heatmaps on the exact input grid, one per requested predictor (and 'reconstruction')."""
+                 cancel: Optional[Callable[[], bool]] = None, also=(),
+                 keep: Optional[dict] = None) -> dict[str, sitk.Image]:
+    """Heatmaps on the exact input grid, one per requested predictor (and 'reconstruction').
+    also: further maps computed in the same pass and kept on the model grid only (the verdict's);
+    keep: a dict that receives 'prepared' (the Prepared model-grid data) and 'maps' (every map on the grid)."""
     from .calibration import inference_kwargs
     from .predictors import compute_maps
+    names = list(dict.fromkeys(list(predictors) + list(also)))
     p = prepare(img, mask, Preprocessing.from_dict(checkpoint.preprocessing))
-    maps = compute_maps(checkpoint.model, p.slices, predictors, checkpoint.beta, options, device,
+    maps = compute_maps(checkpoint.model, p.slices, names, checkpoint.beta, options, device,
                         progress=progress, cancel=cancel, brain=p.brain,  # projection: brain slices only
-                        **inference_kwargs(checkpoint, predictors, options))
+                        **inference_kwargs(checkpoint, names, options))
+    if keep is not None:
+        keep.update(prepared=p, maps=maps)
     out = {}
-    for name, m in maps.items():  # 'reconstruction' stays in z-score units
-        out[name] = to_input_grid(np.where(p.brain, m, 0), p)
+    for name in predictors:  # 'reconstruction' stays in z-score units
+        out[name] = to_input_grid(np.where(p.brain, maps[name], 0), p)
     return out
