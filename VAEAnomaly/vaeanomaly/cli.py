@@ -480,10 +480,26 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
     print(f"vaeanomaly: warning: {message}", file=sys.stderr)
 
 
-def main(argv=None) -> int:
+def error_exit(err: BaseException, debug_hint: bool = True) -> tuple[int, str]:
+    """(exit code, the one line printed) for an error ending a command (also the warm worker's jobs)."""
     from .checkpoint import CheckpointError
     from .predictors import Cancelled
     from .volume import VolumeError
+    if isinstance(err, Cancelled):
+        return 130, "vaeanomaly: cancelled"
+    if isinstance(err, (VolumeError, CheckpointError, ValueError, OSError)):  # files, permissions, a full disk
+        return 2, f"vaeanomaly: error: {err}"
+    if isinstance(err, MemoryError):
+        return 2, "vaeanomaly: error: out of memory; crop or resample the volume, or lower --batch-size"
+    msg = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    if "out of memory" in msg.lower():
+        return 2, f"vaeanomaly: error: out of memory on the device ({msg}); lower --batch-size or use --device cpu"
+    hint = "run again with --debug for the traceback, and " if debug_hint else ""
+    return 1, f"vaeanomaly: error: unexpected {type(err).__name__}: {msg} ({hint}please report it)"
+
+
+def main(argv=None) -> int:
+    from .predictors import Cancelled
     a = build_parser().parse_args(argv)
     debug = getattr(a, "debug", False)
     old = warnings.showwarning
@@ -495,31 +511,12 @@ def main(argv=None) -> int:
             raise
         print("vaeanomaly: interrupted; no output was written partially", file=sys.stderr)
         return 130
-    except Cancelled:
-        print("vaeanomaly: cancelled", file=sys.stderr)
-        return 130
-    except (VolumeError, CheckpointError, ValueError, OSError) as err:  # files, permissions, a full disk
-        if debug:
+    except Exception as err:  # noqa: BLE001  (one line; the traceback with --debug)
+        if debug and not isinstance(err, Cancelled):
             raise
-        print(f"vaeanomaly: error: {err}", file=sys.stderr)
-        return 2
-    except MemoryError:
-        if debug:
-            raise
-        print("vaeanomaly: error: out of memory; crop or resample the volume, or lower --batch-size",
-              file=sys.stderr)
-        return 2
-    except Exception as err:  # noqa: BLE001  (unforeseen: one line, the traceback with --debug)
-        if debug:
-            raise
-        msg = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        if "out of memory" in msg.lower():
-            print(f"vaeanomaly: error: out of memory on the device ({msg}); lower --batch-size or use "
-                  f"--device cpu", file=sys.stderr)
-            return 2
-        print(f"vaeanomaly: error: unexpected {type(err).__name__}: {msg} (run again with --debug for the "
-              f"traceback, and please report it)", file=sys.stderr)
-        return 1
+        code, line = error_exit(err)
+        print(line, file=sys.stderr)
+        return code
     finally:
         warnings.showwarning = old
 

@@ -121,18 +121,9 @@ def score(argv, models: ModelCache) -> bool:
 
 
 def exit_code(err: BaseException) -> tuple[int, str]:
-    """(exit code, the one line `vaeanomaly score` prints) for an error, as vaeanomaly.cli.main maps them."""
-    from .checkpoint import CheckpointError
-    from .predictors import Cancelled
-    from .volume import VolumeError
-    if isinstance(err, Cancelled):
-        return 130, "vaeanomaly: cancelled"
-    if isinstance(err, (VolumeError, CheckpointError, ValueError, OSError)):
-        return 2, f"vaeanomaly: error: {err}"
-    msg = str(err).strip().splitlines()[0] if str(err).strip() else ""
-    if isinstance(err, MemoryError) or "out of memory" in msg.lower():
-        return 2, "vaeanomaly: error: out of memory; crop or resample the volume, or use the CPU"
-    return 1, f"vaeanomaly: error: unexpected {type(err).__name__}: {msg} (please report it)"
+    """(exit code, the one line `vaeanomaly score` prints) for an error: the command line's own mapping."""
+    from .cli import error_exit
+    return error_exit(err, debug_hint=False)
 
 
 def serve(requests, send) -> None:
