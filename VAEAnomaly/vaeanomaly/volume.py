@@ -733,7 +733,8 @@ def score_volume(checkpoint, img: sitk.Image, mask: Optional[sitk.Image] = None,
                  keep: Optional[dict] = None) -> dict[str, sitk.Image]:
     """Heatmaps on the exact input grid, one per requested predictor (and 'reconstruction').
     also: further maps computed in the same pass and kept on the model grid only (the verdict's);
-    keep: a dict that receives 'prepared' (the Prepared model-grid data) and 'maps' (every map on the grid)."""
+    keep: a dict that receives 'prepared' (the Prepared model-grid data) and 'maps' (every map on the grid; 0 on
+    the slices without brain, which compute_maps(brain=...) skips)."""
     from .calibration import inference_kwargs
     from .predictors import compute_maps
     names = list(dict.fromkeys(list(predictors) + list(also)))
