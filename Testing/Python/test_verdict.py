@@ -237,7 +237,7 @@ def test_score_with_report_is_one_pass_with_the_same_results(calibrated, healthy
         expected = verdict.assess(calibrated, img, m, "rec-grad")
         assert json.loads((tmp_path / "r.json").read_text(encoding="utf-8")) == json.loads(json.dumps(report))
         assert report.keys() == expected.keys() and report["warnings"] == expected["warnings"]
-        for k in ("in_distribution", "mask", "brain_volume_ml", "predictor", "threshold"):
+        for k in ("in_distribution", "mask", "brain_volume_ml", "predictor", "threshold", "noise", "coverage"):
             assert report[k] == expected[k], k
         assert report["fit"] == pytest.approx(expected["fit"], rel=1e-3)
         assert report["flagged_percent"] == pytest.approx(expected["flagged_percent"], abs=0.01)

@@ -228,19 +228,21 @@ def assess_slices(checkpoint, slices, brain, predictor: Optional[str] = None, op
     return report
 
 
-def input_checks(image, mask_given: bool, mask=None) -> tuple[dict, list[str], bool]:
+def input_checks(image, mask_given: bool, mask=None, checked_auto_mask=None) -> tuple[dict, list[str], bool]:
     """Input-grid checks. Returns (fields, warnings, scoreable). scoreable is False when an
-    automatic mask is not a plausible brain (a head that is not skull-stripped): then scoring refuses."""
+    automatic mask is not a plausible brain (a head that is not skull-stripped): then scoring refuses.
+    checked_auto_mask: the automatic mask that scoring already computed and checked (volume.prepare refuses
+    an implausible one), so it is neither computed nor checked twice."""
     import SimpleITK as sitk
     from scipy import ndimage
 
     from . import brainmask
-    from .volume import auto_mask, check_image
+    from .volume import _box, auto_mask, check_image
     arr = check_image(image)
-    m = mask if mask_given else auto_mask(image)
+    m = mask if mask_given else checked_auto_mask if checked_auto_mask is not None else auto_mask(image)
     fields = {"mask": "given" if mask_given else "automatic", "brain_volume_ml": round(brainmask.volume_ml(m), 1)}
     warnings = []
-    if not mask_given:
+    if not mask_given and checked_auto_mask is None:
         reasons = brainmask.automatic_mask_problems(image, m)
         if reasons:
             return fields, [brainmask.refusal_message(reasons, "This scan")], False
@@ -258,6 +260,10 @@ def input_checks(image, mask_given: bool, mask=None) -> tuple[dict, list[str], b
                         f"coverage): the model has only seen whole brains, and the cut region cannot be assessed. "
                         f"Use a scan that covers the whole brain.")
     mv = sitk.GetArrayViewFromImage(m) > 0
+    box = _box(mv)
+    if box is not None:  # within the mask's box and a 2-voxel margin: the same result as on the whole volume
+        crop = tuple(slice(max(0, a - 2), min(n, b + 2)) for (a, b), n in zip(box, mv.shape))
+        mv, arr = mv[crop], arr[crop]
     inner = ndimage.binary_erosion(mv, iterations=2)
     if inner.sum() > 100:
         a = arr.astype(np.float32)
@@ -280,10 +286,11 @@ def grid_names(checkpoint, names) -> list:
     return list(dict.fromkeys(list(names) + ["rec-error"] + ([flag] if flag else [])))
 
 
-def _input_part(checkpoint, image, mask) -> tuple[dict, bool]:
+def _input_part(checkpoint, image, mask, checked_auto_mask=None) -> tuple[dict, bool]:
     """The report's input-grid part (mask, brain volume, coverage, noise) and whether the scan can be scored."""
     from .volume import mask_for
-    fields, warnings, scoreable = input_checks(image, mask is not None, mask_for(image, mask) if mask is not None else None)
+    fields, warnings, scoreable = input_checks(image, mask is not None, mask_for(image, mask) if mask is not None
+                                               else None, checked_auto_mask)
     base = {"in_distribution": scoreable and not warnings, "fit": None, "fit_range": None, "flagged_percent": None,
             "predictor": None, "threshold": None, "model": checkpoint.name, **fields, "warnings": list(warnings)}
     return base, scoreable
@@ -360,18 +367,26 @@ def score_report(path, checkpoint, image, mask=None, predictor: Optional[str] = 
 def score_with_report(path, checkpoint, image, mask=None, names=("rec-grad",), options=None, device="cpu",
                       inputs=(), progress=None, cancel=None) -> tuple[dict, dict]:
     """`vaeanomaly score ... --report R.json`: the heatmaps (volume.score_volume) and the verdict from ONE
-    preparation and ONE network pass (the verdict's maps ride along, grid_names). The report is written
-    before a refusal (a head that is not skull-stripped, without a mask), after the heatmaps otherwise.
+    preparation and ONE network pass (the verdict's maps ride along, grid_names; the automatic mask is
+    computed and checked once). The report is written after the heatmaps, or, for a head that is not
+    skull-stripped and comes without a mask, before the refusal is raised.
     Returns (maps on the input grid, report)."""
-    from .volume import score_volume
+    from .volume import VolumeError, score_volume
     p = check_report_path(path, inputs)
-    base, scoreable = _input_part(checkpoint, image, mask)
-    if not scoreable:
-        _publish(p, base)  # then score_volume refuses, with the same message as without --report
     keep: dict = {}
-    maps = score_volume(checkpoint, image, mask, names, options, device, progress=progress, cancel=cancel,
-                        also=grid_names(checkpoint, names), keep=keep)
+    try:
+        maps = score_volume(checkpoint, image, mask, names, options, device, progress=progress, cancel=cancel,
+                            also=grid_names(checkpoint, names), keep=keep)
+    except VolumeError:  # a head that is not skull-stripped, without a mask: reported, then refused
+        try:
+            base, scoreable = _input_part(checkpoint, image, mask)
+        except VolumeError:
+            scoreable = True  # the input itself is unusable: no report, the error says why
+        if not scoreable:
+            _publish(p, base)
+        raise
     pr = keep["prepared"]
+    base, _ = _input_part(checkpoint, image, mask, pr.mask if mask is None else None)
     grid = assess_slices(checkpoint, pr.slices, pr.brain, names[0] if names else None, options, device,
                          maps=keep["maps"])
     report = _with_grid_part(base, grid)
