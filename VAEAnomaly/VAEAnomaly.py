@@ -161,6 +161,7 @@ class VAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def enter(self) -> None:
         self.initializeParameterNode()
+        self._call(self.controller.warm_up)  # the scoring worker starts now: the first Apply is a warm one
 
     def exit(self) -> None:
         # a running job keeps running (the timer polls it); only the GUI binding goes

@@ -272,3 +272,21 @@ def test_shutdown_is_connected_to_slicers_aboutToQuit(monkeypatch):
     assert connected == [("aboutToQuit()", worker.shutdown)]
     worker._install_shutdown_hooks()  # once per session
     assert len(connected) == 1
+
+
+def test_module_open_warms_the_worker_for_the_first_apply(scene, sample_small, tmp_path):
+    """The panel's warm_up (called when the module opens) starts the worker; the first Apply then runs in it
+    (torch already imported) instead of starting one."""
+    from VAEAnomalyLib.controller import PanelController, PanelParams
+    exe = launcher(tmp_path)
+    ctl = PanelController(scene, PanelParams(), launcher=exe)
+    assert ctl.warm_up()
+    (w,) = [w for w in worker.workers() if w.launcher == exe]
+    assert w.ready.wait(120)
+    assert ctl.warm_up() and [x for x in worker.workers() if x.launcher == exe] == [w]  # no second worker
+    job = ScoringJob(VAEAnomalyLogic(scene), add_volume(scene, sample_small, "T2"), launcher=exe).start()
+    assert job.proc is w.proc
+    assert run(job) == 0, job.messages
+    assert job.worker_pid == w.pid
+    job.cleanup()
+    ctl.close()

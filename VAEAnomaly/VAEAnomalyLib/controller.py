@@ -250,6 +250,19 @@ class PanelController:
         return self.model_card
 
     # ------------------------------------------------------------------ apply / cancel
+    def warm_up(self) -> bool:
+        """When the module opens: start the scoring worker in the background (torch imported, waiting for
+        jobs) so that the first Apply is as fast as the next ones. Nothing when PyTorch is missing (Apply
+        offers to install it); never an error (a warm-up only saves time). Returns whether a worker runs."""
+        if not dependencies_present():
+            return False
+        try:
+            from .worker import prestart
+            prestart(self.launcher)
+            return True
+        except Exception:  # noqa: BLE001  (the first Apply starts the worker and reports any problem)
+            return False
+
     def can_apply(self) -> tuple[bool, str]:
         p = self.params
         if p is None:
