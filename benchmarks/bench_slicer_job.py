@@ -79,7 +79,7 @@ def measure(repeats: int = 3, threads: int | None = None) -> dict:
             return time.perf_counter() - t, job, res.heatmap
 
         W.shutdown()  # cold: no worker, and the panel side has not read the checkpoint either
-        L._CHECKPOINTS.clear()
+        L._CHECKPOINTS = None
         cold, job, heat = apply()
         assert job.model_cached is False
         warm, inside = [], []

@@ -181,6 +181,7 @@ def test_a_worker_killed_from_outside_fails_its_job_and_is_replaced(scene, sampl
     assert rc != 0
     err = job.error()
     assert "stopped unexpectedly" in err and "signal 9" in err and "next run starts a new one" in err, err
+    assert "probably out of memory" in err  # SIGKILL: most often the out-of-memory killer; say what to do
     job.cleanup()
     ok = ScoringJob(logic, node, launcher=exe).start()
     assert run(ok) == 0, ok.messages
@@ -290,3 +291,33 @@ def test_module_open_warms_the_worker_for_the_first_apply(scene, sample_small, t
     assert job.worker_pid == w.pid
     job.cleanup()
     ctl.close()
+
+
+def test_a_job_that_cannot_start_leaves_no_scan_behind(scene, sample_small, tmp_path):
+    """The exported input (a patient scan, uncompressed) is removed when no worker can be started."""
+    job = ScoringJob(VAEAnomalyLogic(scene), add_volume(scene, sample_small, "T2"),
+                     launcher=str(tmp_path / "no-such-PythonSlicer"))
+    assert (job.tmp / "input.nrrd").exists()
+    with pytest.raises(OSError):
+        job.start()
+    assert not job.tmp.exists()
+
+
+def test_model_cache_reads_a_rewritten_checkpoint_again(tmp_path):
+    """The worker's checkpoint cache: a hit for the same file, a miss once the file was rewritten, even with
+    the same size and modification time (file systems with coarse times)."""
+    import shutil
+
+    from vaeanomaly.checkpoint import resolve_model
+    from vaeanomaly.score_worker import ModelCache
+    path = tmp_path / "m.safetensors"
+    shutil.copyfile(resolve_model(None), path)
+    cache = ModelCache()
+    first, cached = cache.get(str(path))
+    assert not cached and cache.get(str(path)) == (first, True)
+    st = path.stat()
+    time.sleep(0.01)
+    path.write_bytes(path.read_bytes())  # rewritten in place: same size
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # and the same modification time
+    again, cached = cache.get(str(path))
+    assert not cached and again is not first

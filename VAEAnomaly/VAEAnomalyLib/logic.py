@@ -352,24 +352,16 @@ class VAEAnomalyLogic:
 # the process side (the session's warm worker, stopping a process tree) lives in worker.py
 from .worker import kill_process_tree, python_executable  # noqa: E402,F401  (names this module always had)
 
-_CHECKPOINTS: dict = {}  # (path, mtime, size) -> Checkpoint: the panel's side of a job needs name and thresholds
+_CHECKPOINTS = None  # the panel's side of a job needs a checkpoint's name and thresholds: once per file version
 
 
 def _cached_checkpoint(model):
-    """load_checkpoint, once per file version (a rewritten file is read again)."""
-    from vaeanomaly.checkpoint import load_checkpoint, resolve_model
-    path = resolve_model(model)
-    try:
-        st = path.stat()
-        key = (str(path.resolve()), st.st_mtime_ns, st.st_size)
-    except OSError:  # load_checkpoint says what is wrong
-        return load_checkpoint(path)
-    if key not in _CHECKPOINTS:
-        ck = load_checkpoint(path)
-        if len(_CHECKPOINTS) >= 3:
-            _CHECKPOINTS.pop(next(iter(_CHECKPOINTS)))
-        _CHECKPOINTS[key] = ck
-    return _CHECKPOINTS[key]
+    """load_checkpoint, once per file version (a rewritten file is read again): the worker's own cache."""
+    global _CHECKPOINTS
+    if _CHECKPOINTS is None:
+        from vaeanomaly.score_worker import ModelCache
+        _CHECKPOINTS = ModelCache()
+    return _CHECKPOINTS.get(model)[0]
 
 
 def calibrated_threshold(checkpoint, predictor: str, options=None) -> tuple[Optional[float], str]:
@@ -458,7 +450,11 @@ class ScoringJob:
     def start(self):
         from .worker import Ticket, submit
         self.ticket = Ticket(self.cmd)
-        submit(self.launcher, self.ticket)
+        try:
+            submit(self.launcher, self.ticket)
+        except BaseException:  # no worker could be started: the exported scan is not left behind
+            self.cleanup()
+            raise
         return self
 
     @property
@@ -492,8 +488,12 @@ class ScoringJob:
                 from .worker import describe_exit
                 rc = ev[1]
                 last = next((m for m in reversed(self.messages) if "error" in m.lower()), "")
+                oom = rc in (-9, 137)  # SIGKILL: on Linux most often the out-of-memory killer
                 self._failure = (f"vaeanomaly: error: the scoring process stopped unexpectedly ({describe_exit(rc)})"
-                                 + (f": {last}" if last else "") + ". The next run starts a new one.")
+                                 + (f": {last}" if last else "")
+                                 + (". It was probably out of memory: crop or resample the volume, lower the batch "
+                                    "size or compute on the CPU, then try again" if oom else "")
+                                 + ". The next run starts a new one.")
                 self.messages.append(self._failure)
                 self._rc = rc if rc else 1
         return self._rc

@@ -346,6 +346,9 @@ def cancel(ticket: Ticket) -> None:
         w = ticket.worker
         if w is None or ticket.done.is_set():
             return
+        with w._lock:  # the events thread frees the worker under this lock before it sets `done`
+            if w.current is not ticket:  # the job just finished: the worker may run another client's job
+                return
         if w in _workers:
             _workers.remove(w)
     w.kill()

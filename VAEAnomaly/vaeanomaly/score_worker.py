@@ -33,7 +33,8 @@ MAX_MODELS = 3  # checkpoints kept loaded (least recently used dropped first)
 
 
 class ModelCache:
-    """Checkpoints by (resolved path, mtime, size): a file replaced on disk is read again."""
+    """Checkpoints by file version (resolved path, inode, size, modification and change times): a file
+    replaced or rewritten on disk is read again, also where times have a coarse resolution."""
 
     def __init__(self, size: int = MAX_MODELS):
         self.size, self.items = size, OrderedDict()
@@ -44,7 +45,7 @@ class ModelCache:
         path = resolve_model(name_or_path)
         try:
             st = path.stat()
-            key = (str(path.resolve()), st.st_mtime_ns, st.st_size)
+            key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
         except OSError:  # load_checkpoint says what is wrong with it
             return load_checkpoint(path), False
         if key in self.items:
