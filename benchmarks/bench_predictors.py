@@ -80,9 +80,10 @@ def print_slicer_job(res, net_ms: float) -> None:
         print(f"slicer job: not measured ({res})")
         return
     print(f"slicer job (bench_slicer_job.measure, {res.get('threads')} threads, load up to {res.get('load', 0):.2f}): "
-          f"cold {res['cold_ms']:.0f} ms = {res['cold_ms'] / net_ms:.1f}x, warm {res['warm_ms']:.0f} ms = "
-          f"{res['warm_ms'] / net_ms:.1f}x this run's network time ({res['warm_ratio']:.1f}x the job's own network "
-          f"time of {res['network_ms']:.0f} ms; target <= {res.get('target_warm_ratio', 4):g}x)")
+          f"cold {res['cold_ms']:.0f} ms = {res['cold_ms'] / net_ms:.1f}x, warm (start -> heatmap node) "
+          f"{res['warm_ms']:.0f} ms = {res['warm_ms'] / net_ms:.1f}x this run's network time ({res['warm_ratio']:.1f}x "
+          f"the job's own network time of {res['network_ms']:.0f} ms; target <= {res.get('target_warm_ratio', 4):g}x); "
+          f"warm start -> verdict {res.get('warm_verdict_ms', float('nan')):.0f} ms")
 
 
 def busy_warning(load: float | None = None) -> str | None:

@@ -332,6 +332,26 @@ def test_verdict_and_warnings_come_from_the_report(scene, tiny_checkpoint, tmp_p
     ctl.close()
 
 
+def test_heatmap_is_shown_before_the_verdict_arrives(scene, tiny_checkpoint):
+    """Once the worker has written the maps (it then checks the scan), the panel shows the heatmap; the
+    verdict completes the same result, on the same node. (The poll that sees the maps is taken by hand
+    here: in the panel the timer's 100 ms polls catch the window between maps and verdict.)"""
+    node = add_volume(scene, make_phantom((40, 44, 12), (2.5, 2.5, 5.0), blob_index=(20, 22, 6)))
+    params = PanelParams(inputVolume=node, model=CUSTOM_MODEL, customModelPath=str(tiny_checkpoint))
+    ctl = PanelController(scene, params, ScriptedUser())
+    assert ctl.apply(), (ctl.status, ctl.dialogs.shown)
+    job = ctl.job
+    assert job.wait(240) == 0 and job.maps_ready, job.messages
+    ctl._show_early(job)  # what poll() does when it sees the maps before the end
+    assert params.heatmap is not None and ctl.running and ctl.verdict is None
+    assert "checking the scan" in ctl.status and ctl.take_new_result()
+    heat = params.heatmap
+    run_to_end(ctl)
+    assert params.heatmap is heat and isinstance(ctl.verdict, dict) and ctl.status.startswith("Done")
+    assert not ctl.take_new_result()  # the views were fitted once, when the heatmap appeared
+    ctl.close()
+
+
 def test_verdict_text():
     assert verdict_text(None) == ""
     t = verdict_text({"in_distribution": True, "fit": 0.4, "mask": "given", "warnings": []})

@@ -321,3 +321,22 @@ def test_model_cache_reads_a_rewritten_checkpoint_again(tmp_path):
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # and the same modification time
     again, cached = cache.get(str(path))
     assert not cached and again is not first
+
+
+def test_heatmap_can_be_shown_before_the_verdict(scene, sample_small, tmp_path):
+    """The worker says when the maps are written (before it computes the verdict); show_maps puts the heatmap
+    into the scene then, and finish() adds the verdict to the same result, the same node."""
+    logic = VAEAnomalyLogic(scene)
+    node = add_volume(scene, sample_small, "T2")
+    job = ScoringJob(logic, node, launcher=launcher(tmp_path)).start()
+    with pytest.raises(RuntimeError, match="not written yet"):
+        job.show_maps()
+    assert run(job) == 0, job.messages
+    assert job.maps_ready
+    early = job.show_maps()
+    assert early.heatmap.GetScene() is scene and early.verdict is None
+    with pytest.raises(RuntimeError, match="already loaded"):
+        job.show_maps()
+    final = job.finish()
+    assert final is early and final.heatmap is early.heatmap and isinstance(final.verdict, dict)
+    assert final.verdict["in_distribution"] in (True, False) and not job.tmp.exists()

@@ -327,7 +327,8 @@ class PanelController:
             try:
                 job.cancel()
             finally:
-                self.status = message
+                self.status = message if job.shown is None else \
+                    f"{message[:-1]}: the heatmap is shown WITHOUT its out-of-distribution check."
 
     def take_new_result(self) -> bool:
         """True once after a job's heatmap was shown (the Widget then fits the slice views)."""
@@ -350,37 +351,54 @@ class PanelController:
         except Exception as err:
             rc, job.messages = 1, job.messages + [str(err)]
         if rc is None:
+            if job.maps_ready and job.shown is None and self.params is not None:
+                self._show_early(job)  # the heatmap now; the verdict follows
             return True
         self.job = None  # the job ends here, whatever happens below: no second finish, no loop
         if rc != 0:
             err = job.error()
             job.cleanup()
-            self.status = "Failed."
+            self.status = "Failed." if job.shown is None else "The heatmap is shown, but checking the scan failed."
             self.dialogs.error(f"Computing the heatmap failed:\n{err}")
             return False
         p = self.params
         try:
             if p is None:
                 raise RuntimeError("the module's parameters were reset during the computation")
+            early = job.shown is not None
             result = job.finish(self._reusable_heatmap(job))
         except Exception as err:
             self.status = "Failed to load the result."
             self.dialogs.error(f"Could not load the result:\n{err}")
             return False
         try:
-            self._calibrated_for = result.heatmap.GetID()
-            p.heatmap = result.heatmap
-            p.calibratedThreshold = result.calibrated
-            self.calibration_note = result.calibration_note
             self.verdict, self.warnings = result.verdict, list(result.warnings)
-            self.show_heatmap()
-            self.update_threshold()
+            if not early:
+                self._display(result)
             self.status = "Done." if not self.warnings else "Done, with warnings: read them before using the heatmap."
-            self.new_result = True
         except Exception as err:
             self.status = "The heatmap was computed but could not be displayed."
             self.dialogs.error(f"Could not display the result:\n{err}")
         return False
+
+    def _show_early(self, job) -> None:
+        """The maps are written while the worker checks the scan: show the heatmap now (never raises; a
+        failure here is left to the job's end, which loads the maps again)."""
+        try:
+            self._display(job.show_maps(self._reusable_heatmap(job)))
+            self.status = "Heatmap shown; checking the scan (out-of-distribution verdict)..."
+        except Exception:  # noqa: BLE001
+            job.shown = None
+
+    def _display(self, result) -> None:
+        p = self.params
+        self._calibrated_for = result.heatmap.GetID()
+        p.heatmap = result.heatmap
+        p.calibratedThreshold = result.calibrated
+        self.calibration_note = result.calibration_note
+        self.show_heatmap()
+        self.update_threshold()
+        self.new_result = True
 
     # ------------------------------------------------------------------ adapt to my scanner
     def can_adapt(self) -> tuple[bool, str]:

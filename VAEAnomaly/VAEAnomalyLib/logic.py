@@ -446,6 +446,8 @@ class ScoringJob:
         self._rc: Optional[int] = None
         self._failure = ""
         self._done = False
+        self.maps_ready = False  # the worker wrote the maps; the verdict may still be computing
+        self.shown: Optional[JobResult] = None  # what show_maps put into the scene before the verdict
 
     def start(self):
         from .worker import Ticket, submit
@@ -482,6 +484,8 @@ class ScoringJob:
                 self._rc, info = ev[1], ev[2]
                 self.worker_pid, self.model_cached = info.get("pid"), info.get("model_cached")
                 self.worker_seconds = info.get("seconds")
+            elif ev[0] == "maps":
+                self.maps_ready = True
             elif ev[0] == "retry":  # its worker ended before reading it; a fresh one runs it
                 self.messages, self.progress = [], 0.0
             elif ev[0] == "died":
@@ -528,26 +532,39 @@ class ScoringJob:
             cancel(self.ticket)
         self.cleanup()
 
-    def finish(self, heatmapNode=None) -> JobResult:
-        """After a successful run: load the maps into the scene. Everything is checked before the scene
-        changes; the temporary folder is removed whatever happens."""
+    def _load_maps(self, heatmapNode=None) -> JobResult:
         import SimpleITK as sitk
+        if self.inputVolume is None or self.inputVolume.GetScene() is not self.logic.scene:
+            raise RuntimeError("the input volume was removed from the scene during the computation")
+        maps = {p.name[:-len(".nrrd")]: sitk.ReadImage(str(p)) for p in self.out.glob("*.nrrd")
+                if not p.name.startswith(".")} if self.out.is_dir() else {}
+        if self.predictor not in maps:
+            raise RuntimeError(f"the scoring process wrote no '{self.predictor}' heatmap "
+                               f"({'; '.join(self.messages[-3:]) or 'no output'})")
+        heat = self.logic.add_results(self.inputVolume, maps, self.checkpoint, self.predictor, self.options,
+                                      heatmapNode)
+        return JobResult(heat, self.logic.lastReconstruction, self.calibrated, None, [], self.calibration_note)
+
+    def show_maps(self, heatmapNode=None) -> JobResult:
+        """Once `maps_ready` (poll): load the maps into the scene while the worker still computes the verdict,
+        so the heatmap appears as early as possible. finish() adds the verdict to the same result."""
+        if self.shown is not None or self._done:
+            raise RuntimeError("this job's maps were already loaded")
+        if not self.maps_ready:
+            raise RuntimeError("the maps are not written yet")
+        self.shown = self._load_maps(heatmapNode)
+        return self.shown
+
+    def finish(self, heatmapNode=None) -> JobResult:
+        """After a successful run: load the maps into the scene (unless show_maps did) and the verdict.
+        Everything is checked before the scene changes; the temporary folder is removed whatever happens."""
         try:
             if self._done:
                 raise RuntimeError("this job's result was already loaded")
             self._done = True
-            if self.inputVolume is None or self.inputVolume.GetScene() is not self.logic.scene:
-                raise RuntimeError("the input volume was removed from the scene during the computation")
-            maps = {p.name[:-len(".nrrd")]: sitk.ReadImage(str(p)) for p in self.out.glob("*.nrrd")
-                    if not p.name.startswith(".")} if self.out.is_dir() else {}
-            if self.predictor not in maps:
-                raise RuntimeError(f"the scoring process wrote no '{self.predictor}' heatmap "
-                                   f"({'; '.join(self.messages[-3:]) or 'no output'})")
-            verdict, warnings = self.read_report()
-            heat = self.logic.add_results(self.inputVolume, maps, self.checkpoint, self.predictor, self.options,
-                                          heatmapNode)
-            return JobResult(heat, self.logic.lastReconstruction, self.calibrated, verdict, warnings,
-                             self.calibration_note)
+            result = self.shown if self.shown is not None else self._load_maps(heatmapNode)
+            result.verdict, result.warnings = self.read_report()
+            return result
         finally:
             self.cleanup()
 

@@ -239,6 +239,8 @@ class Worker:
                 t.accepted = True
             elif "line" in ev:
                 t.events.put(("line", str(ev["line"])))
+            elif "maps" in ev:
+                t.events.put(("maps",))
             elif "done" in ev:
                 with self._lock:
                     self.current = None

@@ -296,9 +296,10 @@ def cmd_score(a) -> int:
     return 0
 
 
-def run_score(a, checkpoint, img, mask, names, options) -> dict:
+def run_score(a, checkpoint, img, mask, names, options, on_maps=None) -> dict:
     """The computation of `vaeanomaly score` for one volume (also the warm scoring worker's): the heatmaps
-    on the input grid and, with --report, the out-of-distribution verdict from the same network pass."""
+    on the input grid and, with --report, the out-of-distribution verdict from the same network pass.
+    on_maps(maps): called as soon as the heatmaps exist (with --report: before the verdict is computed)."""
     from .volume import score_volume
     device = pick_device(a.device)
     prog = Progress(a.progress, "scoring")
@@ -306,9 +307,11 @@ def run_score(a, checkpoint, img, mask, names, options) -> dict:
         if getattr(a, "report", None):
             from .verdict import score_with_report
             maps, _ = score_with_report(a.report, checkpoint, img, mask, names, options, device,
-                                        inputs=(a.input, a.mask), progress=prog)
+                                        inputs=(a.input, a.mask), progress=prog, on_maps=on_maps)
         else:
             maps = score_volume(checkpoint, img, mask, names, options, device, progress=prog)
+            if on_maps is not None:
+                on_maps(maps)
     finally:
         prog.close()
     return maps

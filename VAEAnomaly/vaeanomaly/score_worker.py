@@ -10,6 +10,7 @@ Protocol, one JSON object per line (UTF-8):
   stdout  {"event": "ready", "pid": P}                            once the imports are done
           {"id": N, "started": true}                              the request was read
           {"id": N, "line": TEXT}      what `vaeanomaly score` prints on stderr ("PROGRESS ..." lines included)
+          {"id": N, "maps": true}                                 the maps are written (the verdict follows)
           {"id": N, "done": RC, "pid": P, "model_cached": BOOL, "seconds": S}   RC as the command line's exit code
 
 A request is computed by `vaeanomaly score`'s own function (`cli.run_score`: `volume.score_volume`, and
@@ -92,7 +93,7 @@ def _write_uncompressed(img, path: Path) -> None:
         sitk.WriteImage(img, str(tmp), False)
 
 
-def score(argv, models: ModelCache) -> bool:
+def score(argv, models: ModelCache, maps_written=lambda: None) -> bool:
     """One `vaeanomaly score` request for a single volume; maps into the output folder as <name>.nrrd.
     Returns whether the checkpoint came from the cache. Raises what `vaeanomaly score` raises."""
     from . import cli
@@ -113,11 +114,15 @@ def score(argv, models: ModelCache) -> bool:
     a.input = a.input[0]
     img = read_image(a.input)
     mask = read_image(a.mask, "mask") if a.mask else None
-    maps = cli.run_score(a, ck, img, mask, names, opts)  # exactly `vaeanomaly score`'s computation
-    out.mkdir(parents=True, exist_ok=True)
-    for name, m in maps.items():
-        _write_uncompressed(m, out / f"{name}.nrrd")
-        print(f"wrote {out / f'{name}.nrrd'}", file=sys.stderr)
+
+    def write(maps):  # as soon as they exist: the parent shows the heatmap while the verdict is computed
+        out.mkdir(parents=True, exist_ok=True)
+        for name, m in maps.items():
+            _write_uncompressed(m, out / f"{name}.nrrd")
+            print(f"wrote {out / f'{name}.nrrd'}", file=sys.stderr)
+        maps_written()
+
+    cli.run_score(a, ck, img, mask, names, opts, on_maps=write)  # exactly `vaeanomaly score`'s computation
     return cached
 
 
@@ -151,7 +156,7 @@ def serve(requests, send) -> None:
         old_warn = warnings.showwarning
         sys.stderr, warnings.showwarning = lines, cli._show_warning
         try:
-            cached = score(req.get("argv") or [], models)
+            cached = score(req.get("argv") or [], models, lambda job=job: send({"id": job, "maps": True}))
             rc = 0
         except Exception as err:  # noqa: BLE001  (every failure ends the request with a message, not the worker)
             rc, text = exit_code(err)

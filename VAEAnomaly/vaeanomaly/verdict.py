@@ -365,12 +365,13 @@ def score_report(path, checkpoint, image, mask=None, predictor: Optional[str] = 
 
 
 def score_with_report(path, checkpoint, image, mask=None, names=("rec-grad",), options=None, device="cpu",
-                      inputs=(), progress=None, cancel=None) -> tuple[dict, dict]:
+                      inputs=(), progress=None, cancel=None, on_maps=None) -> tuple[dict, dict]:
     """`vaeanomaly score ... --report R.json`: the heatmaps (volume.score_volume) and the verdict from ONE
     preparation and ONE network pass (the verdict's maps ride along, grid_names; the automatic mask is
     computed and checked once). The report is written after the heatmaps, or, for a head that is not
     skull-stripped and comes without a mask, before the refusal is raised.
-    Returns (maps on the input grid, report)."""
+    on_maps(maps): called with the heatmaps as soon as they exist, before the verdict is computed (the panel
+    shows the heatmap while the scan is checked). Returns (maps on the input grid, report)."""
     from .volume import VolumeError, score_volume
     p = check_report_path(path, inputs)
     keep: dict = {}
@@ -385,6 +386,8 @@ def score_with_report(path, checkpoint, image, mask=None, names=("rec-grad",), o
         if not scoreable:
             _publish(p, base)
         raise
+    if on_maps is not None:
+        on_maps(maps)
     pr = keep["prepared"]
     base, _ = _input_part(checkpoint, image, mask, pr.mask if mask is None else None)
     grid = assess_slices(checkpoint, pr.slices, pr.brain, names[0] if names else None, options, device,
