@@ -64,7 +64,7 @@ def evaluate(model_path, files, predictor="rec-grad"):
         p = prepare(read_image(t2), read_image(mask), prep)
         m = compute_maps(ck.model, p.slices, [predictor], ck.beta, **inference_kwargs(ck, [predictor]))[predictor]
         flagged.append(100.0 * float(np.mean(m[p.brain] > thr)))
-    scores, labels, in_lesion = [], [], []
+    scores, labels = [], []
     for t2, mask, seg in files["lesion"]:
         p = prepare(read_image(t2), read_image(mask), prep)
         m = compute_maps(ck.model, p.slices, [predictor], ck.beta, **inference_kwargs(ck, [predictor]))[predictor]

@@ -259,6 +259,15 @@ def test_upload_checks(tmp_path):
         app.tmp.cleanup()
 
 
+
+def stop_server(server) -> None:
+    """The web server's whole process group: SIGTERM, then SIGKILL if it does not end within 20 s."""
+    try:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(20)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        os.killpg(server.pid, signal.SIGKILL)
+
 @pytest.mark.slow
 @needs_web
 def test_browser_workflow(tmp_path):
@@ -396,11 +405,7 @@ def test_browser_workflow(tmp_path):
     finally:
         if c is not None:
             c.close()
-        try:
-            os.killpg(server.pid, signal.SIGTERM)
-            server.wait(20)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            os.killpg(server.pid, signal.SIGKILL)
+        stop_server(server)
 
 
 @pytest.mark.slow
@@ -447,8 +452,4 @@ def test_browser_upload(tmp_path):
     finally:
         if c is not None:
             c.close()
-        try:
-            os.killpg(server.pid, signal.SIGTERM)
-            server.wait(20)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            os.killpg(server.pid, signal.SIGKILL)
+        stop_server(server)

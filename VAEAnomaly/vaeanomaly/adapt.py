@@ -20,7 +20,6 @@ not the 1 % that calibrating on a scan guarantees for that same scan.
 from __future__ import annotations
 
 import copy
-import math
 import sys
 import time
 from dataclasses import dataclass

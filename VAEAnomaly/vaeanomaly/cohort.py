@@ -162,7 +162,6 @@ def score_many(checkpoint, items: list[Item], names: list[str], out: Path, optio
                workers: int = 2, labels: Optional[dict] = None, log=sys.stderr) -> list[dict]:
     """Score every item (this rank's share under torchrun); returns the summary rows of this rank.
     labels: optional {'threshold': spec, 'calibrated': {...}, 'folder': Path} to write label maps too."""
-    import torch
     from torch.utils.data import DataLoader
 
     from .calibration import inference_kwargs
@@ -182,7 +181,6 @@ def score_many(checkpoint, items: list[Item], names: list[str], out: Path, optio
                         persistent_workers=False)
     rows: list[dict] = []
     todo: queue.Queue = queue.Queue(maxsize=2)
-    errors: list = []
 
     def writer():  # back to the input grid and onto disk, while the next volume is scored
         while (job := todo.get()) is not None:

@@ -15,7 +15,6 @@ from typing import Callable, Iterable, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .model import VAE, kl_loss, rec_loss
 
