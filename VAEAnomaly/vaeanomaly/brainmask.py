@@ -23,6 +23,9 @@ from typing import Optional
 import numpy as np
 import SimpleITK as sitk
 
+from .arrays import _box, _orientation, _percentile
+from .errors import VolumeError
+
 HEAD_ML = 3000.0                 # an automatic mask larger than this is not a brain
 BACKGROUND_FRACTION = 0.25       # more than this share of dark voxels inside the mask: background
 DARK_LEVEL = 0.05                # "dark": below 5 % of the mask's 99th-percentile intensity
@@ -51,7 +54,6 @@ def face_coverage(mask: sitk.Image, marr: Optional[np.ndarray] = None, box: Opti
     marr, box: the mask as a bool array and its bounding box [(start, stop)] * 3 in array order, when the
     caller has them. The areas are counted on the input's own axes (which LPS face each array face is comes
     from the direction, as sitk.DICOMOrient(mask, "LPS") would reorient it), inside the bounding box."""
-    from .volume import _box, _orientation
     o = _orientation(mask)
     if o is None:  # a sheared direction: reorient the voxels
         m = sitk.GetArrayFromImage(sitk.DICOMOrient(mask, "LPS")) > 0
@@ -78,7 +80,6 @@ def face_coverage(mask: sitk.Image, marr: Optional[np.ndarray] = None, box: Opti
 def dark_fraction(img: sitk.Image, mask: sitk.Image, values: Optional[np.ndarray] = None) -> float:
     """Share of mask voxels darker than DARK_LEVEL of the mask's 99th-percentile intensity.
     values: the image's voxels inside the mask as float32, when the caller has them."""
-    from .volume import _percentile
     vals = sitk.GetArrayViewFromImage(img)[sitk.GetArrayViewFromImage(mask) > 0].astype(np.float32) \
         if values is None else values
     if vals.size == 0:
@@ -116,5 +117,4 @@ def check_automatic_mask(img: sitk.Image, mask: sitk.Image, what: str = "input",
     (values, marr, box: see automatic_mask_problems)."""
     reasons = automatic_mask_problems(img, mask, values, marr, box)
     if reasons:
-        from .volume import VolumeError
         raise VolumeError(refusal_message(reasons, what))

@@ -19,13 +19,14 @@ checkpoint in place) all call `calibrate`.
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional
 
 import numpy as np
 
 from .ensemble import options_mismatch, relevant_keys
+# what scoring uses of a calibration lives in inference.py (no cycle with verdict.py); re-exported here
+from .inference import RECALIBRATE, combi_constants, inference_kwargs  # noqa: F401
 from .predictors import PredictorOptions, combi_map, compute_maps
 from .registry import ENSEMBLE, PAPER_PREDICTORS
 
@@ -34,8 +35,6 @@ OPTION_KEYS = ("smooth", "smooth_sigma", "smooth_kernel", "proj_steps", "proj_la
 # training/train.py calibrated with PredictorOptions(proj_steps=50) before the options were recorded
 LEGACY_THRESHOLD_OPTIONS = {**{k: v for k, v in PredictorOptions().to_dict().items() if k in OPTION_KEYS},
                             "proj_steps": 50}
-RECALIBRATE = ("re-calibrate the checkpoint with `python training/calibrate.py CHECKPOINT --cache HEALTHY.npz` "
-               "(held-out healthy subjects)")
 
 
 @dataclass
@@ -179,32 +178,3 @@ def calibrated_threshold(checkpoint, predictor: str, options: Optional[Predictor
                          + "; ".join(diff) + f". Use those options, give a percentile such as p99, or {RECALIBRATE} "
                          "with your options (--proj-steps ..., --no-smooth)")
     return float(thr[predictor])
-
-
-def combi_constants(checkpoint, options: Optional[PredictorOptions] = None, warn: bool = True):
-    """(min, max) for Combi's normalisation when the checkpoint has constants for these options, else
-    None (Combi is then normalised over the scored volume, with a warning)."""
-    opts = options or PredictorOptions()
-    c = checkpoint.combi_normalisation
-    problem = None
-    if not c:
-        problem = "the checkpoint has no Combi normalisation constants (an older calibration)"
-    elif options_mismatch(c.get("options", {}), opts, ["kl-grad"]):
-        problem = "the checkpoint's Combi constants hold for other smoothing settings"
-    if problem:
-        if warn:
-            warnings.warn(f"{problem}: Combi is normalised over this volume, so its values depend on the crop; "
-                          f"{RECALIBRATE}", stacklevel=2)
-        return None
-    return float(c["min"]), float(c["max"])
-
-
-def inference_kwargs(checkpoint, predictors, options: Optional[PredictorOptions] = None) -> dict:
-    """The checkpoint-held extras compute_maps needs for these predictors: the ensemble (checked against
-    the options) and Combi's constants."""
-    kw = {}
-    if ENSEMBLE in predictors:
-        kw["ensemble"] = checkpoint.ensemble
-    if "combi" in predictors:
-        kw["combi_norm"] = combi_constants(checkpoint, options)
-    return kw

@@ -474,9 +474,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
     from .adapt import add_parser as add_adapt_parser  # `vaeanomaly adapt` lives in adapt.py (issue 8)
     add_adapt_parser(sub, parents=[debug], formatter_class=fmt)
-    from VAEAnomalyLib.web import add_parser as add_web_parser  # `vaeanomaly web` (issue 12; trame-slicer loads only when it runs)
-    add_web_parser(sub, parents=[debug], formatter_class=fmt)
+    p = sub.add_parser("web", parents=[debug], formatter_class=fmt,
+                       help="serve the Slicer panel's workflow as a web page (trame-slicer; needs pip install \".[web]\")")
+    p.add_argument("volumes", nargs="*", metavar="VOLUME",
+                   help="3D volume files (NIfTI, NRRD, MHA) to load; the page reads no other server files")
+    p.add_argument("--mask", help="brain mask label map on the first volume's grid")
+    p.add_argument("--port", type=int, default=8080, help="port (0: any free port)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind; anything but 127.0.0.1/localhost lets others on that network use it")
+    p.add_argument("--apply", action="store_true", help="score the first volume with the default model on start")
+    p.add_argument("--max-upload-mb", type=float, default=512, help="largest volume the page accepts as an upload")
+    p.add_argument("--open-browser", action="store_true", help="open the page in this machine's browser")
+    p.set_defaults(func=cmd_web)
     return ap
+
+
+WEB_MISSING = ("`vaeanomaly web` is the browser viewer of the VAEAnomaly application (the VAEAnomalyLib.web "
+               "package), which is not part of this install of the core library: install the project with "
+               "its web extra, `pip install \".[web]\"` from a source checkout (README, 'Install from source'), "
+               "or use the 3D Slicer module")
+
+
+def cmd_web(a) -> int:
+    """`vaeanomaly web`: the one place the core hands over to the application, and only when this subcommand
+    runs (nothing imports VAEAnomalyLib while the parser is built, so scoring never needs it)."""
+    try:
+        from VAEAnomalyLib.web import cmd_web as run_web
+    except ModuleNotFoundError as err:
+        if err.name not in ("VAEAnomalyLib", "VAEAnomalyLib.web"):
+            raise
+        raise ValueError(WEB_MISSING) from None
+    return run_web(a)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):

@@ -164,7 +164,7 @@ def score_many(checkpoint, items: list[Item], names: list[str], out: Path, optio
     labels: optional {'threshold': spec, 'calibrated': {...}, 'folder': Path} to write label maps too."""
     from torch.utils.data import DataLoader
 
-    from .calibration import inference_kwargs
+    from .inference import inference_kwargs
     from .io import write_image
     from .predictors import PredictorOptions, compute_maps
     from .preprocessing import Preprocessing

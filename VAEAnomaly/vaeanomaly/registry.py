@@ -2,8 +2,8 @@
 
 The CLI, the Slicer panel and its parameter node, the checkpoint metadata, training and the tests
 all enumerate these entries; nothing else spells out a predictor's name, title or default.
-Numerical option defaults live in one dataclass, `predictors.PredictorOptions`; this module
-re-exports them as `DEFAULT_OPTIONS`.
+Numerical option defaults live in one dataclass, `predictors.PredictorOptions`.
+A leaf: this module imports nothing of the package (predictors.py and everyone else import it).
 """
 from __future__ import annotations
 
@@ -55,9 +55,3 @@ def predictor_names(include_ensemble: bool = True) -> list[str]:
 
 def title(name: str) -> str:
     return PREDICTOR_INFO[name].title if name in PREDICTOR_INFO else name
-
-
-def default_options():
-    """A fresh `PredictorOptions` with the documented defaults."""
-    from .predictors import PredictorOptions
-    return PredictorOptions()

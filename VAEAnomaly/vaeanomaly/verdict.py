@@ -85,7 +85,7 @@ def statistics(slices: np.ndarray, brain: np.ndarray, rec_error: np.ndarray, pix
 
 def _maps(checkpoint, slices, predictor: Optional[str], options=None, device="cpu") -> dict:
     from .predictors import compute_maps
-    from .calibration import inference_kwargs
+    from .inference import inference_kwargs
     names = ["rec-error"] + ([predictor] if predictor and predictor != "rec-error" else [])
     return compute_maps(checkpoint.model, slices, names, checkpoint.beta, options, device,
                         **inference_kwargs(checkpoint, names, options))

@@ -16,11 +16,9 @@ from typing import Callable, Optional
 import numpy as np
 import SimpleITK as sitk
 
+from .arrays import _Orientation, _box, _lps_direction, _orientation, _percentile  # noqa: F401  (shared with brainmask.py)
+from .errors import VolumeError  # noqa: F401  (importable from here, as always)
 from .preprocessing import Preprocessing
-
-
-class VolumeError(ValueError):
-    """An input volume or mask that cannot be used, with a message that says what to do."""
 
 
 # --------------------------------------------------------------------------- reading & checks
@@ -332,45 +330,6 @@ def _to_grid(img: sitk.Image, grid: sitk.Image, interp=sitk.sitkLinear) -> np.nd
 _SLAB = 16  # reoriented slices processed at a time (bounds the temporary memory to a few slices)
 
 
-@dataclass
-class _Orientation:
-    perm: tuple            # reoriented axis j (x, y, z order) is input axis perm[j] ...
-    flip: tuple            # ... read backwards when flip[j]
-    size: tuple
-    spacing: tuple
-    direction: np.ndarray  # 3x3, columns = reoriented axes
-    origin: np.ndarray
-
-
-@functools.lru_cache(maxsize=64)
-def _lps_direction(direction: tuple) -> tuple:
-    """The direction sitk.DICOMOrient(img, "LPS") gives an image of this direction (found on a 2x2x2 image)."""
-    probe = sitk.Image(2, 2, 2, sitk.sitkUInt8)
-    probe.SetDirection(direction)
-    return sitk.DICOMOrient(probe, "LPS").GetDirection()
-
-
-def _orientation(img: sitk.Image) -> Optional[_Orientation]:
-    """What sitk.DICOMOrient(img, 'LPS') does to the axes, without touching the voxels; None when the
-    direction is not orthonormal (then only resampling is exact)."""
-    d = np.array(img.GetDirection(), float).reshape(3, 3)
-    if not np.allclose(d.T @ d, np.eye(3), atol=1e-6):
-        return None
-    d_o = np.array(_lps_direction(img.GetDirection()), float).reshape(3, 3)
-    p = np.rint(d.T @ d_o)
-    if not (np.abs(p).sum(0) == 1).all() or not (np.abs(p).sum(1) == 1).all():
-        return None
-    perm = tuple(int(np.argmax(np.abs(p[:, j]))) for j in range(3))
-    flip = tuple(bool(p[perm[j], j] < 0) for j in range(3))
-    size, sp = img.GetSize(), img.GetSpacing()
-    corner = [size[a] - 1 if flip[j] else 0 for j, a in enumerate(perm)]
-    idx = [0, 0, 0]
-    for j, a in enumerate(perm):
-        idx[a] = corner[j]
-    origin = np.array(img.TransformIndexToPhysicalPoint(idx))
-    return _Orientation(perm, flip, tuple(size[a] for a in perm), tuple(sp[a] for a in perm), d_o, origin)
-
-
 def _lps_view(arr: np.ndarray, o: _Orientation) -> np.ndarray:
     """A (z, y, x) array of the input, viewed as the LPS-reoriented volume's (z, y, x) array (no copy)."""
     a = arr.transpose(2, 1, 0)                     # (x, y, z) index order of the input
@@ -474,17 +433,6 @@ def _one_blas_thread():
         return contextlib.nullcontext()
 
 
-def _box(marr: np.ndarray) -> Optional[list[tuple[int, int]]]:
-    """Bounding box of a 3D mask: [(start, stop)] per array axis (None when empty). Two passes: the z range,
-    then the (y, x) projection of those slices only."""
-    z = np.flatnonzero(marr.any(axis=(1, 2)))
-    if not len(z):
-        return None
-    yx = marr[z[0]:z[-1] + 1].any(0)
-    y, x = np.flatnonzero(yx.any(1)), np.flatnonzero(yx.any(0))
-    return [(int(z[0]), int(z[-1]) + 1), (int(y[0]), int(y[-1]) + 1), (int(x[0]), int(x[-1]) + 1)]
-
-
 def _slices(box) -> tuple:
     return tuple(slice(a, b) for a, b in box)
 
@@ -533,35 +481,6 @@ def _ball2(a: np.ndarray, dilate: bool) -> np.ndarray:
             cross[tuple(hi)] &= a[tuple(lo)]
             cross[tuple(lo)] &= a[tuple(hi)]
     return _run(_run(_run(cross, 0, 1, dilate), 1, 1, dilate), 2, 1, dilate)
-
-
-def _percentile(a: np.ndarray, q: float) -> float:
-    """float(np.percentile(a, q)) (method 'linear', the same float arithmetic) for a large array, without
-    partitioning all of it: the two order statistics it interpolates are bracketed from a subsample's estimate
-    and checked by counting. Falls back to np.percentile when the bracket misses."""
-    flat = a.reshape(-1)
-    n = flat.size
-    if n < 1 << 18:
-        return float(np.percentile(a, q))
-    qq = float(np.true_divide(q, 100))
-    vi = n * qq + (1 + qq * (1 - 1 - 1)) - 1          # numpy's virtual index for 'linear'
-    i = min(max(int(np.floor(vi)), 0), n - 1)
-    j = min(i + 1, n - 1)
-    sub = np.sort(flat[::n // (1 << 16)])
-    m = len(sub)
-    lo_v, hi_v = sub[max(int(qq * m) - 256, 0)], sub[min(int(qq * m) + 256, m - 1)]
-    below = int(np.count_nonzero(flat < lo_v))
-    inside = flat[(flat >= lo_v) & (flat <= hi_v)]
-    if not (below <= i and j < below + inside.size):
-        return float(np.percentile(a, q))
-    inside = np.sort(inside)
-    prev, nxt = inside[i - below], inside[j - below]
-    gamma = float(vi - i)
-    d = nxt - prev                                     # numpy's _lerp, in the array's dtype
-    res = prev + d * gamma
-    if gamma >= 0.5:
-        res = nxt - d * (1 - gamma)
-    return float(res)
 
 
 def auto_mask_array(arr: np.ndarray) -> np.ndarray:
@@ -735,7 +654,7 @@ def score_volume(checkpoint, img: sitk.Image, mask: Optional[sitk.Image] = None,
     also: further maps computed in the same pass and kept on the model grid only (the verdict's);
     keep: a dict that receives 'prepared' (the Prepared model-grid data) and 'maps' (every map on the grid; 0 on
     the slices without brain, which compute_maps(brain=...) skips)."""
-    from .calibration import inference_kwargs
+    from .inference import inference_kwargs
     from .predictors import compute_maps
     names = list(dict.fromkeys(list(predictors) + list(also)))
     p = prepare(img, mask, Preprocessing.from_dict(checkpoint.preprocessing))

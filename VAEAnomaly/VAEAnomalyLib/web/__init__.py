@@ -17,27 +17,11 @@ def web_available() -> tuple[bool, str]:
     return True, ""
 
 
-def add_parser(sub, parents=(), formatter_class=None) -> None:
-    """`vaeanomaly web`: registered by vaeanomaly.cli; imports nothing heavy until it runs."""
-    kw = {"formatter_class": formatter_class} if formatter_class else {}
-    p = sub.add_parser("web", parents=list(parents), help="serve the Slicer panel's workflow as a web page "
-                       "(trame-slicer; needs pip install \".[web]\")", **kw)
-    p.add_argument("volumes", nargs="*", metavar="VOLUME",
-                   help="3D volume files (NIfTI, NRRD, MHA) to load; the page reads no other server files")
-    p.add_argument("--mask", help="brain mask label map on the first volume's grid")
-    p.add_argument("--port", type=int, default=8080, help="port (0: any free port)")
-    p.add_argument("--host", default="127.0.0.1",
-                   help="address to bind; anything but 127.0.0.1/localhost lets others on that network use it")
-    p.add_argument("--apply", action="store_true", help="score the first volume with the default model on start")
-    p.add_argument("--max-upload-mb", type=float, default=512, help="largest volume the page accepts as an upload")
-    p.add_argument("--open-browser", action="store_true", help="open the page in this machine's browser")
-    p.set_defaults(func=cmd_web)
-
-
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 def cmd_web(a) -> int:
+    """`vaeanomaly web`'s work; vaeanomaly.cli defines the subcommand's arguments and calls this when it runs."""
     import sys
     from pathlib import Path
     ok, why = web_available()
