@@ -22,6 +22,7 @@ from vaeanomaly.evaluation import collect_maps, format_table
 from vaeanomaly.figures import overlay_figure, roc_figure
 from vaeanomaly.metrics import scoped_metrics
 from vaeanomaly.predictors import PredictorOptions, parse_predictors
+from vaeanomaly.registry import PREDICTOR_INFO
 
 METRICS = (("auroc", "pixel AUROC"), ("ap", "average precision"), ("dice", "best Dice"))
 
@@ -59,29 +60,61 @@ def verdict_table(verdicts: list[dict], stem: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def variant_options(spec: str, a) -> PredictorOptions:
+    """'default', 'paper', or a preset followed by key=value changes: 'paper,polarity=bright', 'smooth_mm=4'."""
+    parts = [s for s in spec.split(",") if s]
+    preset = parts.pop(0) if parts and "=" not in parts[0] else "default"
+    changes = {"batch_size": a.batch_size, "proj_steps": a.proj_steps}
+    fields = PredictorOptions.__dataclass_fields__
+    for kv in parts:
+        k, v = kv.split("=", 1)
+        if k not in fields:
+            raise SystemExit(f"--variants {spec}: unknown option '{k}' (known: {', '.join(fields)})")
+        t = type(fields[k].default)
+        changes[k] = (v.lower() in ("1", "true", "yes")) if t is bool else t(v)
+    return PredictorOptions.preset(preset, **changes)
+
+
+def grid_spacings(folder: Path, names, size: int, fov_mm: float = 240.0) -> dict:
+    """{case: (x, y, z) mm of its model grid}: fov/size in plane, the scan's slice spacing across (the model grid
+    has one slice per input slice along the axis closest to inferior-superior), read from the image headers."""
+    import SimpleITK as sitk
+    out = {}
+    for n in names:
+        p = folder / n / f"{n}_t2.nii.gz"
+        if not p.exists():
+            continue
+        r = sitk.ImageFileReader()
+        r.SetFileName(str(p))
+        r.ReadImageInformation()
+        d = np.array(r.GetDirection()).reshape(3, 3)
+        out[n] = (fov_mm / size, fov_mm / size, float(r.GetSpacing()[int(np.argmax(np.abs(d[2])))]))
+    return out
+
+
 def run_benchmark(a, device) -> None:
     """Per lesion family x domain: healthy-brain flagged %, Dice and lesion recall at the calibrated threshold
     (what a clinician gets), and AUROC, AP and best Dice at the oracle threshold, for each checkpoint and the
     plain-intensity baseline (the z-scored scan), on the held-out benchmark of a generated cohort folder."""
     from common import command_line, hardware
     from vaeanomaly.data import SliceCache
-    from vaeanomaly.evaluation import INTENSITY, benchmark, format_benchmark, intensity_threshold
+    from vaeanomaly.evaluation import INTENSITY, benchmark, format_benchmark, healthy_threshold
     from vaeanomaly.predictors import compute_maps
+    from vaeanomaly.registry import DEFAULT_PREDICTORS
     from vaeanomaly.synth import DOMAINS, read_manifest
     root = Path(a.benchmark)
-    manifest = read_manifest(root / "benchmark")
+    manifest = read_manifest(root / a.split)
     if manifest is None:
-        raise SystemExit(f"{root / 'benchmark'} has no cohort.json: make it with training/make_data.py varied")
+        raise SystemExit(f"{root / a.split} has no cohort.json: make it with training/make_data.py varied")
     groups = {c["case"]: (c["domain"], c["family"]) for c in manifest.values()}
     caches, rows, verdicts, sizes, t0 = {}, [], [], {}, time.time()
-    opts = PredictorOptions(batch_size=a.batch_size, proj_steps=a.proj_steps)
-    preds = parse_predictors(a.predictors)
+    variants = {v: variant_options(v, a) for v in a.variants}
 
     def cache_for(size):
         if size not in caches:
-            bench = SliceCache.load(root / f"benchmark_{size}.npz")
-            calib = SliceCache.load(root / f"calibration_{size}.npz")
-            caches[size] = (bench, intensity_threshold(calib.cases()))
+            bench = SliceCache.load(root / f"{a.split}_{size}.npz")
+            calib = list(SliceCache.load(root / f"calibration_{size}.npz").cases())
+            caches[size] = (bench, calib, grid_spacings(root / a.split, bench.names, size))
         return caches[size]
 
     from tqdm import tqdm
@@ -89,18 +122,30 @@ def run_benchmark(a, device) -> None:
         ck = load_checkpoint(path, device)
         size = ck.model.image_size
         sizes[ck.name] = size
-        bench, _ = cache_for(size)
-        fns = {f"{ck.name} {p}": (lambda x, p=p: compute_maps(ck.model, x, [p], ck.beta, opts, device)[p]) for p in preds}
-        thr = {f"{ck.name} {p}": ck.thresholds.get(p) for p in preds}
-        bar = tqdm(total=len(bench.names), desc=f"benchmark {ck.name}", file=sys.stderr)
-        rows += benchmark(fns, bench.cases(), groups, thr,
+        bench, calib, spacings = cache_for(size)
+        preds = parse_predictors(DEFAULT_PREDICTORS[ck.kind] if a.predictors == "default" else a.predictors,
+                                 kind=None)
+        preds = [p for p in preds if ck.kind in PREDICTOR_INFO[p].models]
+        fns = {}
+        for v, opts in variants.items():
+            for p in preds:
+                fns[f"{ck.name} {p}" + (f" [{v}]" if v != "default" else "")] = \
+                    lambda x, b, sp, p=p, opts=opts: compute_maps(ck.model, x, [p], ck.beta, opts, device, brain=b,
+                                                                  slice_mm=sp[2] if sp else None)[p]
+        # every threshold as the checkpoints' are calibrated: 99th percentile on the healthy calibration split
+        thr = {k: healthy_threshold(f, calib) for k, f in fns.items()}
+        bar = tqdm(total=len(bench.names), desc=f"{a.split} {ck.name}", file=sys.stderr)
+        rows += benchmark(fns, bench.cases(), groups, thr, spacings=spacings, min_region_mm3=a.min_region_mm3,
                           progress=lambda f: bar.update(round(f * len(bench.names)) - bar.n))
         bar.close()
-        verdicts += case_verdicts(ck, bench, groups, opts, device)
+        if not a.no_verdicts:
+            verdicts += case_verdicts(ck, bench, groups, variants[a.variants[0]], device)
     for size in sorted(caches):
-        bench, ithr = caches[size]
+        bench, calib, spacings = caches[size]
         name = f"{INTENSITY} ({size}x{size})"
-        rows += benchmark({name: lambda x: x}, bench.cases(), groups, {name: ithr})
+        rows += benchmark({name: lambda x, b, sp: x}, bench.cases(), groups,
+                          {name: healthy_threshold(lambda x, b, sp: x, calib)},
+                          spacings=spacings, min_region_mm3=a.min_region_mm3)
     elapsed = time.time() - t0
     rows.sort(key=lambda r: (list(dict.fromkeys(c["family"] for c in manifest.values() if c["family"])).index(r["family"]),
                              r["domain"], r["scorer"]))
@@ -119,14 +164,16 @@ def run_benchmark(a, device) -> None:
     from vaeanomaly.checkpoint import DEFAULT_MODEL
     from vaeanomaly.evaluation import headline_table
     from vaeanomaly.registry import DEFAULT_PREDICTOR
-    lead = f"{DEFAULT_MODEL} {DEFAULT_PREDICTOR}"
+    lead = a.lead or f"{DEFAULT_MODEL} {DEFAULT_PREDICTOR}"
     lead = lead if any(r["scorer"] == lead for r in rows) else rows[0]["scorer"]
     lead_size = next((sz for n, sz in sizes.items() if lead.startswith(n + " ")), 64)
     base = f"{INTENSITY} ({lead_size}x{lead_size})"
     headline = (f"## Headline: {lead}\n\nBold: worse than the plain-intensity baseline ({base}, in brackets).\n\n"
                 + headline_table(rows, lead, base) + "\n\n## Every model, family and domain\n")
     md = [f"# {a.title or 'Benchmark: what a clinician gets'}", "",
-          f"Held-out generated cohort `{root / 'benchmark'}`: {len(manifest)} cases, "
+          (f"Held-out generated cohort `{root / a.split}`" if a.split == "benchmark" else
+           f"Validation cohort `{root / a.split}` (training domains, its own seeds; for choosing defaults)")
+          + f": {len(manifest)} cases, "
           f"{sum(1 for g in groups.values() if g[1] is None)} of them healthy. Domains: " +
           "; ".join(f"**{d}** ({DOMAINS[d].description})" for d in doms) + ".",
           "Benchmark subjects, deformation seeds and the `epi` domain never occur in training or calibration.", "",
@@ -157,6 +204,15 @@ def main(argv=None):
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--proj-steps", type=int, default=100)
     ap.add_argument("--update-card", action="store_true", help="store the in-brain AUROC in each checkpoint")
+    ap.add_argument("--split", default="benchmark", choices=["benchmark", "validation"],
+                    help="--benchmark: the held-out benchmark, or the validation split (choosing defaults)")
+    ap.add_argument("--variants", nargs="+", default=["default"],
+                    help="--benchmark: option sets to score each predictor with: 'default', 'paper', or "
+                         "'[preset,]key=value,...' (e.g. polarity=bright,smooth_mm=4)")
+    ap.add_argument("--min-region-mm3", type=float, default=None,
+                    help="--benchmark: regions above the threshold smaller than this are dropped (lesion-wise counts)")
+    ap.add_argument("--lead", help="--benchmark: the scorer of the headline table (default: the default model's)")
+    ap.add_argument("--no-verdicts", action="store_true", help="--benchmark: skip the per-case verdict table")
     a = ap.parse_args(argv)
     import torch
 
@@ -168,7 +224,8 @@ def main(argv=None):
     if a.cases:
         cache = cache.subset(int(i) for i in a.cases.split(","))
     names = parse_predictors(a.predictors)
-    opts = PredictorOptions(batch_size=a.batch_size, proj_steps=a.proj_steps)
+    # the paper-grid tables (docs/table1_latent.md, table2_beta.md): the reference code's settings
+    opts = PredictorOptions.preset("paper", batch_size=a.batch_size, proj_steps=a.proj_steps)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     results, curves, t0 = {}, {}, time.time()

@@ -49,6 +49,10 @@ def main(argv=None):
     ap.add_argument("--train", type=int, default=50, help="varied: healthy training subjects per training domain")
     ap.add_argument("--calibration", type=int, default=8, help="varied: healthy calibration subjects per training domain")
     ap.add_argument("--benchmark", type=int, default=4, help="varied: benchmark cases per (domain, family)")
+    ap.add_argument("--validation", type=int, default=0,
+                    help="varied: lesion cases per (training domain, family) for choosing option defaults "
+                         "(never the benchmark's seeds or domains); 0: none")
+    ap.add_argument("--splits", type=_csv, default=None, help="varied: only these splits (default: all asked for)")
     ap.add_argument("--train-domains", type=_csv, default=list(synth.TRAINING_DOMAINS))
     ap.add_argument("--benchmark-domains", type=_csv, default=["tse", "tse-lowres"] + list(synth.HELD_OUT_DOMAINS))
     ap.add_argument("--families", type=_csv, default=list(synth.LESION_FAMILIES),
@@ -73,6 +77,10 @@ def main(argv=None):
     plans = {"train": synth.cohort_plan("train", a.train, a.train_domains),
              "calibration": synth.cohort_plan("calibration", a.calibration, a.train_domains),
              "benchmark": synth.cohort_plan("benchmark", a.benchmark, a.benchmark_domains, [None] + a.families)}
+    if a.validation:
+        plans["validation"] = synth.cohort_plan("validation", a.validation, a.train_domains, [None] + a.families)
+    if a.splits:
+        plans = {k: v for k, v in plans.items() if k in a.splits}
     jobs = []
     for split, plan in plans.items():
         synth.write_manifest(out / split, plan)
@@ -83,12 +91,14 @@ def main(argv=None):
     for size in a.sizes:
         for split in plans:
             cache = out / f"{split}_{size}.npz"
-            c = load_or_build_cache(str(cache), str(out / split), lesion=split == "benchmark", image_size=size)
+            c = load_or_build_cache(str(cache), str(out / split), lesion=split in synth.LESION_SPLITS,
+                                   image_size=size)
             print(f"{split} ({size}x{size}): {len(c.names)} subjects, {len(c.slices)} slices -> {cache}", file=sys.stderr)
 
 
 def _done(folder: Path, c: dict) -> bool:
-    if c["split"] == "benchmark":
+    from vaeanomaly.synth import LESION_SPLITS
+    if c["split"] in LESION_SPLITS:
         return (folder / c["case"] / f"{c['case']}_t2.nii.gz").exists()
     return (folder / c["case"] / "T1w" / "T2w_acpc_dc_restore_brain.nii.gz").exists()
 

@@ -88,7 +88,7 @@ def test_benchmark_rows_report_clinician_and_oracle_metrics():
             x[label] += 4
         cases.append((f"c{i}", x, brain, label))
         groups[f"c{i}"] = ("tse", fam)
-    rows = benchmark({INTENSITY: lambda s: s}, cases, groups, {INTENSITY: 2.33})
+    rows = benchmark({INTENSITY: lambda s, b, sp: s}, cases, groups, {INTENSITY: 2.33})
     (r,) = rows
     assert r["family"] == "ms" and r["n_cases"] == 2 and r["auroc"] > 0.95
     assert 0.3 < r["healthy_flagged_pct"] < 3, "about 1% of N(0,1) pixels exceed 2.33"

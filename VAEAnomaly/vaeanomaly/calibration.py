@@ -28,12 +28,13 @@ from .ensemble import options_mismatch, relevant_keys
 # what scoring uses of a calibration lives in inference.py (no cycle with verdict.py); re-exported here
 from .inference import RECALIBRATE, combi_constants, inference_kwargs  # noqa: F401
 from .predictors import PredictorOptions, combi_map, compute_maps
-from .registry import ENSEMBLE, PAPER_PREDICTORS
+from .registry import ENSEMBLE, PAPER_PREDICTORS, predictors_for
 
 QUANTILE = 99.0
-OPTION_KEYS = ("smooth", "smooth_sigma", "smooth_kernel", "proj_steps", "proj_lambda", "proj_lr", "proj_weighted")
+OPTION_KEYS = ("smooth", "smooth_sigma", "smooth_kernel", "smooth_mm", "polarity", "evidence", "rim_mm",
+               "proj_steps", "proj_lambda", "proj_lr", "proj_weighted")
 # training/train.py calibrated with PredictorOptions(proj_steps=50) before the options were recorded
-LEGACY_THRESHOLD_OPTIONS = {**{k: v for k, v in PredictorOptions().to_dict().items() if k in OPTION_KEYS},
+LEGACY_THRESHOLD_OPTIONS = {**{k: v for k, v in PredictorOptions.preset("paper").to_dict().items() if k in OPTION_KEYS},
                             "proj_steps": 50}
 
 
@@ -95,35 +96,39 @@ def calibrate(model, beta: float, healthy_cases: Iterable, options: Optional[Pre
         raise ValueError("calibration needs at least one healthy case")
     if ensemble is not None:
         ensemble.check_options(opts)
-    fused = [p for p in PAPER_PREDICTORS if p not in ("proj-rec-error", "combi")]
+    dae = getattr(model, "kind", "vae") == "dae"  # a denoising autoencoder: its own maps, no Combi, no projection
+    every = predictors_for("dae") if dae else PAPER_PREDICTORS
+    fused = [p for p in every if p not in ("proj-rec-error", "combi")]
     data = CalibrationData(model, beta, opts, [c[0] for c in cases], quantile=q,
-                           brain_values={p: [] for p in PAPER_PREDICTORS + ((ENSEMBLE,) if ensemble else ())},
+                           brain_values={p: [] for p in every + ((ENSEMBLE,) if ensemble else ())},
                            maps={p: [] for p in fused}, brains=[c[2] for c in cases],
                            slices=[c[1] for c in cases])
     n_total = sum(len(c[1]) for c in cases)
     # the projection is costly: evenly spaced slices of the pooled cases, at most max_projection_slices
     pooled_sel = np.linspace(0, n_total - 1, min(n_total, max_projection_slices)).astype(int)
-    project = only is None or "proj-rec-error" in only
+    project = not dae and (only is None or "proj-rec-error" in only)
     proj_cost = opts.proj_steps / 20 if project else 0
     total, done = len(cases) + proj_cost * len(pooled_sel) / n_total, 0.0
     kl_min, kl_max = [], []
     for name, slices, brain in cases:
-        maps = compute_maps(model, slices, fused, beta, opts, device)
+        maps = compute_maps(model, slices, fused, beta, opts, device, brain=brain if opts.rim_mm > 0 else None)
         for p in fused:
             data.maps[p].append(maps[p])
-        kl_min.append(float(maps["kl-grad"].min()))
-        kl_max.append(float(maps["kl-grad"].max()))
+        if not dae:
+            kl_min.append(float(maps["kl-grad"].min()))
+            kl_max.append(float(maps["kl-grad"].max()))
         done += 1
         if progress:
             progress(done / total)
-    lo, hi = float(np.median(kl_min)), float(np.median(kl_max))
+    lo, hi = (float(np.median(kl_min)), float(np.median(kl_max))) if kl_min else (0.0, 0.0)
     for i, brain in enumerate(data.brains):
         maps = {p: data.maps[p][i] for p in fused}
-        maps["combi"] = combi_map(maps["kl-grad"], maps["rec-error"], (lo, hi))
-        data.maps.setdefault("combi", []).append(maps["combi"])
+        if not dae:
+            maps["combi"] = combi_map(maps["kl-grad"], maps["rec-error"], (lo, hi))
+            data.maps.setdefault("combi", []).append(maps["combi"])
         if ensemble is not None:
             data.brain_values[ENSEMBLE].append(ensemble.predict_maps(maps)[brain])
-        for p in fused + ["combi"]:
+        for p in fused + ([] if dae else ["combi"]):
             data.brain_values[p].append(maps[p][brain])
     if project:
         x = np.concatenate([c[1] for c in cases])[pooled_sel]
@@ -133,7 +138,7 @@ def calibrate(model, beta: float, healthy_cases: Iterable, options: Optional[Pre
         proj = compute_maps(model, x, ["proj-rec-error"], beta, opts, device, progress=proj_progress)["proj-rec-error"]
         data.brain_values["proj-rec-error"] = [proj[b]]
     thresholds = {p: float(np.percentile(np.concatenate(v), q)) for p, v in data.brain_values.items() if v}
-    wanted = list(PAPER_PREDICTORS) + ([ENSEMBLE] if ensemble else [])
+    wanted = list(every) + ([ENSEMBLE] if ensemble else [])
     out = {
         "thresholds": {p: thresholds[p] for p in wanted if only is None or p in only},
         "thresholds_options": option_subset(opts),
@@ -144,6 +149,8 @@ def calibrate(model, beta: float, healthy_cases: Iterable, options: Optional[Pre
         "calibration": {"quantile": q, "cases": data.case_names, "n_slices": int(n_total),
                         "n_projection_slices": int(len(pooled_sel)) if project else 0, "ensemble": ensemble is not None},
     }
+    if dae:
+        del out["combi_normalisation"]
     if only is not None:  # a partial calibration: thresholds only (the rest stays as the checkpoint has it)
         out = {"thresholds": out["thresholds"]}
     from .verdict import calibration_hook  # the out-of-distribution verdict's limits (issue 8)

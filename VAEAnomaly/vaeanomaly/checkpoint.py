@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from .dae import ARCHITECTURE as DAE_ARCHITECTURE, DAE
 from .model import ARCHITECTURE, VAE
 
 FORMAT = "vaeanomaly-checkpoint/1"
@@ -58,9 +59,14 @@ class CheckpointError(ValueError):
 
 @dataclass
 class Checkpoint:
-    model: VAE
+    model: VAE | DAE
     meta: dict
     path: Path
+
+    @property
+    def kind(self) -> str:
+        """'vae' (the VAE / β-VAE of the papers) or 'dae' (the coarse-noise denoising autoencoder)."""
+        return model_kind(self.model)
 
     @property
     def beta(self) -> float:
@@ -99,7 +105,10 @@ class Checkpoint:
     def card(self) -> str:
         """A short human-readable model card."""
         m, t = self.meta, self.meta.get("training", {})
-        lines = [f"{self.name}: {'β-VAE' if self.beta != 1 else 'VAE'} l={m['model']['latent_dim']} β={self.beta:g}",
+        kind = (f"denoising autoencoder (U-Net, {m['model']['levels']} levels, {m['model']['base']} base channels, "
+                f"{m['model']['image_size']}x{m['model']['image_size']})" if self.kind == "dae" else
+                f"{'β-VAE' if self.beta != 1 else 'VAE'} l={m['model']['latent_dim']} β={self.beta:g}")
+        lines = [f"{self.name}: {kind}",
                  f"trained on: {t.get('data', 'unknown')}",
                  f"training time: {t.get('time', '?')} on {t.get('hardware', '?')}"]
         ev = m.get("evaluation", {}).get("auroc_brain")
@@ -122,13 +131,18 @@ class Checkpoint:
         return "\n".join(lines)
 
 
-def save_checkpoint(path, model: VAE, meta: dict, fp16: bool = False) -> Path:
+def model_kind(model) -> str:
+    return getattr(model, "kind", "vae")
+
+
+def save_checkpoint(path, model: VAE | DAE, meta: dict, fp16: bool = False) -> Path:
     from safetensors.torch import save_file
     from . import __version__
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     full = {"format": FORMAT, "library_version": __version__, **meta, "model": model.config()}
-    tensors = {k: (v.half() if fp16 else v.float()).contiguous().cpu() for k, v in model.state_dict().items()}
+    tensors = {k: (v.half() if fp16 and v.is_floating_point() else v.float() if v.is_floating_point() else v)
+               .contiguous().cpu() for k, v in model.state_dict().items()}
     from .io import atomic_path
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(full)})
@@ -186,16 +200,20 @@ def load_checkpoint(path=None, device="cpu") -> Checkpoint:
     try:
         meta = json.loads(header[META_KEY])
         cfg = meta["model"]
-        if meta.get("format") != FORMAT or cfg.get("architecture") != ARCHITECTURE:
+        if meta.get("format") != FORMAT or cfg.get("architecture") not in (ARCHITECTURE, DAE_ARCHITECTURE):
             raise CheckpointError(f"checkpoint '{path}' has format {meta.get('format')!r} / architecture "
-                                  f"{cfg.get('architecture')!r}; this library reads {FORMAT} / {ARCHITECTURE}")
-        model = VAE(int(cfg["latent_dim"]), int(cfg["image_size"]), tuple(cfg["channels"]))
+                                  f"{cfg.get('architecture')!r}; this library reads {FORMAT} / {ARCHITECTURE} "
+                                  f"or {DAE_ARCHITECTURE}")
+        if cfg["architecture"] == DAE_ARCHITECTURE:
+            model = DAE(int(cfg["image_size"]), int(cfg["base"]), int(cfg["levels"]))
+        else:
+            model = VAE(int(cfg["latent_dim"]), int(cfg["image_size"]), tuple(cfg["channels"]))
     except CheckpointError:
         raise
     except (ValueError, KeyError, TypeError) as err:
         raise CheckpointError(f"checkpoint '{path}' has malformed metadata: {err}") from None
     try:
-        model.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=True)
+        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}, strict=True)
     except RuntimeError as err:
         raise CheckpointError(f"checkpoint '{path}' weights do not match its declared architecture: "
                               f"{str(err).splitlines()[0]}") from None

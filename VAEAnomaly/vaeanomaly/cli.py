@@ -17,8 +17,12 @@ from typing import Optional
 
 import numpy as np
 
-from .predictors import PredictorOptions, parse_predictors
-from .registry import DEFAULT_PREDICTOR, ENSEMBLE, PAPER_PREDICTORS, PREDICTOR_INFO, RECONSTRUCTION
+from .predictors import PRESETS, PredictorOptions, parse_predictors
+from .registry import (DEFAULT_PREDICTOR, DEFAULT_PREDICTORS, ENSEMBLE, PAPER_PREDICTORS, POLARITIES,  # noqa: F401
+                       PREDICTOR_INFO, RECONSTRUCTION)
+
+DEFAULTS_BY_KIND = ", ".join(f"{v} ({'VAE' if k == 'vae' else 'denoising autoencoder'})"
+                             for k, v in DEFAULT_PREDICTORS.items())
 
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 
@@ -88,9 +92,12 @@ def _options(a) -> PredictorOptions:
                              f"{', '.join(PredictorOptions.__dataclass_fields__)}")
         opts = PredictorOptions.from_dict(d)
     else:
-        opts = PredictorOptions(smooth=not a.no_smooth, proj_steps=a.proj_steps, proj_lambda=a.proj_lambda,
-                                proj_lr=a.proj_lr, proj_weighted=a.proj_weighted, batch_size=a.batch_size,
-                                proj_tol=getattr(a, "proj_tol", 0.0))
+        given = {k: v for k, v in (("smooth_mm", getattr(a, "smooth_mm", None)),
+                                   ("polarity", getattr(a, "polarity", None))) if v is not None}
+        opts = PredictorOptions.preset(getattr(a, "preset", None) or "default", smooth=not a.no_smooth,
+                                       proj_steps=a.proj_steps, proj_lambda=a.proj_lambda, proj_lr=a.proj_lr,
+                                       proj_weighted=a.proj_weighted, batch_size=a.batch_size,
+                                       proj_tol=getattr(a, "proj_tol", 0.0), **given)
     problems = []
     if not isinstance(opts.proj_steps, int) or opts.proj_steps < 0:
         problems.append(f"--proj-steps must be a whole number >= 0 (got {opts.proj_steps})")
@@ -104,6 +111,10 @@ def _options(a) -> PredictorOptions:
         problems.append(f"--batch-size must be a whole number >= 1 (got {opts.batch_size})")
     if not (opts.smooth_sigma > 0 and int(opts.smooth_kernel) >= 1):
         problems.append("smoothing needs sigma > 0 and a kernel of at least 1 pixel")
+    if not (isinstance(opts.smooth_mm, (int, float)) and 0 <= opts.smooth_mm <= 50):
+        problems.append(f"--smooth-mm must be between 0 and 50 mm (got {opts.smooth_mm})")
+    if opts.polarity not in POLARITIES:
+        problems.append(f"polarity must be one of {', '.join(POLARITIES)} (got {opts.polarity!r})")
     if problems:
         raise ValueError("; ".join(problems))
     return opts
@@ -134,7 +145,9 @@ def parse_threshold(spec: str) -> tuple[str, float]:
 def _predictors(spec: str, ck, opts: PredictorOptions, explicit_all_note: bool = True) -> list[str]:
     """Validated predictor names for this checkpoint and these options. 'all' is the six paper
     predictors plus the ensemble when the checkpoint carries one that runs with these options."""
-    names = parse_predictors(spec, with_ensemble=ck.ensemble is not None)
+    if spec is None:  # the default predictor of the checkpoint's model kind
+        spec = DEFAULT_PREDICTORS[ck.kind]
+    names = parse_predictors(spec, with_ensemble=ck.ensemble is not None, kind=ck.kind)
     if spec.strip() == "all":
         if ck.ensemble is None:
             print("vaeanomaly: note: 'all' without the ensemble: this checkpoint carries none "
@@ -153,19 +166,31 @@ def _predictors(spec: str, ck, opts: PredictorOptions, explicit_all_note: bool =
     return names
 
 
-def _add_model_args(p, predictor_default: str = DEFAULT_PREDICTOR):
+def _add_model_args(p, predictor_default: Optional[str] = None):
     from .checkpoint import DEFAULT_MODEL
     d = PredictorOptions()
     p.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint file (.safetensors) or bundled model name "
                                                           "(`vaeanomaly info --list`)")
     p.add_argument("--predictor", default=predictor_default, metavar="NAME[,NAME...]",
                    help=f"{', '.join(PREDICTOR_INFO)}; a comma-separated list; 'all' (the six paper predictors and "
-                        f"the checkpoint's ensemble); '{RECONSTRUCTION}' adds the model's reconstruction (z-score "
-                        f"units, for display)")
+                        f"the checkpoint's ensemble, or a denoising autoencoder's own); '{RECONSTRUCTION}' adds the "
+                        f"model's reconstruction (z-score units, for display). Default: "
+                        + (predictor_default or f"{DEFAULTS_BY_KIND} by the model's kind"))
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (falls back to cpu if unavailable)")
     p.add_argument("--no-smooth", action="store_true",
-                   help=f"no Gaussian smoothing of gradient maps (default: smoothing on, sigma {d.smooth_sigma:g}, "
-                        f"kernel {d.smooth_kernel}); calibrated thresholds and the ensemble hold only with smoothing")
+                   help="no Gaussian smoothing of gradient maps and the DAE residual; calibrated thresholds and the "
+                        "ensemble hold only with the smoothing they were computed with")
+    p.add_argument("--smooth-mm", type=float, default=None, metavar="SIGMA_MM",
+                   help=f"Gaussian smoothing sigma in millimetres (default {d.smooth_mm:g}"
+                        f"{': pixels, sigma %g, kernel %d' % (d.smooth_sigma, d.smooth_kernel) if not d.smooth_mm else ''}"
+                        f"); 0: the reference code's pixel kernel (sigma 3 px, kernel 7)")
+    p.add_argument("--polarity", choices=POLARITIES, default=None,
+                   help=f"signed maps (rec-grad, elbo-grad, dae-residual): 'bright' scores only where the "
+                        f"scan is brighter than the model expects, 'dark' only darker, 'both' either (default "
+                        f"{d.polarity})")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="default",
+                   help="'paper': Zhou et al.'s settings (smoothing sigma 3 px, kernel 7; absolute maps), which "
+                        "reproduce the paper-grid tables; the flags above override it")
     p.add_argument("--proj-steps", type=int, default=d.proj_steps, help="Proj-Rec-Error: projection steps N")
     p.add_argument("--proj-lambda", type=float, default=d.proj_lambda, help="Proj-Rec-Error: L1 weight λ")
     p.add_argument("--proj-lr", type=float, default=d.proj_lr, help="Proj-Rec-Error: Adam step α")
@@ -200,6 +225,7 @@ class ScorePlan:
     labels: dict = field(default_factory=dict)         # {predictor: label path}
     threshold: Optional[str] = None                     # the --threshold spec (checked by parse_threshold)
     calibrated: dict = field(default_factory=dict)      # {predictor: calibrated threshold} for 'auto'
+    min_region_mm3: float = 0.0                         # label regions below this are dropped
 
 
 def _is_image_path(p: Path) -> bool:
@@ -260,25 +286,26 @@ def plan_score(a) -> ScorePlan:
     outs = {f"output ({n} map)": p for n, p in outputs.items()}
     outs.update({f"label ({n})": p for n, p in labels.items()})
     check_outputs(outs, ins)
-    return ScorePlan(ck, names, opts, outputs, labels, a.threshold, calibrated)
+    from .regions import min_region_mm3
+    min_mm3 = getattr(a, "min_region_mm3", None)
+    if min_mm3 is not None and not (np.isfinite(min_mm3) and min_mm3 >= 0):
+        raise ValueError(f"--min-region-mm3 must be a number >= 0 (got {min_mm3:g})")
+    return ScorePlan(ck, names, opts, outputs, labels, a.threshold, calibrated,
+                     min_region_mm3(ck) if min_mm3 is None else float(min_mm3))
 
 
 def write_score_outputs(plan: ScorePlan, maps: dict) -> None:
     """Heatmaps (and labels) onto their paths, each written whole or not at all."""
-    import SimpleITK as sitk
-
     from .io import write_image
-    from .threshold import resolve_threshold
     for name, path in plan.outputs.items():
         write_image(maps[name], path)
         print(f"wrote {path}", file=sys.stderr)
+    from .regions import label_image
     for name, path in plan.labels.items():
-        arr = sitk.GetArrayFromImage(maps[name])
-        t = resolve_threshold(plan.threshold, arr, arr > 0, plan.calibrated, name)
-        lab = sitk.GetImageFromArray((arr > t).astype(np.uint8))
-        lab.CopyInformation(maps[name])
+        lab, t, kept, dropped = label_image(maps[name], plan.threshold, plan.calibrated, name, plan.min_region_mm3)
         write_image(lab, path)
-        print(f"wrote {path}: {name} > {t:.4g}, {int((arr > t).sum())} voxels", file=sys.stderr)
+        print(f"wrote {path}: {name} > {t:.4g}, {kept} voxels in regions of at least {plan.min_region_mm3:g} mm3 "
+              f"({dropped} voxels in smaller ones dropped)", file=sys.stderr)
 
 
 def cmd_score(a) -> int:
@@ -441,6 +468,9 @@ def build_parser() -> argparse.ArgumentParser:
                                        "calibrated 99th percentile on healthy brains); needs --label")
     p.add_argument("--label", help="with --threshold: the label map (one predictor), or a folder: one "
                                    "<predictor>_label.nii.gz per predictor")
+    p.add_argument("--min-region-mm3", type=float, default=None, metavar="MM3",
+                   help="label regions smaller than this are dropped (default: the checkpoint's recorded size, else "
+                        "the library's; 0 keeps every voxel above the threshold)")
     p.add_argument("--report", help="R.json: the out-of-distribution verdict for this scan (in_distribution, fit, "
                                     "brain_volume_ml, mask, flagged_percent, warnings); see vaeanomaly/verdict.py")
     _add_model_args(p)

@@ -192,12 +192,8 @@ def score_many(checkpoint, items: list[Item], names: list[str], out: Path, optio
                     write_image(img, path)
                     written.append(str(path))
                     if labels and n != "reconstruction":
-                        from .threshold import resolve_threshold
-                        import SimpleITK as sitk
-                        arr = sitk.GetArrayFromImage(img)
-                        t = resolve_threshold(labels["threshold"], arr, arr > 0, labels["calibrated"], n)
-                        lab = sitk.GetImageFromArray((arr > t).astype(np.uint8))
-                        lab.CopyInformation(img)
+                        from .regions import label_image
+                        lab = label_image(img, labels["threshold"], labels["calibrated"], n, labels["min_region_mm3"])[0]
                         lp = Path(labels["folder"]) / (f"{mine[row['_k']].name}_label.nii.gz" if len(names) == 1
                                                        else f"{mine[row['_k']].name}/{n}_label.nii.gz")
                         write_image(lab, lp)
@@ -225,7 +221,7 @@ def score_many(checkpoint, items: list[Item], names: list[str], out: Path, optio
                 continue
             t0 = time.perf_counter()
             maps = compute_maps(checkpoint.model, p.slices, on_grid, checkpoint.beta, opts, device,
-                                brain=p.brain, **kw)
+                                brain=p.brain, slice_mm=p.grid.GetSpacing()[2], **kw)
             # the verdict on the maps just computed
             v = assess_slices(checkpoint, p.slices, p.brain, names[0] if names else None, opts, device, maps=maps)
             row.update({"in_distribution": v["in_distribution"], "fit": v["fit"] if v["fit"] is not None else "",
@@ -294,7 +290,10 @@ def cmd_score_many(a) -> int:
     if threshold:
         heat = [n for n in names if n != RECONSTRUCTION]
         calibrated = {n: calibrated_threshold(ck, n, opts) for n in heat} if threshold[0] == "auto" else {}
-        labels = {"threshold": a.threshold, "calibrated": calibrated, "folder": Path(a.label)}
+        from .regions import min_region_mm3
+        labels = {"threshold": a.threshold, "calibrated": calibrated, "folder": Path(a.label),
+                  "min_region_mm3": min_region_mm3(ck) if getattr(a, "min_region_mm3", None) is None
+                  else float(a.min_region_mm3)}
     inputs = {str(Path(x).resolve()) for it in items for x in (it.volume, it.mask) if x}
     for it in items:
         for p in outputs_for(it, names, out).values():

@@ -10,13 +10,17 @@ from __future__ import annotations
 import numpy as np
 
 DEFAULT_FEATURES = ("rec-error", "kl-grad", "rec-grad")
-SMOOTHING_KEYS = ("smooth", "smooth_sigma", "smooth_kernel")
+SMOOTHING_KEYS = ("smooth", "smooth_sigma", "smooth_kernel", "smooth_mm")
 PROJECTION_KEYS = ("proj_steps", "proj_lambda", "proj_lr", "proj_weighted")
-GRADIENT_FEATURES = {"rec-grad", "kl-grad", "elbo-grad", "combi"}
+GRADIENT_FEATURES = {"rec-grad", "kl-grad", "elbo-grad", "combi", "dae-residual"}  # the smoothed maps
+SIGNED_FEATURES = {"rec-grad", "elbo-grad", "dae-residual"}            # follow the polarity option
+# settings recorded before these options existed were made with these values (pixel smoothing, absolute maps)
+UNRECORDED = {"smooth_mm": 0.0, "polarity": "both", "evidence": "none", "rim_mm": 0.0}
 # Ensembles stored before the settings were recorded were all fitted by training/fit_ensemble.py with
 # the default options (smoothing sigma 3, kernel 7; projection 100 steps, lambda 0.5, lr 0.03).
 LEGACY_OPTIONS = {"smooth": True, "smooth_sigma": 3.0, "smooth_kernel": 7,
-                  "proj_steps": 100, "proj_lambda": 0.5, "proj_lr": 0.03, "proj_weighted": False}
+                  "proj_steps": 100, "proj_lambda": 0.5, "proj_lr": 0.03, "proj_weighted": False,
+                  "smooth_mm": 0.0, "polarity": "both", "evidence": "none", "rim_mm": 0.0}
 
 
 def relevant_keys(features) -> tuple:
@@ -26,6 +30,10 @@ def relevant_keys(features) -> tuple:
         keys += SMOOTHING_KEYS
     if "proj-rec-error" in features:
         keys += PROJECTION_KEYS
+    if set(features) & SIGNED_FEATURES:
+        keys += ("polarity", "evidence")
+    if features:
+        keys += ("rim_mm",)
     return keys
 
 
@@ -33,8 +41,12 @@ def options_mismatch(recorded: dict, options, features) -> list[str]:
     """Human-readable differences between recorded settings and `options` (a PredictorOptions),
     restricted to the fields that matter for `features`; smoothing parameters only matter when on."""
     cur = options.to_dict()
+    recorded = {**UNRECORDED, **recorded}
+    smooth_off = not recorded.get("smooth", True) and not cur["smooth"]
+    pixel_kernel = not recorded.get("smooth_mm") and not cur.get("smooth_mm")
     keys = [k for k in relevant_keys(features)
-            if not (k in ("smooth_sigma", "smooth_kernel") and not recorded.get("smooth", True) and not cur["smooth"])]
+            if not (k in ("smooth_sigma", "smooth_kernel", "smooth_mm") and smooth_off)
+            and not (k in ("smooth_sigma", "smooth_kernel") and not pixel_kernel)]
     return [f"{k}={cur[k]!r} (fitted/calibrated with {recorded[k]!r})" for k in keys
             if k in recorded and cur.get(k) != recorded[k]]
 

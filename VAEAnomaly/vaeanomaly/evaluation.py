@@ -54,30 +54,49 @@ def format_table(results: dict, scope: str = "brain", metric: str = "auroc", row
 INTENSITY = "intensity"  # the plain-intensity baseline: the z-scored scan itself as the score
 
 
+def healthy_threshold(score_fn, healthy_cases, q: float = 99.0) -> float:
+    """A scorer's calibrated threshold: the q-th percentile of score_fn(slices, brain, spacing) inside healthy
+    brains (healthy_cases: (name, slices, brain, ...) tuples), as calibration.calibrate computes the checkpoints'."""
+    return float(np.percentile(np.concatenate([score_fn(c[1], c[2], None)[c[2]] for c in healthy_cases]), q))
+
+
 def intensity_threshold(healthy_cases, q: float = 99.0) -> float:
     """The baseline's 'calibrated' threshold: q-th percentile of the z-scored scan inside healthy brains."""
-    vals = np.concatenate([s[b] for _, s, b, _ in healthy_cases])
-    return float(np.percentile(vals, q))
+    return healthy_threshold(lambda x, b, s: x, healthy_cases, q)
 
 
-def benchmark(score_fns: dict, cases, groups: dict, thresholds: dict, progress=None) -> list[dict]:
+def benchmark(score_fns: dict, cases, groups: dict, thresholds: dict, progress=None, spacings=None,
+              min_region_mm3: float = None) -> list[dict]:
     """Per (family, domain) and scorer: what a clinician gets beside the oracle metrics.
 
-    score_fns: {scorer: f(slices) -> maps (N, S, S)}; cases: iterable of (name, slices, brain, label);
+    score_fns: {scorer: f(slices, brain, spacing or None) -> maps (N, S, S)}; cases: iterable of (name, slices, brain, label);
     groups: {case name: (domain, family or None for healthy)}; thresholds: {scorer: calibrated threshold}.
+    spacings: {case name: (x, y, z) mm of its model grid} for the lesion-wise counts (default: 3.75 mm cubes);
+    min_region_mm3: regions above the threshold smaller than this are dropped (regions.DEFAULT_MIN_REGION_MM3).
     Returns rows {scorer, family, domain, n_cases, auroc, ap, dice_oracle, dice_calibrated,
-    lesion_flagged_pct, healthy_flagged_pct} (healthy_flagged_pct: % of healthy brain pixels above the
-    calibrated threshold in healthy cases of that domain; AUROC/AP/Dice pool the pixels of the cases)."""
+    lesion_flagged_pct, healthy_flagged_pct, n_lesions, lesions_found_pct, false_regions_per_healthy_scan}
+    (healthy_flagged_pct: % of healthy brain pixels above the calibrated threshold in healthy cases of that domain;
+    AUROC/AP/Dice pool the pixels of the cases; lesions_found_pct: share of the 3D lesions of the cases with at
+    least one voxel in a kept region above the threshold; false regions: kept regions on healthy scans)."""
     from .metrics import dice, pixel_metrics
+    from .regions import DEFAULT_MIN_REGION_MM3, lesion_detection
+    min_region_mm3 = DEFAULT_MIN_REGION_MM3 if min_region_mm3 is None else min_region_mm3
     cases = list(cases)
     pooled = {}  # (scorer, domain, family) -> [scores in brain], [labels in brain]
+    counts = {}  # (scorer, domain, family) -> [n_lesions, found, false regions, cases]
     for i, (name, slices, brain, label) in enumerate(cases):
         dom, fam = groups[name]
+        spacing = (spacings or {}).get(name) or (240 / slices.shape[-1],) * 3
         for scorer, f in score_fns.items():
-            s = f(slices)[brain]
+            full = f(slices, brain, (spacings or {}).get(name))
+            s = full[brain]
             pooled.setdefault((scorer, dom, fam), ([], []))
             pooled[(scorer, dom, fam)][0].append(s.astype(np.float32))
             pooled[(scorer, dom, fam)][1].append(label[brain])
+            if thresholds.get(scorer) is not None:
+                d = lesion_detection(full, label, brain, thresholds[scorer], spacing, min_region_mm3)
+                c = counts.setdefault((scorer, dom, fam), [0, 0, 0, 0])
+                c[0], c[1], c[2], c[3] = c[0] + d["n_lesions"], c[1] + d["found"], c[2] + d["false_regions"], c[3] + 1
         if progress:
             progress((i + 1) / len(cases))
     rows = []
@@ -89,12 +108,16 @@ def benchmark(score_fns: dict, cases, groups: dict, thresholds: dict, progress=N
         m = pixel_metrics(s, y)
         healthy = pooled.get((scorer, dom, None))
         hf = float(100 * (np.concatenate(healthy[0]) > thr).mean()) if healthy and thr is not None else float("nan")
+        les = counts.get((scorer, dom, fam), [0, 0, 0, 0])
+        hc = counts.get((scorer, dom, None))
         rows.append({"scorer": scorer, "family": fam, "domain": dom,
                      "n_cases": sum(1 for n, _, _, _ in cases if groups[n] == (dom, fam)),
                      "auroc": m["auroc"], "ap": m["ap"], "dice_oracle": m["dice"],
                      "dice_calibrated": dice(s > thr, y) if thr is not None else float("nan"),
                      "lesion_flagged_pct": float(100 * (s[y] > thr).mean()) if thr is not None else float("nan"),
-                     "healthy_flagged_pct": hf})
+                     "healthy_flagged_pct": hf, "n_lesions": les[0],
+                     "lesions_found_pct": float(100 * les[1] / les[0]) if les[0] else float("nan"),
+                     "false_regions_per_healthy_scan": float(hc[2] / hc[3]) if hc and hc[3] else float("nan")})
     return rows
 
 
@@ -103,30 +126,39 @@ def format_benchmark(rows: list[dict]) -> str:
     out = []
     for fam in dict.fromkeys(r["family"] for r in rows):
         out += [f"### {fam}", "",
-                "| domain | scorer | cases | healthy brain flagged % (calibrated) | Dice (calibrated) | "
-                "lesion recall % (calibrated) | AUROC | AP | best Dice (oracle threshold) |",
-                "|---|---|---|---|---|---|---|---|---|"]
+                "| domain | scorer | cases | healthy brain flagged % (calibrated) | false regions per healthy scan | "
+                "Dice (calibrated) | lesion recall % (calibrated) | lesions found | AUROC | AP | "
+                "best Dice (oracle threshold) |",
+                "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             if r["family"] == fam:
                 out.append(f"| {r['domain']} | {r['scorer']} | {r['n_cases']} | {r['healthy_flagged_pct']:.2f} | "
-                           f"{r['dice_calibrated']:.3f} | {r['lesion_flagged_pct']:.1f} | {r['auroc']:.3f} | "
-                           f"{r['ap']:.3f} | {r['dice_oracle']:.3f} |")
+                           f"{r.get('false_regions_per_healthy_scan', float('nan')):.1f} | "
+                           f"{r['dice_calibrated']:.3f} | {r['lesion_flagged_pct']:.1f} | {_found(r)} | "
+                           f"{r['auroc']:.3f} | {r['ap']:.3f} | {r['dice_oracle']:.3f} |")
         out.append("")
     return "\n".join(out)
+
+
+def _found(r: dict) -> str:
+    n = r.get("n_lesions") or 0
+    return f"{r['lesions_found_pct']:.0f}% of {n}" if n else "-"
 
 
 def headline_table(rows: list[dict], scorer: str, baseline: str) -> str:
     """One compact table for a README: the scorer's clinician numbers and oracle metrics per family x domain,
     the baseline's AUROC/AP beside them (bold where the scorer is worse than the baseline)."""
     base = {(r["family"], r["domain"]): r for r in rows if r["scorer"] == baseline}
-    out = ["| lesion family | domain | healthy brain flagged % | Dice (calibrated) | AUROC (intensity) | "
-           "AP (intensity) | best Dice (oracle) |", "|---|---|---|---|---|---|---|"]
+    out = ["| lesion family | domain | healthy brain flagged % | false regions per healthy scan | Dice (calibrated) | "
+           "lesions found | AUROC (intensity) | AP (intensity) | best Dice (oracle) |",
+           "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["scorer"] != scorer:
             continue
         b = base.get((r["family"], r["domain"]))
         worse = lambda k: b is not None and r[k] < b[k]  # noqa: E731
         fmt = lambda k: (f"**{r[k]:.3f}**" if worse(k) else f"{r[k]:.3f}") + (f" ({b[k]:.3f})" if b else "")  # noqa: E731
-        out.append(f"| {r['family']} | {r['domain']} | {r['healthy_flagged_pct']:.2f} | {r['dice_calibrated']:.3f} | "
-                   f"{fmt('auroc')} | {fmt('ap')} | {r['dice_oracle']:.3f} |")
+        out.append(f"| {r['family']} | {r['domain']} | {r['healthy_flagged_pct']:.2f} | "
+                   f"{r.get('false_regions_per_healthy_scan', float('nan')):.1f} | {r['dice_calibrated']:.3f} | "
+                   f"{_found(r)} | {fmt('auroc')} | {fmt('ap')} | {r['dice_oracle']:.3f} |")
     return "\n".join(out)

@@ -37,8 +37,9 @@ def combi_constants(checkpoint, options: Optional[PredictorOptions] = None, warn
 
 def inference_kwargs(checkpoint, predictors, options: Optional[PredictorOptions] = None) -> dict:
     """The checkpoint-held extras compute_maps needs for these predictors: the ensemble (checked against
-    the options) and Combi's constants."""
-    kw = {}
+    the options), Combi's constants and the model grid's pixel size (smoothing in mm)."""
+    prep = checkpoint.preprocessing or {}
+    kw = {"pixel_mm": float(prep.get("fov_mm", 240.0)) / float(prep.get("image_size", checkpoint.model.image_size))}
     if ENSEMBLE in predictors:
         kw["ensemble"] = checkpoint.ensemble
     if "combi" in predictors:

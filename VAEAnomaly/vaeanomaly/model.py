@@ -16,6 +16,7 @@ ARCHITECTURE = "zimmerer2019-vae"
 
 
 class VAE(nn.Module):
+    kind = "vae"  # registry: the predictors a model kind computes
     def __init__(self, latent_dim: int = 64, image_size: int = 64,
                  channels: tuple[int, ...] = (16, 32, 64, 256), slope: float = 0.01):
         super().__init__()

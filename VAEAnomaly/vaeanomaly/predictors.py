@@ -16,10 +16,12 @@ from typing import Callable, Iterable, Optional
 import numpy as np
 import torch
 
+from .dae import DAE
 from .model import VAE, kl_loss, rec_loss
 
-from .registry import ENSEMBLE, PAPER_PREDICTORS as PREDICTORS, RECONSTRUCTION  # noqa: E402  (one registry)
-ALL_OUTPUTS = PREDICTORS + (ENSEMBLE, RECONSTRUCTION)
+from .registry import (DAE_PREDICTORS, ENSEMBLE, PAPER_PREDICTORS as PREDICTORS, POLARITIES,  # noqa: E402
+                       PREDICTOR_INFO, RECONSTRUCTION, predictors_for)
+ALL_OUTPUTS = tuple(dict.fromkeys(PREDICTORS + DAE_PREDICTORS + (ENSEMBLE, RECONSTRUCTION)))
 _GRAD_MAPS = {"elbo-grad", "kl-grad", "rec-grad", "combi"}
 
 
@@ -29,11 +31,19 @@ class Cancelled(Exception):
 
 @dataclass
 class PredictorOptions:
-    """Documented defaults. smooth*: Gaussian smoothing of gradient maps (reference code: sigma 3,
-    kernel 7). proj_*: iterative projection, E(x) = L_rec(x) + lambda*|x - x0|_1, Adam(lr)."""
+    """Documented defaults. smooth*: Gaussian smoothing of gradient maps and the DAE residual: sigma
+    smooth_mm millimetres (kernel to +-2.5 sigma), so a model on another grid keeps its meaning; smooth_mm = 0
+    uses smooth_sigma / smooth_kernel in pixels (the reference code and the `paper` preset: sigma 3 px, kernel 7).
+    polarity: for the signed maps (registry `signed`): 'both' (absolute value, the papers), 'bright' (only
+    where the scan is brighter than the model expects), 'dark'.
+    proj_*: iterative projection, E(x) = L_rec(x) + lambda*|x - x0|_1, Adam(lr)."""
     smooth: bool = True
     smooth_sigma: float = 3.0
     smooth_kernel: int = 7
+    smooth_mm: float = 0.0
+    polarity: str = "both"
+    evidence: str = "none"   # 'intensity': signed maps times the scan's own intensity evidence (see intensity_evidence)
+    rim_mm: float = 0.0      # maps are 0 within this distance of the brain mask's surface (3D; needs the brain mask)
     proj_steps: int = 100
     proj_lambda: float = 0.5
     proj_lr: float = 0.03
@@ -49,17 +59,86 @@ class PredictorOptions:
         known = {k: v for k, v in (d or {}).items() if k in cls.__dataclass_fields__}
         return cls(**known)
 
+    @classmethod
+    def preset(cls, name: str, **changes) -> "PredictorOptions":
+        """Named option sets: 'default' (the documented defaults) or 'paper' (Zhou et al.'s reference
+        settings: smoothing sigma 3 px, kernel 7, absolute maps), which reproduce the paper-grid tables."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset '{name}'; choose from {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **changes})
 
-def parse_predictors(spec: str | Iterable[str], allow_ensemble: bool = True, with_ensemble: bool = False) -> list[str]:
+    def kernel_px(self, pixel_mm: float) -> tuple[float, int]:
+        """(sigma, kernel size) in pixels on a grid of pixel_mm pixels."""
+        if self.smooth_mm > 0:
+            sigma = self.smooth_mm / pixel_mm
+            return sigma, 2 * int(np.ceil(2.5 * sigma)) + 1
+        return self.smooth_sigma, int(self.smooth_kernel)
+
+
+PRESETS = {"default": {}, "paper": {"smooth": True, "smooth_sigma": 3.0, "smooth_kernel": 7, "smooth_mm": 0.0,
+                                    "polarity": "both", "evidence": "none", "rim_mm": 0.0}}
+EVIDENCE = ("none", "intensity")
+
+
+def intensity_evidence(x: torch.Tensor, polarity: str) -> torch.Tensor:
+    """How unusual the scan's own (z-scored) intensity is in the map's direction, in [0, 1]: Phi(z) where
+    brighter counts ('bright'), Phi(-z) ('dark'), |2 Phi(z) - 1| ('both'). A signed map times this is a soft
+    product of the model's evidence and the intensity's (Baur et al.'s hyperintensity prior, without a hard
+    gate): a lesion must look wrong to the model *and* stand out in the scan; normal bright CSF that the model
+    explains, or a tissue edge it blurs at ordinary intensity, is damped."""
+    phi = 0.5 * (1 + torch.erf(x / 2 ** 0.5))
+    if polarity == "bright":
+        return phi
+    if polarity == "dark":
+        return 1 - phi
+    return (2 * phi - 1).abs()
+
+
+def inner_brain(brain: np.ndarray, rim_mm: float, pixel_mm: float, slice_mm: float) -> np.ndarray:
+    """The brain mask (N, H, W) eroded by rim_mm in 3D (an ellipsoid of rim_mm in voxels of pixel_mm in-plane and
+    slice_mm across); a direction where rim_mm is under half a voxel is not eroded."""
+    from scipy import ndimage
+    r = [int(round(rim_mm / slice_mm)), int(round(rim_mm / pixel_mm)), int(round(rim_mm / pixel_mm))]
+    if rim_mm <= 0 or not any(r):
+        return np.asarray(brain, bool)
+    g = np.ogrid[tuple(slice(-k, k + 1) for k in r)]
+    ball = sum((gi / k) ** 2 for gi, k in zip(g, r) if k) <= 1  # an axis with k = 0 has length 1
+    pad = [(k, k) for k in r]  # outside the volume counts as brain: the first/last slices are the brain's own edge
+    b = np.pad(np.asarray(brain, bool), pad, mode="edge")
+    inner = ndimage.binary_erosion(b, ball)
+    return inner[tuple(slice(k, k + s) for k, s in zip(r, brain.shape))]
+
+DEFAULT_PIXEL_MM = 240.0 / 64  # the model grid of the paper (240 mm over 64 pixels) when no pixel size is given
+
+
+def apply_polarity(signed: torch.Tensor, polarity: str) -> torch.Tensor:
+    """A signed map (positive: brighter than expected) as an anomaly score >= 0."""
+    if polarity == "bright":
+        return signed.clamp_min(0)
+    if polarity == "dark":
+        return (-signed).clamp_min(0)
+    if polarity == "both":
+        return signed.abs()
+    raise ValueError(f"unknown polarity '{polarity}'; choose from {', '.join(POLARITIES)}")
+
+
+def parse_predictors(spec: str | Iterable[str], allow_ensemble: bool = True, with_ensemble: bool = False,
+                     kind: Optional[str] = None) -> list[str]:
     """'all', 'rec-grad' or 'rec-error,kl-grad' -> validated list of predictor names.
-    'all' is the six paper predictors, plus the ensemble when with_ensemble (a checkpoint carries one)."""
+    'all' is the six paper predictors (a VAE; a denoising autoencoder's kind='dae': its own predictors),
+    plus the ensemble when with_ensemble (a checkpoint carries one). kind: the checkpoint's model kind, when
+    known (the names are then checked against what it computes)."""
     names = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else list(spec)
     if names == ["all"]:
-        return list(PREDICTORS) + ([ENSEMBLE] if with_ensemble and allow_ensemble else [])
-    valid = PREDICTORS + ((ENSEMBLE,) if allow_ensemble else ()) + (RECONSTRUCTION,)
+        return list(predictors_for(kind or "vae")) + ([ENSEMBLE] if with_ensemble and allow_ensemble else [])
+    valid = tuple(n for n in ALL_OUTPUTS if (allow_ensemble or n != ENSEMBLE)
+                  and (kind is None or n == RECONSTRUCTION or kind in PREDICTOR_INFO[n].models))
     bad = [n for n in names if n not in valid]
     if bad or not names:
-        raise ValueError(f"unknown predictor(s) {bad or names}; choose from {', '.join(valid)} or 'all'")
+        other = [n for n in bad if n in PREDICTOR_INFO]
+        why = (f"{', '.join(other)}: not computed by a {'denoising autoencoder' if kind == 'dae' else 'VAE'} "
+               f"checkpoint (choose another model or predictor); " if other else f"unknown predictor(s) {bad or names}; ")
+        raise ValueError(f"{why}choose from {', '.join(valid)} or 'all'")
     return names
 
 
@@ -78,10 +157,12 @@ def _band(n: int, g: torch.Tensor) -> torch.Tensor:
     return torch.where((off >= 0) & (off < k), g[off.clamp(0, k - 1)], torch.zeros((), dtype=g.dtype, device=g.device))
 
 
-def smooth(maps: torch.Tensor, opts: PredictorOptions) -> torch.Tensor:
+def smooth(maps: torch.Tensor, opts: PredictorOptions, pixel_mm: float = DEFAULT_PIXEL_MM) -> torch.Tensor:
     """Gaussian smoothing of (..., H, W) maps with zero padding, as the reference code's 2D
-    convolution does; the kernel is separable, so it is two banded matrix products (fast on CPUs)."""
-    g = gaussian_kernel(opts.smooth_sigma, opts.smooth_kernel, maps.device, maps.dtype)
+    convolution does; the kernel is separable, so it is two banded matrix products (fast on CPUs).
+    The kernel: opts.kernel_px(pixel_mm) (millimetres, or the reference code's pixels)."""
+    sigma, size = opts.kernel_px(pixel_mm)
+    g = gaussian_kernel(sigma, size, maps.device, maps.dtype)
     h, w = maps.shape[-2:]
     return _band(h, g) @ maps @ _band(w, g).T
 
@@ -97,7 +178,7 @@ def _fused_batch(model: VAE, x: torch.Tensor, need: set[str]) -> dict[str, torch
         mu, log_sigma = model.encode(x)
         mu_d = mu.detach().requires_grad_(x.requires_grad)
         x_rec = model.decode(mu_d)
-        out = {"x_rec": x_rec.detach(), "rec-error": (x.detach() - x_rec.detach()).pow(2)}
+        out = {"x_rec": x_rec.detach(), "residual": x.detach() - x_rec.detach()}
         if not x.requires_grad:
             return out
         need_rec = bool(need & {"rec-grad", "elbo-grad"})
@@ -176,8 +257,13 @@ def compute_maps(model: VAE, slices, predictors: Iterable[str], beta: float = 1.
                  ensemble=None, progress: Optional[Callable[[float], None]] = None,
                  cancel: Optional[Callable[[], bool]] = None,
                  combi_norm: Optional[tuple[float, float]] = None,
-                 brain: Optional[np.ndarray] = None) -> dict[str, np.ndarray]:
+                 brain: Optional[np.ndarray] = None, pixel_mm: Optional[float] = None,
+                 slice_mm: Optional[float] = None) -> dict[str, np.ndarray]:
     """Anomaly maps for all slices of ONE volume.
+
+    model: a VAE (the paper predictors, the ensemble) or a DAE (dae-residual, rec-error); see registry.
+    pixel_mm: the model grid's pixel size (smoothing in mm; default: 240 mm over the model's grid); slice_mm: the
+    spacing of the slices (the rim option; default: pixel_mm).
 
     slices: (N, H, W) array of preprocessed slices. Returns {name: (N, H, W) float32 array}.
     Combi: KL-grad min-max normalised with the checkpoint's constants `combi_norm` = (min, max) from
@@ -192,6 +278,19 @@ def compute_maps(model: VAE, slices, predictors: Iterable[str], beta: float = 1.
     """
     opts = options or PredictorOptions()
     names = list(dict.fromkeys(predictors))
+    pixel_mm = pixel_mm or 240.0 / model.image_size
+    kind = getattr(model, "kind", "vae")
+    wrong = [n for n in names if n != RECONSTRUCTION and (n not in PREDICTOR_INFO or kind not in PREDICTOR_INFO[n].models)]
+    if wrong:
+        raise ValueError(f"{', '.join(wrong)}: not computed by a {'denoising autoencoder' if kind == 'dae' else 'VAE'}"
+                         f" checkpoint; it computes {', '.join(n for n, i in PREDICTOR_INFO.items() if kind in i.models)}"
+                         f" (choose another predictor or model)")
+    if opts.polarity not in POLARITIES:
+        raise ValueError(f"unknown polarity '{opts.polarity}'; choose from {', '.join(POLARITIES)}")
+    if opts.evidence not in EVIDENCE:
+        raise ValueError(f"unknown evidence '{opts.evidence}'; choose from {', '.join(EVIDENCE)}")
+    if kind == "dae":
+        return _dae_maps(model, slices, names, opts, device, brain, pixel_mm, slice_mm, progress, cancel)
     if ENSEMBLE in names and ensemble is None:
         raise ValueError("the ensemble predictor needs a checkpoint that carries ensemble weights "
                          "(fit one with training/fit_ensemble.py)")
@@ -232,16 +331,16 @@ def compute_maps(model: VAE, slices, predictors: Iterable[str], beta: float = 1.
         for start in range(0, nf, small):
             x = x_fused[start:start + small, None].to(device)
             r = _fused_batch(model, x, fused)
-            maps = {"rec-error": r["rec-error"], RECONSTRUCTION: r["x_rec"]}
+            maps = {"rec-error": r["residual"].pow(2), RECONSTRUCTION: r["x_rec"]}
             grads = {}
             if "g_rec" in r:
-                grads["rec-grad"] = r["g_rec"].abs()
+                grads["rec-grad"] = apply_polarity(r["g_rec"], opts.polarity)
             if "g_kl" in r:
                 grads["kl-grad"] = r["g_kl"].abs()
             if "g_rec" in r and "g_kl" in r:
-                grads["elbo-grad"] = (r["g_rec"] + beta * r["g_kl"]).abs()
+                grads["elbo-grad"] = apply_polarity(r["g_rec"] + beta * r["g_kl"], opts.polarity)
             if grads and opts.smooth:  # all gradient maps in one grouped convolution
-                smoothed = smooth(torch.cat(list(grads.values()), 1), opts)
+                smoothed = smooth(torch.cat(list(grads.values()), 1), opts, pixel_mm)
                 grads = dict(zip(grads, smoothed.split(1, 1)))
             maps.update(grads)
             for k in acc:
@@ -282,7 +381,59 @@ def compute_maps(model: VAE, slices, predictors: Iterable[str], beta: float = 1.
         out[ENSEMBLE] = ensemble.predict_maps(out)
         if len(fused_sel) < n:
             out[ENSEMBLE][np.setdiff1d(np.arange(n), fused_sel)] = 0
-    return {k: out[k].astype(np.float32) for k in names}
+    return _finish({k: out[k].astype(np.float32) for k in names}, x_all, brain, opts, pixel_mm, slice_mm)
+
+
+def _finish(maps: dict, x_all: torch.Tensor, brain, opts: PredictorOptions, pixel_mm: float,
+            slice_mm: Optional[float]) -> dict[str, np.ndarray]:
+    """The options that act on finished maps: intensity evidence on the signed maps, then the rim (0 within
+    rim_mm of the brain's surface, on every heatmap; needs the brain mask)."""
+    if opts.evidence == "intensity":
+        ev = intensity_evidence(x_all, opts.polarity).numpy()
+        for k in maps:
+            if k in PREDICTOR_INFO and PREDICTOR_INFO[k].signed:
+                maps[k] = (maps[k] * ev).astype(np.float32)
+    if opts.rim_mm > 0 and brain is not None:
+        inner = inner_brain(np.asarray(brain, bool), opts.rim_mm, pixel_mm, slice_mm or pixel_mm)
+        for k in maps:
+            if k != RECONSTRUCTION:
+                maps[k] = np.where(inner, maps[k], 0).astype(np.float32)
+    return maps
+
+
+def _dae_maps(model: DAE, slices, names: list, opts: PredictorOptions, device, brain, pixel_mm: float,
+              slice_mm: Optional[float], progress, cancel) -> dict[str, np.ndarray]:
+    """The denoising autoencoder's maps: one forward pass per batch of brain slices. residual r = x - f(x);
+    dae-residual = polarity(r), smoothed (opts); rec-error = r^2 (unsmoothed, unsigned, as the VAE's);
+    reconstruction = f(x). 0 on slices without brain."""
+    x_all = torch.as_tensor(np.asarray(slices, dtype=np.float32))
+    if x_all.ndim != 3 or tuple(x_all.shape[1:]) != (model.image_size,) * 2:
+        raise ValueError(f"slices must be (N, {model.image_size}, {model.image_size}); got {tuple(x_all.shape)}")
+    model = model.to(device).eval().requires_grad_(False)
+    n = len(x_all)
+    sel = np.arange(n) if brain is None else np.flatnonzero(np.asarray(brain).reshape(n, -1).any(1))
+    out = {k: torch.zeros(x_all.shape) for k in names}
+    if cancel and cancel():
+        raise Cancelled("cancelled")
+    _stage(progress, ", ".join(names))
+    step = max(1, min(opts.batch_size, PROGRESS_SLICES))
+    for start in range(0, len(sel), step):
+        idx = torch.as_tensor(sel[start:start + step])
+        x = x_all[idx, None].to(device)
+        with torch.inference_mode():
+            rec = model(x)
+            res = apply_polarity(x - rec, opts.polarity)
+            maps = {"rec-error": (x - rec).pow(2), RECONSTRUCTION: rec,
+                    "dae-residual": smooth(res, opts, pixel_mm) if opts.smooth else res}
+        for k in names:
+            out[k][idx] = maps[k][:, 0].cpu()
+        if progress:
+            progress(min((start + len(x)) / max(len(sel), 1), 1.0))
+        if cancel and cancel():
+            raise Cancelled("cancelled")
+    if progress and not len(sel):
+        progress(1.0)
+    return _finish({k: v.numpy().astype(np.float32) for k, v in out.items()}, x_all, brain, opts, pixel_mm, slice_mm)
 
 
 def reference_map(model: VAE, slices, name: str, beta: float = 1.0,

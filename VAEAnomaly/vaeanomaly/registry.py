@@ -17,18 +17,21 @@ class PredictorInfo:
     description: str
     calibrated: bool = True      # the checkpoint can hold a healthy-brain threshold for it
     projection: bool = False     # runs the iterative projection (slow)
+    models: tuple = ("vae",)     # the model kinds that compute it: 'vae' (VAE / β-VAE), 'dae' (denoising AE)
+    signed: bool = False         # has a direction (brighter / darker than expected): follows the polarity option
 
 
 PREDICTOR_INFO: dict[str, PredictorInfo] = {p.name: p for p in (
     PredictorInfo("rec-grad", "Rec-grad",
-                  "|d L_rec / d x|: gradient of the reconstruction error w.r.t. the image (smoothed). "
-                  "Best or equal-best in the paper and on the benchmarks."),
+                  "d L_rec / d x: gradient of the reconstruction error w.r.t. the image (smoothed; positive where "
+                  "the scan is brighter than the model expects). Best or equal-best in the paper.", signed=True),
     PredictorInfo("elbo-grad", "ELBO-grad",
-                  "|d (L_rec + beta L_KL) / d x|: gradient of the whole ELBO (smoothed)."),
+                  "d (L_rec + beta L_KL) / d x: gradient of the whole ELBO (smoothed).", signed=True),
     PredictorInfo("kl-grad", "KL-grad",
                   "|d L_KL / d x|: gradient of the KL term alone (Zimmerer et al.; smoothed)."),
     PredictorInfo("rec-error", "Rec-Error",
-                  "(x - VAE(x))^2: plain pixel-wise reconstruction error."),
+                  "(x - x̂)^2: plain pixel-wise reconstruction error (x̂: the VAE's or the denoiser's output).",
+                  models=("vae", "dae")),
     PredictorInfo("combi", "Combi",
                   "normalised KL-grad times the reconstruction error (Zimmerer et al.)."),
     PredictorInfo("proj-rec-error", "Proj-Rec-Error",
@@ -37,10 +40,17 @@ PREDICTOR_INFO: dict[str, PredictorInfo] = {p.name: p for p in (
     PredictorInfo("ensemble", "Ensemble",
                   "logistic regression on Rec-Error, KL-grad and Rec-grad per pixel (needs a checkpoint "
                   "that carries ensemble weights)."),
+    PredictorInfo("dae-residual", "DAE residual",
+                  "x - f(x): what a coarse-noise denoising autoencoder (Kascenas et al. 2022) removes from the scan "
+                  "(smoothed; positive where the scan is brighter than a healthy brain would be).",
+                  models=("dae",), signed=True),
 )}
 
 DEFAULT_PREDICTOR = "rec-grad"
 PAPER_PREDICTORS = ("rec-error", "elbo-grad", "kl-grad", "rec-grad", "combi", "proj-rec-error")
+DAE_PREDICTORS = ("dae-residual", "rec-error")
+DEFAULT_PREDICTORS = {"vae": DEFAULT_PREDICTOR, "dae": "dae-residual"}  # per model kind
+POLARITIES = ("both", "bright", "dark")  # signed maps: |value|, brighter than expected only, darker only
 ENSEMBLE = "ensemble"
 RECONSTRUCTION = "reconstruction"  # not a predictor: the model's reconstruction (z = mu), for display
 THRESHOLD_MODES = ("calibrated", "percentile", "absolute")
@@ -51,6 +61,11 @@ DEFAULT_PERCENTILE = 99.0
 def predictor_names(include_ensemble: bool = True) -> list[str]:
     """Panel order: the default first."""
     return [n for n in PREDICTOR_INFO if include_ensemble or n != ENSEMBLE]
+
+
+def predictors_for(kind: str) -> tuple:
+    """The predictors a model kind computes ('all' for such a checkpoint, without the ensemble)."""
+    return PAPER_PREDICTORS if kind == "vae" else DAE_PREDICTORS
 
 
 def title(name: str) -> str:

@@ -267,8 +267,10 @@ LESION_FAMILIES = {
     "mass-iso": "a mass (radius 10-20 mm) iso-intense to grey matter, with strong mass effect",
 }
 EFFECTS = ("deformation", "atrophy", "pose", "partial", "oblique", "bias", "noise", "blur", "distortion", "texture")
-# seeds of the three splits never overlap: a benchmark subject's anatomy and deformation never occur in training
-SPLIT_SEEDS = {"train": 0, "calibration": 300_000, "benchmark": 1_000_000}
+# seeds of the splits never overlap: a benchmark subject's anatomy and deformation never occur in training.
+# validation: lesion cases of the training domains, on which option defaults are chosen (never the benchmark)
+SPLIT_SEEDS = {"train": 0, "calibration": 300_000, "validation": 600_000, "benchmark": 1_000_000}
+LESION_SPLITS = ("validation", "benchmark")  # BraTS layout, lesion families allowed
 
 
 def signal(tissue: str, d: Domain, te: float, tr: float, ti: float) -> float:
@@ -525,7 +527,7 @@ def cohort_plan(split: str, n: int, domains, families=(None,), head: bool = Fals
         raise ValueError(f"unknown split '{split}'; choose from {', '.join(SPLIT_SEEDS)}")
     if split != "benchmark":
         check_training_domains(domains)
-        if any(f for f in families):
+        if split != "validation" and any(f for f in families):
             raise ValueError("training and calibration cohorts are healthy: no lesion families")
     plan, k = [], 0
     for dom in domains:
@@ -542,7 +544,7 @@ def write_case(out_dir, c: dict) -> Path:
     + brainmask_fs.nii.gz. Benchmark: BraTS layout <case>/<case>_t2.nii.gz, _seg (empty for healthy), _brainmask."""
     sub = make_varied(c["seed"], c["domain"], c["family"] or False, head=c.get("head", False))
     out = Path(out_dir)
-    if c["split"] == "benchmark":
+    if c["split"] in LESION_SPLITS:
         d = out / c["case"]
         d.mkdir(parents=True, exist_ok=True)
         seg = sub.seg if sub.seg is not None else sitk.Cast(sub.mask * 0, sitk.sitkUInt8)

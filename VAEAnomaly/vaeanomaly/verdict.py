@@ -34,7 +34,7 @@ from typing import Optional
 
 import numpy as np
 
-from .registry import DEFAULT_PREDICTOR, ENSEMBLE
+from .registry import DEFAULT_PREDICTOR, DEFAULT_PREDICTORS, ENSEMBLE
 
 VERSION = 1
 K = 3.0
@@ -97,7 +97,8 @@ def _flag_predictor(checkpoint, predictor: Optional[str]) -> Optional[str]:
     th = checkpoint.thresholds
     if predictor in th and (predictor != ENSEMBLE or checkpoint.ensemble is not None):
         return predictor
-    return DEFAULT_PREDICTOR if DEFAULT_PREDICTOR in th else None
+    default = DEFAULT_PREDICTORS[getattr(checkpoint, "kind", "vae")]
+    return default if default in th else None
 
 
 # --------------------------------------------------------------------------- calibration
@@ -161,7 +162,7 @@ def calibration_hook(data) -> dict:
     for sl, brain, rec in zip(slices_list, data.brains, data.maps["rec-error"]):
         for s, v in statistics(sl, brain, rec, pix).items():
             values[s].append(v)
-    pred, flagged, th = DEFAULT_PREDICTOR, [], None
+    pred, flagged, th = DEFAULT_PREDICTORS[getattr(data.model, "kind", "vae")], [], None
     if data.brain_values.get(pred):
         th = float(np.percentile(np.concatenate(data.brain_values[pred]), data.quantile))
         flagged = [100.0 * float(np.mean(v > th)) for v in data.brain_values[pred]]

@@ -660,7 +660,7 @@ def score_volume(checkpoint, img: sitk.Image, mask: Optional[sitk.Image] = None,
     p = prepare(img, mask, Preprocessing.from_dict(checkpoint.preprocessing))
     maps = compute_maps(checkpoint.model, p.slices, names, checkpoint.beta, options, device,
                         progress=progress, cancel=cancel, brain=p.brain,  # projection: brain slices only
-                        **inference_kwargs(checkpoint, names, options))
+                        slice_mm=p.grid.GetSpacing()[2], **inference_kwargs(checkpoint, names, options))
     if keep is not None:
         keep.update(prepared=p, maps=maps)
     out = {}

@@ -1,0 +1,226 @@
+"""Detection (issue 16): signed maps, smoothing in millimetres, the denoising autoencoder and its checkpoint."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from vaeanomaly.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from vaeanomaly.dae import DAE, coarse_noise, dae_loss
+from vaeanomaly.predictors import PredictorOptions, apply_polarity, compute_maps, parse_predictors, smooth
+
+
+def _dae(size=32, seed=0):
+    torch.manual_seed(seed)
+    m = DAE(size, base=4, levels=3).eval()
+    for p in m.parameters():  # non-trivial BatchNorm statistics, so the round trip checks them too
+        p.data.add_(0.01 * torch.randn_like(p))
+    for b in m.modules():
+        if isinstance(b, torch.nn.BatchNorm2d):
+            b.running_mean.uniform_(-0.1, 0.1)
+            b.running_var.uniform_(0.5, 1.5)
+    return m
+
+
+def _slices(size=32, n=3, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(0, 0.3, (n, size, size)).astype(np.float32)
+    brain = np.zeros_like(x, bool)
+    brain[:, 4:-4, 4:-4] = True
+    return np.where(brain, x, 0), brain
+
+
+def test_polarity_keeps_the_sign():
+    s = torch.tensor([-2.0, -0.5, 0.0, 0.5, 2.0])
+    assert apply_polarity(s, "bright").tolist() == [0, 0, 0, 0.5, 2]
+    assert apply_polarity(s, "dark").tolist() == [2, 0.5, 0, 0, 0]
+    assert apply_polarity(s, "both").tolist() == [2, 0.5, 0, 0.5, 2]
+    with pytest.raises(ValueError, match="polarity"):
+        apply_polarity(s, "up")
+
+
+def test_smoothing_in_mm_means_the_same_on_any_grid():
+    o = PredictorOptions(smooth_mm=4.0)
+    s64, k64 = o.kernel_px(240 / 64)
+    s128, k128 = o.kernel_px(240 / 128)
+    assert s64 == pytest.approx(4 / 3.75) and s128 == pytest.approx(2 * s64)
+    assert k64 % 2 == 1 and k128 % 2 == 1 and k128 > k64
+    # a point on each grid, smoothed: the same width in mm (second moment of the profile)
+    widths = []
+    for n in (64, 128):
+        img = torch.zeros(1, 1, n, n)
+        img[0, 0, n // 2, n // 2] = 1
+        prof = smooth(img, o, 240 / n)[0, 0, n // 2].numpy()
+        r = (np.arange(n) - n // 2) * 240 / n
+        widths.append(np.sqrt((prof * r ** 2).sum() / prof.sum()))
+    assert widths[0] == pytest.approx(4.0, rel=0.08) and widths[1] == pytest.approx(4.0, rel=0.08)
+    # the paper preset: sigma 3 px, kernel 7, whatever the grid
+    paper = PredictorOptions.preset("paper")
+    assert paper.kernel_px(240 / 64) == (3.0, 7) == paper.kernel_px(240 / 128)
+    with pytest.raises(ValueError, match="preset"):
+        PredictorOptions.preset("fast")
+
+
+def test_signed_rec_grad_is_positive_on_a_bright_spot():
+    """A bright blob in the scan: Rec-grad's 'bright' map carries it, the 'dark' one does not; 'both' is the old
+    absolute map."""
+    ck = load_checkpoint()  # the default bundled model
+    size = ck.model.image_size
+    x = np.zeros((1, size, size), np.float32)
+    yy, xx = np.mgrid[:size, :size]
+    x[0][(yy - size // 2) ** 2 + (xx - size // 2) ** 2 < (size // 10) ** 2] = 4.0
+    maps = {p: compute_maps(ck.model, x, ["rec-grad"], ck.beta, PredictorOptions(polarity=p, smooth=False))["rec-grad"]
+            for p in ("bright", "dark", "both")}
+    spot = x[0] > 0
+    assert maps["bright"][0][spot].mean() > 5 * maps["dark"][0][spot].mean()
+    np.testing.assert_allclose(maps["both"], maps["bright"] + maps["dark"], rtol=1e-5, atol=1e-6)
+    paper = compute_maps(ck.model, x, ["rec-grad"], ck.beta, PredictorOptions.preset("paper"))["rec-grad"]
+    default_before = compute_maps(ck.model, x, ["rec-grad"], ck.beta,
+                                  PredictorOptions(smooth_sigma=3, smooth_kernel=7, smooth_mm=0, polarity="both"))
+    np.testing.assert_array_equal(paper, default_before["rec-grad"])
+
+
+def test_dae_residual_maths():
+    m = _dae()
+    x, brain = _slices()
+    opts = PredictorOptions(polarity="bright", smooth=False)
+    maps = compute_maps(m, x, ["dae-residual", "rec-error", "reconstruction"], options=opts, brain=brain)
+    with torch.no_grad():
+        rec = m(torch.from_numpy(x)[:, None])[:, 0].numpy()
+    np.testing.assert_allclose(maps["reconstruction"], rec, atol=1e-5)
+    np.testing.assert_allclose(maps["dae-residual"], np.maximum(x - rec, 0), atol=1e-5)
+    np.testing.assert_allclose(maps["rec-error"], (x - rec) ** 2, atol=1e-5)  # unsigned whatever the polarity
+    dark = compute_maps(m, x, ["dae-residual"], options=PredictorOptions(polarity="dark", smooth=False))
+    np.testing.assert_allclose(dark["dae-residual"], np.maximum(rec - x, 0), atol=1e-5)
+    smoothed = compute_maps(m, x, ["dae-residual"], options=PredictorOptions(polarity="bright", smooth_mm=8.0),
+                            pixel_mm=240 / 32)["dae-residual"]
+    ref = smooth(torch.from_numpy(np.maximum(x - rec, 0))[:, None], PredictorOptions(smooth_mm=8.0), 240 / 32)
+    np.testing.assert_allclose(smoothed, ref[:, 0].numpy(), atol=1e-5)
+    # slices without brain are 0
+    brain[1] = False
+    assert not compute_maps(m, x, ["dae-residual"], options=opts, brain=brain)["dae-residual"][1].any()
+
+
+def test_predictors_are_checked_against_the_model_kind():
+    m = _dae()
+    x, _ = _slices()
+    with pytest.raises(ValueError, match="denoising autoencoder"):
+        compute_maps(m, x, ["rec-grad"])
+    assert parse_predictors("all", kind="dae") == ["dae-residual", "rec-error"]
+    with pytest.raises(ValueError, match="not computed by a VAE"):
+        parse_predictors("dae-residual", kind="vae")
+    with pytest.raises(ValueError, match="not computed by a denoising"):
+        parse_predictors("kl-grad", kind="dae")
+
+
+def test_dae_checkpoint_round_trip(tmp_path):
+    m = _dae()
+    x, brain = _slices()
+    path = save_checkpoint(tmp_path / "d.safetensors", m, {"name": "d", "beta": 1.0,
+                                                          "preprocessing": {"image_size": 32}})
+    ck = load_checkpoint(path)
+    assert ck.kind == "dae" and isinstance(ck.model, DAE) and "denoising autoencoder" in ck.card()
+    a = compute_maps(m, x, ["dae-residual"], brain=brain)["dae-residual"]
+    b = compute_maps(ck.model, x, ["dae-residual"], brain=brain)["dae-residual"]
+    np.testing.assert_array_equal(a, b)
+    # no pickle anywhere: the file is safetensors with a JSON header; a foreign architecture is refused
+    from safetensors.torch import load_file, save_file
+    import json
+    from safetensors import safe_open
+    with safe_open(str(path), "pt") as f:
+        meta = json.loads(f.metadata()["vaeanomaly"])
+    meta["model"]["architecture"] = "unet-something"
+    save_file(load_file(str(path)), str(tmp_path / "bad.safetensors"), metadata={"vaeanomaly": json.dumps(meta)})
+    with pytest.raises(CheckpointError, match="architecture"):
+        load_checkpoint(tmp_path / "bad.safetensors")
+
+
+def test_coarse_noise_is_coarse_and_the_loss_counts_the_brain_only():
+    g = torch.Generator().manual_seed(0)
+    n = coarse_noise((4, 1, 64, 64), 0.5, 8, g)
+    assert n.shape == (4, 1, 64, 64) and 0.2 < float(n.std()) < 0.6
+    # neighbouring pixels are strongly correlated (a blob, not white noise)
+    corr = np.corrcoef(n[..., :, :-1].flatten().numpy(), n[..., :, 1:].flatten().numpy())[0, 1]
+    assert corr > 0.9
+    m = _dae(64)
+    x = torch.zeros(2, 1, 64, 64)
+    brain = torch.zeros_like(x)
+    assert float(dae_loss(m, x, brain, 0.5, 8, g).detach()) == 0.0  # no brain, nothing to learn
+
+
+def test_min_region_size_in_mm3_drops_small_regions_only():
+    from vaeanomaly.regions import keep_large, lesion_detection
+    m = np.zeros((10, 20, 20), bool)
+    m[2:4, 2:4, 2:4] = True          # 8 voxels
+    m[5:9, 10:15, 10:15] = True      # 100 voxels
+    # 1 mm voxels: 8 and 100 mm3; 2 mm voxels along x: 16 and 200 mm3
+    assert keep_large(m, (1, 1, 1), 10).sum() == 100
+    assert keep_large(m, (2, 1, 1), 10).sum() == 108
+    assert keep_large(m, (1, 1, 1), 0).sum() == 108
+    assert not keep_large(m, (1, 1, 1), 101).any()
+    # lesion-wise: the small region lies on a lesion; dropping it loses that lesion and no false region is counted
+    label = np.zeros_like(m)
+    label[2:4, 2:4, 2:4] = True
+    label[0, 18, 18] = True          # a lesion nowhere near a region: missed
+    score = m.astype(float)
+    brain = np.ones_like(m)
+    d = lesion_detection(score, label, brain, 0.5, (1, 1, 1), 0)
+    assert d == {"n_lesions": 2, "found": 1, "false_regions": 1}
+    d = lesion_detection(score, label, brain, 0.5, (1, 1, 1), 10)
+    assert d == {"n_lesions": 2, "found": 0, "false_regions": 1}
+
+
+def test_label_written_by_score_drops_small_regions(tmp_path):
+    """`vaeanomaly score --label` at an absolute threshold: regions under --min-region-mm3 are not in the label."""
+    import SimpleITK as sitk
+
+    from vaeanomaly.regions import label_image
+    arr = np.zeros((12, 30, 30), np.float32)
+    arr[3, 5, 5] = 2.0                  # one voxel of 8 mm3
+    arr[6:9, 10:16, 10:16] = 2.0        # 108 voxels = 864 mm3
+    heat = sitk.GetImageFromArray(arr)
+    heat.SetSpacing((2.0, 2.0, 2.0))
+    lab, t, kept, dropped = label_image(heat, "1.0", {}, "rec-grad", 20.0)
+    assert (t, kept, dropped) == (1.0, 108, 1)
+    assert sitk.GetArrayFromImage(lab)[3, 5, 5] == 0 and lab.GetSpacing() == heat.GetSpacing()
+
+
+def test_rim_and_the_first_and_last_brain_slices():
+    from vaeanomaly.predictors import inner_brain
+    brain = np.zeros((12, 32, 32), bool)
+    brain[2:10, 6:26, 6:26] = True
+    inner = inner_brain(brain, 4.0, 3.75, 3.75)  # one voxel in every direction
+    assert not inner[2].any() and not inner[9].any() and inner[3:9, 7:25, 7:25].all()
+    assert not inner[:, 6].any()
+    # thick slices (8 mm): no erosion across slices, in-plane only
+    thick = inner_brain(brain, 3.0, 3.75, 8.0)
+    assert thick[2].any() and not thick[2, 6].any()
+    # a brain cut off at the edge of the volume is not eroded there (the cut is not the brain's surface)
+    cut = np.ones((4, 8, 8), bool)
+    assert inner_brain(cut, 4.0, 3.75, 3.75).all()
+    # through compute_maps: 0 on the rim, unchanged inside
+    m = _dae()
+    x, b = _slices()
+    plain = compute_maps(m, x, ["dae-residual"], options=PredictorOptions(smooth=False), brain=b)["dae-residual"]
+    rim = compute_maps(m, x, ["dae-residual"], options=PredictorOptions(smooth=False, rim_mm=7.5), brain=b,
+                       pixel_mm=7.5, slice_mm=100.0)["dae-residual"]
+    ib = inner_brain(b, 7.5, 7.5, 100.0)
+    assert not rim[~ib].any() and np.array_equal(rim[ib], plain[ib])
+
+
+def test_intensity_evidence_follows_the_polarity():
+    from vaeanomaly.predictors import intensity_evidence
+    z = torch.tensor([-3.0, 0.0, 3.0])
+    assert intensity_evidence(z, "bright")[2] > 0.99 and intensity_evidence(z, "bright")[0] < 0.01
+    assert intensity_evidence(z, "dark")[0] > 0.99
+    both = intensity_evidence(z, "both")
+    assert both[1] == 0 and both[0] == pytest.approx(both[2])
+    m = _dae()
+    x, b = _slices()
+    o = dict(smooth=False, polarity="bright")
+    plain = compute_maps(m, x, ["dae-residual", "rec-error"], options=PredictorOptions(**o))
+    ev = compute_maps(m, x, ["dae-residual", "rec-error"], options=PredictorOptions(evidence="intensity", **o))
+    np.testing.assert_allclose(ev["dae-residual"], plain["dae-residual"] * intensity_evidence(torch.from_numpy(x),
+                                                                                                  "bright").numpy(),
+                               rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(ev["rec-error"], plain["rec-error"])  # unsigned maps: unchanged

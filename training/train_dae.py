@@ -1,0 +1,135 @@
+"""Train the coarse-noise denoising autoencoder (vaeanomaly/dae.py) on healthy slices.
+
+    python training/train_dae.py --cache data/v/train_64.npz --image-size 64 --out runs/dae64.safetensors
+    python training/calibrate.py runs/dae64.safetensors --cache data/v/calibration_64.npz --all-cases
+
+Adam with a cosine learning-rate decay over the run (by epochs, or by wall time with --max-minutes, so a
+CPU budget still ends at a small learning rate); each batch gets the VAE's rotation / intensity augmentation
+(no white noise), then coarse noise inside the brain (dae.dae_loss). Writes the core library's checkpoint
+(safetensors + JSON metadata with this exact command) and a CSV log (train loss, held-out healthy loss).
+Thresholds, the verdict and the rest come from training/calibrate.py on the calibration split.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+import common  # noqa: F401  (puts the core library on sys.path)
+from vaeanomaly.augment import augment
+from vaeanomaly.checkpoint import save_checkpoint
+from vaeanomaly.dae import DAE, dae_loss
+from vaeanomaly.predictors import PredictorOptions
+from vaeanomaly.preprocessing import Preprocessing
+
+
+def parse(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cache", required=True, help="healthy slice cache .npz (training/make_data.py)")
+    ap.add_argument("--out", required=True, help="checkpoint path (.safetensors)")
+    ap.add_argument("--name", help="model name in the metadata")
+    ap.add_argument("--image-size", type=int, default=64, choices=[64, 128])
+    ap.add_argument("--base", type=int, default=16, help="channels of the first U-Net level")
+    ap.add_argument("--levels", type=int, default=4)
+    ap.add_argument("--noise-std", type=float, default=0.5, help="coarse noise std (z-score units)")
+    ap.add_argument("--noise-scale", type=int, default=8, help="noise grid = image size / this")
+    ap.add_argument("--epochs", type=int, default=50)
+    ap.add_argument("--max-minutes", type=float, default=0, help="stop after this wall time (0: no limit)")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--val-fraction", type=float, default=0.05, help="held-out healthy subjects (loss log)")
+    ap.add_argument("--max-rotation", type=float, default=15.0)
+    ap.add_argument("--intensity", type=float, default=0.1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--fp16", action="store_true", help="store weights as float16 (small bundled files)")
+    ap.add_argument("--data-description", default="")
+    return ap.parse_args(argv)
+
+
+def main(argv=None):
+    from common import code_version, command_line, hardware
+    from vaeanomaly.data import SliceCache
+    a = parse(argv)
+    torch.manual_seed(a.seed)
+    cache = SliceCache.load(a.cache)
+    if cache.slices.shape[-1] != a.image_size:
+        raise SystemExit(f"the cache holds {cache.slices.shape[-1]}-pixel slices but --image-size is {a.image_size}")
+    rng = np.random.default_rng(a.seed)
+    n_cases = len(cache.names)
+    val_ids = rng.choice(n_cases, max(1, round(a.val_fraction * n_cases)), replace=False) if n_cases > 1 else []
+    val = np.isin(cache.case, val_ids)
+    to_t = lambda arr: torch.from_numpy(arr.astype(np.float32))[:, None].to(a.device)  # noqa: E731
+    x_all, b_all = to_t(cache.slices[~val]), to_t(cache.brain[~val])
+    x_val, b_val = to_t(cache.slices[val][::4]), to_t(cache.brain[val][::4])
+    model = DAE(a.image_size, a.base, a.levels).to(a.device)
+    opt = torch.optim.Adam(model.parameters(), lr=a.lr)
+    aug = SimpleNamespace(max_rotation=a.max_rotation, intensity=a.intensity, noise=0.0)
+    gen = torch.Generator(device=a.device).manual_seed(a.seed)
+    val_gen_seed = a.seed + 12345
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    log = open(out.with_suffix(".csv"), "w", newline="")
+    writer = csv.writer(log)
+    writer.writerow(["epoch", "loss", "val_loss", "lr", "seconds"])
+    t0, epoch, loss_mean = time.time(), 0, float("nan")
+    budget = 60 * a.max_minutes
+    for epoch in range(1, a.epochs + 1):
+        model.train()
+        perm = torch.randperm(len(x_all), generator=gen, device=a.device)
+        tot, nb, stop = 0.0, 0, False
+        for i in range(0, len(perm) - a.batch_size + 1, a.batch_size):
+            progress = (time.time() - t0) / budget if budget else (epoch - 1 + i / len(perm)) / a.epochs
+            if progress >= 1:
+                stop = True
+                break
+            for g in opt.param_groups:
+                g["lr"] = a.lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * progress)))
+            idx = perm[i:i + a.batch_size]
+            x = augment(x_all[idx], b_all[idx], aug, gen)
+            loss = dae_loss(model, x, b_all[idx], a.noise_std, a.noise_scale, gen)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            tot, nb = tot + float(loss), nb + 1
+        model.eval()
+        with torch.no_grad():
+            vg = torch.Generator(device=a.device).manual_seed(val_gen_seed)
+            val_loss = float(dae_loss(model, x_val, b_val, a.noise_std, a.noise_scale, vg)) if len(x_val) else float("nan")
+        loss_mean = tot / max(nb, 1)
+        writer.writerow([epoch, f"{loss_mean:.5f}", f"{val_loss:.5f}", f"{opt.param_groups[0]['lr']:.2e}",
+                         f"{time.time() - t0:.0f}"])
+        log.flush()
+        print(f"epoch {epoch}: loss {loss_mean:.4f} val {val_loss:.4f} ({time.time() - t0:.0f} s)", file=sys.stderr)
+        if stop:
+            break
+    log.close()
+    meta = {
+        "name": a.name or out.name.replace(".safetensors", ""),
+        "beta": 1.0,
+        "preprocessing": Preprocessing(image_size=a.image_size).to_dict(),
+        "predictor_defaults": PredictorOptions().to_dict(),
+        "denoising": {"noise_std": a.noise_std, "noise_scale": a.noise_scale},
+        "training": {
+            "command": command_line(), "code_version": code_version(),
+            "data": a.data_description or f"{n_cases} healthy subjects, {len(x_all)} training slices",
+            "epochs": epoch, "batch_size": a.batch_size, "lr": a.lr, "seed": a.seed,
+            "augmentation": {"max_rotation_deg": a.max_rotation, "intensity": a.intensity,
+                             "coarse_noise_std": a.noise_std, "coarse_noise_scale": a.noise_scale},
+            "time": f"{time.time() - t0:.0f} s", "hardware": hardware(a.device),
+            "final_loss": {"loss": loss_mean},
+        },
+    }
+    save_checkpoint(out, model.cpu().eval(), meta, fp16=a.fp16)
+    print(f"wrote {out} ({time.time() - t0:.0f} s, {epoch} epochs)", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
