@@ -289,7 +289,8 @@ class VAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not running:
             self._timer.stop()
             if self.controller.take_new_result():
-                slicer.util.resetSliceViews()
+                from VAEAnomalyLib.selftest import reset_slice_views
+                reset_slice_views(slicer.app.layoutManager())  # (none without a main window)
             if self.controller.take_models_changed():  # an adapted model joined the list (and is selected)
                 self._fillModelCombos()
                 if self._parameterNode:
@@ -435,12 +436,13 @@ class VAEAnomalyTest(ScriptedLoadableModuleTest):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
-        self.setUp()
-        self.test_SampleChecksums()
-        self.setUp()
-        self.test_Panel()
-        self.setUp()
-        self.test_HeatmapAndSegment()
+        # called directly inside tryWithErrorDisplay("Test failed.") from the panel: a part that cannot run here
+        # (no PyTorch) is logged as skipped, not raised (VAEAnomalyLib/selftest.py)
+        from VAEAnomalyLib.selftest import run_steps, summary
+        outcome = run_steps([("test_SampleChecksums", self.test_SampleChecksums), ("test_Panel", self.test_Panel),
+                             ("test_HeatmapAndSegment", self.test_HeatmapAndSegment)],
+                            log=logging.warning, before=self.setUp)
+        self.delayDisplay(summary(outcome))
 
     def test_SampleChecksums(self):
         for name, sha in SAMPLE_FILES.items():

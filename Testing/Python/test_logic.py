@@ -291,3 +291,62 @@ def test_sample_data_end_to_end_with_bundled_model(scene):
     # outlines about 40% of the lesion at Dice about 0.5 (the paper-grid bvae-l64-b10 outlined 70%)
     assert dice(found, gt) > 0.3 and found[gt].mean() > 0.3
     assert np.array_equal(VAEAnomalyLogic.heatmap_array(t2), before)
+
+
+def _world_points(ijk_to_local, transform_node, ijk):
+    """Voxel indices (N, 3) in (i, j, k) order -> world RAS through an IJK-to-local matrix and a parent transform."""
+    import vtk
+    m = np.array([[ijk_to_local.GetElement(r, c) for c in range(4)] for r in range(4)])
+    to_world = np.eye(4)
+    if transform_node is not None:
+        w = vtk.vtkMatrix4x4()
+        assert transform_node.GetMatrixTransformToWorld(w)  # (linear)
+        to_world = np.array([[w.GetElement(r, c) for c in range(4)] for r in range(4)])
+    h = np.c_[ijk, np.ones(len(ijk))]
+    return (to_world @ m @ h.T).T[:, :3]
+
+
+def test_outputs_follow_the_input_volume_transform(scene):
+    """An input under a linear transform: the heatmap, the reconstruction and the segmentation are placed under
+    the same parent transform, and the segment's voxels lie in world coordinates where the input's voxels above
+    the threshold are (vtkMRMLTransformableNode::SetAndObserveTransformNodeID; segments are stored in the
+    segmentation node's coordinates, which its parent transform maps to world)."""
+    import vtk
+    img = make_phantom(**OBLIQUE, blob_index=(30, 40, 12))
+    node = add_volume(scene, img)
+    tf = slicer.vtkMRMLLinearTransformNode()
+    scene.AddNode(tf)
+    m = vtk.vtkMatrix4x4()
+    t = vtk.vtkTransform()
+    t.Translate(40.0, -25.0, 12.0)
+    t.RotateWXYZ(30.0, 0.3, 0.2, 0.9)
+    t.GetMatrix(m)
+    tf.SetMatrixTransformToParent(m)
+    node.SetAndObserveTransformNodeID(tf.GetID())
+    logic = VAEAnomalyLogic(scene)
+    heat = logic.process(node, None, None, "rec-grad", reconstruction=True)  # the default bundled model
+    rec = logic.lastReconstruction
+    assert heat.GetTransformNodeID() == rec.GetTransformNodeID() == tf.GetID()
+    thr = logic.resolve_threshold(heat, "p99")
+    seg = logic.create_segment(heat, thr)
+    assert seg.GetTransformNodeID() == tf.GetID()
+    sid = seg.GetSegmentation().GetSegmentIdBySegmentName("Anomaly")
+    # the segment exported onto the input's grid (through world coordinates) is exactly the voxels above threshold
+    above = logic.heatmap_array(heat) > thr
+    assert np.array_equal(logic._segment_array(seg, sid, node), above)
+    # and its voxels, mapped to world by the segmentation's own geometry and transform, are the input's voxels
+    lab = slicer.vtkOrientedImageData()
+    seg.GetBinaryLabelmapRepresentation(sid, lab)
+    from vtk.util.numpy_support import vtk_to_numpy
+    ext = lab.GetExtent()
+    arr = vtk_to_numpy(lab.GetPointData().GetScalars()).reshape(lab.GetDimensions()[::-1])
+    k, j, i = np.nonzero(arr)
+    lab_m = vtk.vtkMatrix4x4()
+    lab.GetImageToWorldMatrix(lab_m)
+    seg_world = _world_points(lab_m, seg.GetParentTransformNode(), np.c_[i + ext[0], j + ext[2], k + ext[4]])
+    k, j, i = np.nonzero(above)
+    in_m = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(in_m)
+    input_world = _world_points(in_m, node.GetParentTransformNode(), np.c_[i, j, k])
+    assert len(seg_world) == len(input_world) > 0
+    np.testing.assert_allclose(np.sort(seg_world, axis=0), np.sort(input_world, axis=0), atol=1e-3)

@@ -213,6 +213,9 @@ class VAEAnomalyLogic:
             node.SetName(self.scene.GenerateUniqueName(f"{inputVolume.GetName()} anomaly ({predictor})"))
             self.scene.AddNode(node)
         set_node_from_image(node, maps[predictor])
+        # the maps are on the input's voxel grid (its IJK-to-RAS), so they sit under the same parent transform:
+        # in world coordinates they lie where the (transformed) input is shown
+        node.SetAndObserveTransformNodeID(inputVolume.GetTransformNodeID())
         opts = options.to_dict() if options is not None else {}
         for k, v in {"VAEAnomaly.Model": checkpoint.name, "VAEAnomaly.Predictor": predictor,
                      "VAEAnomaly.Input": inputVolume.GetID(), "VAEAnomaly.Options": json.dumps(opts)}.items():
@@ -225,6 +228,7 @@ class VAEAnomalyLogic:
             rec.SetName(self.scene.GenerateUniqueName(f"{inputVolume.GetName()} reconstruction"))
             self.scene.AddNode(rec)
             set_node_from_image(rec, maps["reconstruction"])
+            rec.SetAndObserveTransformNodeID(inputVolume.GetTransformNodeID())
             rec.SetAttribute("VAEAnomaly.ReconstructionOf", inputVolume.GetID())  # not a scan (adapt refuses it)
             rec.CreateDefaultDisplayNodes()
             self.lastReconstruction = rec
@@ -307,6 +311,7 @@ class VAEAnomalyLogic:
             segmentationNode.SetName(self.scene.GenerateUniqueName(f"{ref.GetName()} anomaly segmentation"))
             self.scene.AddNode(segmentationNode)
             segmentationNode.CreateDefaultDisplayNodes()
+            segmentationNode.SetAndObserveTransformNodeID(ref.GetTransformNodeID())  # where the input is shown
             segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(ref)
         seg = segmentationNode.GetSegmentation()
         old_id = seg.GetSegmentIdBySegmentName(SEGMENT_NAME)
@@ -324,6 +329,9 @@ class VAEAnomalyLogic:
         self.scene.AddNode(label)
         try:
             set_node_from_image(label, self._mask_image(mask.astype(np.uint8), heatmapNode))
+            # on the heatmap's grid, under its transform: the import maps it into the segmentation's coordinates
+            # (vtkSlicerSegmentationsModuleLogic::ImportLabelmapToSegmentationNode applies the transform between them)
+            label.SetAndObserveTransformNodeID(heatmapNode.GetTransformNodeID())
             before = set(seg.GetSegmentIDs())
             slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(label, segmentationNode)
             new_ids = [i for i in seg.GetSegmentIDs() if i not in before]
