@@ -246,3 +246,48 @@ def test_score_with_report_is_one_pass_with_the_same_results(calibrated, healthy
         verdict.score_with_report(tmp_path / "h.json", calibrated, head, None, ["rec-grad"])
     r = json.loads((tmp_path / "h.json").read_text(encoding="utf-8"))
     assert r["in_distribution"] is False and r["fit"] is None and r["warnings"]
+
+
+def _rotated(img, interpolator):
+    """img resampled onto its own grid under a small rotation: a B-spline or windowed-sinc interpolator rings
+    (undershoots) where the intensity drops, as in a skull-stripped scan registered to a template."""
+    t = sitk.Euler3DTransform()
+    t.SetCenter(img.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2 for s in img.GetSize()]))
+    t.SetRotation(0.05, 0.03, 0.08)
+    return sitk.Resample(img, img, t, interpolator, 0.0, sitk.sitkFloat32), t
+
+
+@pytest.mark.parametrize("interpolator", [sitk.sitkWelchWindowedSinc, sitk.sitkBSpline])
+def test_skull_stripped_volume_with_interpolation_ringing_is_masked(interpolator):
+    """The automatic mask starts from the background level, not the minimum: the bundled skull-stripped sample,
+    resampled with ringing (negative voxels next to the brain, down to a quarter of its range), gets the brain --
+    the automatic mask of the same resampling without ringing (linear), up to the overshoot at the edge -- not the
+    whole field of view, and is not refused as a head."""
+    from vaeanomaly.brainmask import BRAIN_ML_RANGE, automatic_mask_problems, volume_ml
+    from vaeanomaly.checkpoint import sample_data
+    from vaeanomaly.volume import mask_for
+    img = sitk.Shrink(sitk.ReadImage(str(sample_data()), sitk.sitkFloat32), [2, 2, 2])  # 2 mm: 8x fewer voxels
+    ringing, _ = _rotated(img, interpolator)
+    a = _arr(ringing)
+    assert a.min() < -0.2 * a.max() and (a < -0.02 * a.max()).mean() > 0.005   # ringing, as the issue measured it
+    expected = _arr(mask_for(_rotated(img, sitk.sitkLinear)[0], None)) > 0
+    mask = mask_for(ringing, None)                                 # no VolumeError: not refused as a head
+    got = _arr(mask) > 0
+    dice = 2 * (got & expected).sum() / (got.sum() + expected.sum())
+    assert dice > 0.93, dice
+    assert BRAIN_ML_RANGE[0] < volume_ml(mask) < BRAIN_ML_RANGE[1]
+    assert automatic_mask_problems(ringing, mask) == []
+
+
+def test_unstripped_head_is_still_refused_with_ringing():
+    """The generator's head (skull, scalp, noisy air), as generated and resampled with ringing: refused
+    without a mask, for the reasons that say it is a head."""
+    from vaeanomaly.brainmask import automatic_mask_problems
+    from vaeanomaly.synth import make_subject
+    from vaeanomaly.volume import auto_mask, mask_for
+    sub = make_subject(1_800_001, domain="tse", head=True, step=2, off=("partial",))
+    head = sitk.Cast(sub.t2, sitk.sitkFloat32)
+    for img in (head, _rotated(head, sitk.sitkBSpline)[0]):
+        with pytest.raises(VolumeError, match="not look skull-stripped"):
+            mask_for(img, None)
+        assert automatic_mask_problems(img, auto_mask(img))

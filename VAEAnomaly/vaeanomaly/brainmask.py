@@ -9,8 +9,9 @@ worse than none).
 
 A head is recognised by an automatic mask that is
   - far larger than any brain (> HEAD_ML millilitres), or
-  - dominated by background: more than BACKGROUND_FRACTION of its voxels darker than 5 % of its
-    bright (99th percentile) intensity, or
+  - dominated by background: more than BACKGROUND_FRACTION of its voxels darker than 5 % of the way from
+    the volume's background level (arrays.background_level, not the minimum: interpolation ringing) to the
+    mask's bright (99th percentile) intensity, or
   - touching the edges of the field of view on three or more sides (more than half of its largest
     cross-section lies on each of those faces).
 Limits are anatomical (an adult brain mask, CSF included, is about 1000-1900 ml; a head with scalp
@@ -23,7 +24,7 @@ from typing import Optional
 import numpy as np
 import SimpleITK as sitk
 
-from .arrays import _box, _orientation, _percentile
+from .arrays import _box, _orientation, _percentile, background_level
 from .errors import VolumeError
 
 HEAD_ML = 3000.0                 # an automatic mask larger than this is not a brain
@@ -78,13 +79,14 @@ def face_coverage(mask: sitk.Image, marr: Optional[np.ndarray] = None, box: Opti
 
 
 def dark_fraction(img: sitk.Image, mask: sitk.Image, values: Optional[np.ndarray] = None) -> float:
-    """Share of mask voxels darker than DARK_LEVEL of the mask's 99th-percentile intensity.
+    """Share of mask voxels darker than DARK_LEVEL of the way from the volume's background level
+    (arrays.background_level: robust to interpolation ringing) to the mask's 99th-percentile intensity.
     values: the image's voxels inside the mask as float32, when the caller has them."""
     vals = sitk.GetArrayViewFromImage(img)[sitk.GetArrayViewFromImage(mask) > 0].astype(np.float32) \
         if values is None else values
     if vals.size == 0:
         return 0.0
-    lo, hi = float(vals.min()), _percentile(vals, 99)  # (np.percentile's value, found faster)
+    lo, hi = background_level(sitk.GetArrayViewFromImage(img)), _percentile(vals, 99)  # (np.percentile's values)
     return float(np.count_nonzero(vals < lo + DARK_LEVEL * (hi - lo))) / vals.size if hi > lo else 0.0
 
 

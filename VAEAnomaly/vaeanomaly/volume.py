@@ -16,7 +16,7 @@ from typing import Callable, Optional
 import numpy as np
 import SimpleITK as sitk
 
-from .arrays import _Orientation, _box, _lps_direction, _orientation, _percentile  # noqa: F401  (shared with brainmask.py)
+from .arrays import _Orientation, _box, _lps_direction, _orientation, _percentile, background_level  # noqa: F401
 from .errors import VolumeError  # noqa: F401  (importable from here, as always)
 from .preprocessing import Preprocessing
 
@@ -220,7 +220,8 @@ def check_image(img: sitk.Image, what: str = "input") -> np.ndarray:
 
 def auto_mask(img: sitk.Image, arr: Optional[np.ndarray] = None) -> sitk.Image:
     """Foreground mask for SKULL-STRIPPED input (fallback when no brain mask is given):
-    voxels above 2% of the robust intensity range, closed (radius-2 ball), holes filled, largest component
+    voxels above 2% of the robust intensity range (from the background level, arrays.background_level, to the
+    99.5th percentile), closed (radius-2 ball), holes filled, largest component
     (face connectivity) -- what ITK's BinaryThreshold, BinaryMorphologicalClosing, BinaryFillhole and
     ConnectedComponent + RelabelComponent give on the whole volume (Testing/Python/test_speed_paths.py).
     arr: the image's voxels as float32 (z, y, x) when the caller has them already (check_image)."""
@@ -502,7 +503,7 @@ def _auto_mask(arr: np.ndarray) -> tuple[np.ndarray, Optional[list]]:
     """The automatic mask as a bool array and its bounding box (None when empty). Closing with a radius-2 ball
     and a safe border, hole filling and connected components with face connectivity, on the foreground's
     bounding box only; the common cases (no holes, one component) skip the relabelling passes."""
-    lo, hi = float(arr.min()), _percentile(arr, 99.5)
+    lo, hi = background_level(arr), _percentile(arr, 99.5)  # (not the minimum: interpolation ringing, arrays.py)
     fg = arr > lo + 0.02 * (hi - lo)
     out = np.zeros(arr.shape, bool)
     fg_box = _box(fg)
