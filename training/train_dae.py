@@ -98,7 +98,7 @@ def main(argv=None):
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            tot, nb = tot + float(loss), nb + 1
+            tot, nb = tot + float(loss.detach()), nb + 1
         model.eval()
         with torch.no_grad():
             vg = torch.Generator(device=a.device).manual_seed(val_gen_seed)

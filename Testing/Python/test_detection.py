@@ -224,3 +224,39 @@ def test_intensity_evidence_follows_the_polarity():
                                                                                                   "bright").numpy(),
                                rtol=1e-5, atol=1e-7)
     np.testing.assert_array_equal(ev["rec-error"], plain["rec-error"])  # unsigned maps: unchanged
+
+
+def test_create_segment_drops_regions_below_the_minimum_size():
+    """The panel's 'Create segment' on a real MRML scene: a one-voxel region is not in the segment, the large
+    one is; a heatmap with only small regions above the threshold is refused with a message."""
+    import SimpleITK as sitk
+    import slicer
+    from VAEAnomalyLib.logic import VAEAnomalyLogic, set_node_from_image
+    scene = slicer.vtkMRMLScene()
+    try:
+        arr = np.zeros((12, 30, 30), np.float32)
+        arr[3, 5, 5] = 2.0                  # 8 mm3
+        arr[6:9, 10:16, 10:16] = 2.0        # 864 mm3
+        img = sitk.GetImageFromArray(arr)
+        img.SetSpacing((2.0, 2.0, 2.0))
+        heat = slicer.vtkMRMLScalarVolumeNode()
+        scene.AddNode(heat)
+        set_node_from_image(heat, img)
+        logic = VAEAnomalyLogic(scene)
+        seg = logic.create_segment(heat, 1.0, min_region_mm3=20)
+        sid = seg.GetSegmentation().GetSegmentIdBySegmentName("Anomaly")
+        got = logic._segment_array(seg, sid, heat)
+        assert got.sum() == 108 and not got[3, 5, 5]
+        small = arr.copy()
+        small[6:9] = 0
+        heat2 = slicer.vtkMRMLScalarVolumeNode()
+        scene.AddNode(heat2)
+        img2 = sitk.GetImageFromArray(small)
+        img2.SetSpacing((2.0, 2.0, 2.0))
+        set_node_from_image(heat2, img2)
+        n = scene.GetNumberOfNodes()
+        with pytest.raises(ValueError, match="region of at least 20 mm3"):
+            logic.create_segment(heat2, 1.0, min_region_mm3=20)
+        assert scene.GetNumberOfNodes() == n
+    finally:
+        scene.Clear(1)

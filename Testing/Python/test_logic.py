@@ -192,10 +192,11 @@ def test_masks_threshold_segment_and_edit_protection(scene, tiny_checkpoint):
     sid = s.GetSegmentIdBySegmentName("Anomaly")
     assert sid
     got = logic._segment_array(segn, sid, node)
-    assert got.sum() == (arr > t).sum()
+    from vaeanomaly.regions import DEFAULT_MIN_REGION_MM3, keep_large
+    assert got.sum() == keep_large(arr > t, h1.GetSpacing(), DEFAULT_MIN_REGION_MM3).sum()
     assert segn.GetSegmentation().ContainsRepresentation("Closed surface")
     # re-running with the segment untouched replaces it silently
-    logic.create_segment(h1, t * 1.2, segn)
+    logic.create_segment(h1, t * 1.2, segn, min_region_mm3=0)
     assert logic._segment_array(segn, s.GetSegmentIdBySegmentName("Anomaly"), node).sum() == (arr > t * 1.2).sum()
     # after a user edit, re-running refuses unless confirmed
     sid = s.GetSegmentIdBySegmentName("Anomaly")

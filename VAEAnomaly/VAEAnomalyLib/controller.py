@@ -21,6 +21,7 @@ from typing import Callable, Optional
 from .adaptjob import (DEFAULT_MINUTES, AdaptJob, AdaptJobError, adaptation_summary, folder_scans,
                        user_models)
 from .logic import ScoringJob, SegmentEditedError, VAEAnomalyLogic
+from vaeanomaly.registry import DEFAULT_PREDICTORS
 from .panel import (ABSOLUTE, CALIBRATED, CUSTOM_MODEL, DEFAULT_PERCENTILE, DEFAULT_PREDICTOR, DEFAULT_THRESHOLD_MODE,
                     OPTION_DEFAULTS, PERCENTILE, PREDICTOR_INFO, bundled_models, default_model)
 
@@ -227,6 +228,16 @@ class PanelController:
             p.customModelPath = custom_path
         self.update_model_card()
 
+    def _predictor_for(self, kind: str) -> None:
+        """A model that does not compute the chosen predictor (a denoising autoencoder has no Rec-grad, a VAE
+        no DAE residual): the predictor becomes that model's default, and the status says so."""
+        p = self.params
+        if p is not None and p.predictor in PREDICTOR_INFO and kind not in PREDICTOR_INFO[p.predictor].models:
+            new = DEFAULT_PREDICTORS[kind]
+            self.status = (f"{PREDICTOR_INFO[p.predictor].title} is not computed by this model; "
+                           f"using {PREDICTOR_INFO[new].title}.")
+            p.predictor = new
+
     def model_path(self) -> Optional[str]:
         """What ScoringJob / load_checkpoint get: a bundled name, a file, or None (custom, no file yet)."""
         p = self.params
@@ -245,6 +256,7 @@ class PanelController:
                 ck = load_checkpoint(self.model_path() if self.params else None)
                 summary = adaptation_summary(ck.meta)  # an adapted model: what on, flagged % before/after
                 self.model_card = (summary + "\n\n" if summary else "") + ck.card()
+                self._predictor_for(ck.kind)
             except Exception as err:  # a card is informative only; never fail the panel
                 self.model_card = f"Model unavailable: {err}"
         return self.model_card

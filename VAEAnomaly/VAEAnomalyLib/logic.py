@@ -297,15 +297,21 @@ class VAEAnomalyLogic:
         return hashlib.sha1(np.packbits(mask.astype(bool)).tobytes() + str(mask.shape).encode()).hexdigest()
 
     def create_segment(self, heatmapNode, threshold: float, segmentationNode=None, referenceVolume=None,
-                       overwrite: bool = False, show3D: bool = False):
-        """Write voxels above `threshold` as segment 'Anomaly' (reference geometry = the input volume).
-        Refuses to replace an 'Anomaly' segment the user edited unless overwrite=True."""
+                       overwrite: bool = False, show3D: bool = False, min_region_mm3: Optional[float] = None):
+        """Write voxels above `threshold` as segment 'Anomaly' (reference geometry = the input volume), without
+        regions smaller than min_region_mm3 (default: vaeanomaly.regions.DEFAULT_MIN_REGION_MM3, as the command
+        line's --label). Refuses to replace an 'Anomaly' segment the user edited unless overwrite=True."""
         import slicer
+
+        from vaeanomaly.regions import DEFAULT_MIN_REGION_MM3, keep_large
         ref = referenceVolume or self.scene.GetNodeByID(heatmapNode.GetAttribute("VAEAnomaly.Input") or "") or heatmapNode
-        mask = self.heatmap_array(heatmapNode) > float(threshold)
+        above = self.heatmap_array(heatmapNode) > float(threshold)
+        min_mm3 = DEFAULT_MIN_REGION_MM3 if min_region_mm3 is None else float(min_region_mm3)
+        mask = keep_large(above, heatmapNode.GetSpacing(), min_mm3)
         if not mask.any():  # checked before anything in the scene changes
-            raise ValueError(f"no voxel of '{heatmapNode.GetName()}' is above the threshold {float(threshold):.4g}; "
-                             f"lower the threshold")
+            raise ValueError(f"no voxel of '{heatmapNode.GetName()}' is above the threshold {float(threshold):.4g}"
+                             + (f" in a region of at least {min_mm3:g} mm3" if above.any() else "")
+                             + "; lower the threshold")
         if segmentationNode is None:
             segmentationNode = slicer.vtkMRMLSegmentationNode()
             segmentationNode.SetName(self.scene.GenerateUniqueName(f"{ref.GetName()} anomaly segmentation"))
