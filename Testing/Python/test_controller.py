@@ -313,10 +313,10 @@ def test_verdict_and_warnings_come_from_the_report(scene, tiny_checkpoint, tmp_p
     ctl = PanelController(scene, params, ScriptedUser())
     assert ctl.apply(), (ctl.status, ctl.dialogs.shown)
     # the real computation (in the warm worker, which stays running), then this report in the file the job's
-    # `--report` names, as `vaeanomaly score --report` writes it, before the panel loads the result
+    # request's `report` names, as `vaeanomaly score --report` writes it, before the panel loads the result
     assert ctl.job.wait(240) == 0, ctl.job.messages
-    assert "--report" in ctl.job.cmd
-    Path(ctl.job.cmd[ctl.job.cmd.index("--report") + 1]).write_text(json.dumps(report), encoding="utf-8")
+    assert ctl.job.request["report"]
+    Path(ctl.job.request["report"]).write_text(json.dumps(report), encoding="utf-8")
     run_to_end(ctl)
     st = ctl.state()
     assert params.heatmap is not None

@@ -107,11 +107,9 @@ def test_core_never_imports_the_application():
 def test_no_import_cycles_in_the_core():
     graph = _graph()
     assert {"volume", "brainmask", "verdict", "calibration", "predictors", "registry"} <= set(graph)
-    # the command line and the commands it dispatches to (cohort scoring, adapt) still share cli.py's helpers
-    # through function-level imports; the one scoring API (issue 17 F) takes them out of cli.py
-    assert _cycles(graph) in ([], [["adapt", "cli", "cohort"]])
-    others = {m: d - {"adapt", "cli", "cohort"} for m, d in graph.items() if m not in {"adapt", "cli", "cohort"}}
-    assert _cycles(others) == []
+    assert _cycles(graph) == []
+    # the command line imports the commands it dispatches to, never the other way round
+    assert not any("cli" in graph[m] for m in ("adapt", "cohort", "scoring"))
 
 
 def test_leaf_modules_import_nothing_of_the_core():
@@ -138,3 +136,22 @@ def test_cli_works_without_the_application_package():
     assert r.returncode == 2, r.stderr
     assert "not part of this install" in r.stderr and 'pip install ".[web]"' in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_nothing_outside_cli_uses_a_private_name_of_cli():
+    """cli._options, cli._predictors, cli._is_image_path ... stay inside cli.py; the shared helpers are public
+    in scoring.py."""
+    found = []
+    for path in [p for d in ("VAEAnomaly", "training", "benchmarks", "Testing") for p in (ROOT / d).rglob("*.py")]:
+        if path == CORE / "cli.py" or "__pycache__" in path.parts:
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            from_cli = isinstance(node, ast.ImportFrom) and (
+                node.module == "vaeanomaly.cli" or (node.level == 1 and node.module == "cli"))
+            if from_cli and any(a.name.startswith("_") for a in node.names):
+                found.append((str(path.relative_to(ROOT)), node.lineno))
+            if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__") \
+                    and isinstance(node.value, ast.Name) and node.value.id == "cli":
+                found.append((str(path.relative_to(ROOT)), node.lineno))
+    assert found == [], found

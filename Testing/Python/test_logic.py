@@ -95,10 +95,10 @@ def test_subprocess_job_equals_in_process(scene, tiny_checkpoint):
     n_before = scene.GetNumberOfNodes()
     opts = PredictorOptions(smooth=False, batch_size=7)  # not the defaults: the child must get these
     job = ScoringJob(logic, node, None, str(tiny_checkpoint), "kl-grad", opts, reconstruction=True)
-    # the options travel as one serialised object, not as flags rebuilt by hand
-    assert "--options" in job.cmd and not {"--no-smooth", "--proj-steps", "--batch-size"} & set(job.cmd)
-    sent = json.loads(Path(job.cmd[job.cmd.index("--options") + 1]).read_text(encoding="utf-8"))
-    assert PredictorOptions.from_dict(sent) == opts
+    # the request is one JSON object (a scoring.ScoreRequest), its options one serialised PredictorOptions
+    sent = json.loads(json.dumps(job.request))
+    assert PredictorOptions.from_dict(sent["options"]) == opts
+    assert sent["predictors"] == "kl-grad,reconstruction" and sent["model"] == str(tiny_checkpoint)
     job.start()
     assert job.wait(300) == 0, job.messages
     assert job.progress == pytest.approx(1.0)

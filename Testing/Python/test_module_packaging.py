@@ -163,9 +163,9 @@ def test_installed_tree_scores_and_runs_the_command_line(tmp_path):
     # one Apply, as ScoringJob sends it to the warm worker: a request line, the heatmap and the verdict
     out, report = tmp_path / "out", tmp_path / "report.json"
     sample = tree / "Resources" / "SampleData" / "VAEAnomalySample_T2.nrrd"
-    argv = ["score", str(sample), "-o", str(out), "--predictor", "rec-grad", "--device", "cpu",
-            "--progress", "lines", "--report", str(report)]
-    requests = json.dumps({"id": 1, "argv": argv}) + "\n" + json.dumps({"quit": True}) + "\n"
+    request = {"input": str(sample), "output": str(out), "predictors": "rec-grad", "device": "cpu",
+               "progress": "lines", "report": str(report)}
+    requests = json.dumps({"id": 1, "request": request}) + "\n" + json.dumps({"quit": True}) + "\n"
     r = run(["-m", "vaeanomaly.score_worker"], input=requests)
     assert r.returncode == 0, r.stderr
     events = [json.loads(x) for x in r.stdout.splitlines() if x.strip()]

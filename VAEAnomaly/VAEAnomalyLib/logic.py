@@ -417,9 +417,9 @@ class ScoringJob:
     from a timer, cancel() stops the worker's whole process tree (the next job starts a fresh worker),
     finish() loads the result. The scene is not touched until finish().
 
-    The request is the argument list of `vaeanomaly score` (`cmd`), parsed by the command line's own parser
-    in the worker; the options travel as one serialised object (`--options options.json`,
-    PredictorOptions.to_dict()); the input and mask as uncompressed NRRD, the maps come back uncompressed.
+    The request is a `vaeanomaly.scoring.ScoreRequest` as JSON (`request`), checked and run in the worker by
+    `vaeanomaly score`'s own code; the options travel inside it (PredictorOptions.to_dict()); the input and mask
+    as uncompressed NRRD, the maps come back uncompressed.
     The checkpoint is loaded here once per file (name, calibrated threshold) and kept by the worker."""
 
     def __init__(self, logic: VAEAnomalyLogic, inputVolume, maskNode=None, model=None, predictor=None,
@@ -428,6 +428,7 @@ class ScoringJob:
 
         from vaeanomaly.predictors import PredictorOptions
         from vaeanomaly.registry import DEFAULT_PREDICTOR, RECONSTRUCTION
+        from vaeanomaly.scoring import ScoreRequest
         predictor = predictor or DEFAULT_PREDICTOR
         self.logic, self.inputVolume, self.predictor = logic, inputVolume, predictor
         self.options = options if options is not None else PredictorOptions()
@@ -437,7 +438,6 @@ class ScoringJob:
         self.tmp = Path(tempfile.mkdtemp(prefix="vaeanomaly-"))
         try:
             sitk.WriteImage(img, str(self.tmp / "input.nrrd"), False)  # uncompressed: read back at once
-            (self.tmp / "options.json").write_text(json.dumps(self.options.to_dict()), encoding="utf-8")
             if mask is not None:
                 sitk.WriteImage(mask, str(self.tmp / "mask.nrrd"), False)
         except Exception:
@@ -446,11 +446,10 @@ class ScoringJob:
         names = [predictor] + ([RECONSTRUCTION] if reconstruction else [])
         self.report_path = self.tmp / "report.json"
         self.out = self.tmp / "out"
-        self.cmd = ["score", str(self.tmp / "input.nrrd"), "-o", str(self.out), "--predictor", ",".join(names),
-                    "--model", str(self.checkpoint.path), "--device", device, "--progress", "lines",
-                    "--options", str(self.tmp / "options.json"), "--report", str(self.report_path)]
-        if mask is not None:
-            self.cmd += ["--mask", str(self.tmp / "mask.nrrd")]
+        self.request = ScoreRequest(
+            input=str(self.tmp / "input.nrrd"), output=str(self.out), predictors=",".join(names),
+            mask=str(self.tmp / "mask.nrrd") if mask is not None else None, model=str(self.checkpoint.path),
+            options=self.options, report=str(self.report_path), device=device, progress="lines").to_json()
         self.launcher = launcher or python_executable()
         self.progress, self.messages = 0.0, []
         self.ticket = None
@@ -465,7 +464,7 @@ class ScoringJob:
 
     def start(self):
         from .worker import Ticket, submit
-        self.ticket = Ticket(self.cmd)
+        self.ticket = Ticket(self.request)
         try:
             submit(self.launcher, self.ticket)
         except BaseException:  # no worker could be started: the exported scan is not left behind
@@ -529,7 +528,7 @@ class ScoringJob:
         if self.ticket is None:
             raise RuntimeError("the job was not started")
         if not self.ticket.done.wait(timeout):
-            raise subprocess.TimeoutExpired(self.cmd, timeout)
+            raise subprocess.TimeoutExpired("vaeanomaly.score_worker", timeout)
         return self.poll()
 
     def error(self) -> str:

@@ -150,8 +150,8 @@ class Ticket:
     of the request, then ("done", exit code, info dict) or, if the worker ended, ("died", its exit code)."""
     _ids = itertools.count(1)
 
-    def __init__(self, argv: list):
-        self.id, self.argv = next(Ticket._ids), [str(a) for a in argv]
+    def __init__(self, request: dict):
+        self.id, self.request = next(Ticket._ids), dict(request)  # a vaeanomaly.scoring.ScoreRequest as JSON
         self.events: queue.Queue = queue.Queue()
         self.done = threading.Event()
         self.worker: Optional[Worker] = None
@@ -199,7 +199,7 @@ class Worker:
         if ended:
             self._ended(ticket, self.proc.returncode)
             return
-        self._send({"id": ticket.id, "argv": ticket.argv})
+        self._send({"id": ticket.id, "request": ticket.request})
 
     def _send(self, obj) -> None:
         try:

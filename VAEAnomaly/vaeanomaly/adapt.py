@@ -409,7 +409,7 @@ def add_parser(sub, **kwargs):
 def cmd_adapt(a) -> int:
     import shlex
 
-    from .cli import Progress, pick_device
+    from .scoring import Progress, pick_device
     o = AdaptOptions(minutes=a.minutes, max_epochs=a.max_epochs, lr=a.lr, seed=a.seed, allow_mixed=a.allow_mixed,
                      keep_outliers=a.keep_outliers, force=a.force)
     if not o.minutes > 0 or o.max_epochs < 1 or not o.lr > 0:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,59 +16,16 @@ from typing import Optional
 
 import numpy as np
 
-from .predictors import PRESETS, PredictorOptions, parse_predictors
+from .predictors import PRESETS, PredictorOptions
 from .registry import (DEFAULT_PREDICTOR, DEFAULT_PREDICTORS, ENSEMBLE, PAPER_PREDICTORS, POLARITIES,  # noqa: F401
                        PREDICTOR_INFO, RECONSTRUCTION)
+# the helpers every command shares, and the scoring request, live in scoring.py (importable without cli.py)
+from .scoring import (IMAGE_SUFFIXES, Progress, ScoreRequest, check_options, is_image_path,  # noqa: F401
+                      parse_threshold, pick_device, select_predictors)
+from .scoring import run as run_request
 
 DEFAULTS_BY_KIND = ", ".join(f"{v} ({'VAE' if k == 'vae' else 'denoising autoencoder'})"
                              for k, v in DEFAULT_PREDICTORS.items())
-
-IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
-
-
-class Progress:
-    """tqdm bar with ETA on stderr, or 'PROGRESS <fraction> ETA <seconds>s <stage>' lines for a parent
-    process (the Slicer module reads the fraction). `stage(text)` names what runs now."""
-
-    def __init__(self, mode: str, desc: str, min_interval: float = 0.1):
-        self.mode, self.bar, self.desc, self.text = mode, None, desc, ""
-        self.first, self.last, self.min_interval = None, 0.0, min_interval  # (time, fraction) of the first report
-        if mode == "bar":
-            from tqdm import tqdm
-            self.bar = tqdm(total=1000, desc=desc, file=sys.stderr,
-                            bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining} {postfix}")
-
-    def stage(self, text: str) -> None:
-        self.text = text
-        if self.bar is not None:
-            self.bar.set_postfix_str(text[:60], refresh=True)
-
-    def eta(self, frac: float) -> Optional[float]:
-        """Seconds left, from the rate since the first report (so set-up time does not skew it)."""
-        now = time.monotonic()
-        if self.first is None:
-            self.first = (now, frac)
-            return None
-        t0, f0 = self.first
-        return (now - t0) * (1 - frac) / (frac - f0) if frac > f0 else None
-
-    def __call__(self, frac: float):
-        frac = min(max(frac, 0.0), 1.0)
-        if self.bar is not None:
-            self.bar.n = int(1000 * frac)
-            self.bar.refresh()
-        elif self.mode == "lines":
-            now = time.monotonic()
-            eta = self.eta(frac)
-            if frac < 1 - 1e-9 and now - self.last < self.min_interval:  # the last report always shows (float sums)
-                return
-            self.last = now
-            print(f"PROGRESS {frac:.4f} ETA {'?' if eta is None else f'{eta:.0f}s'} {self.text}".rstrip(),
-                  file=sys.stderr, flush=True)
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
 
 
 # --------------------------------------------------------------------------- options
@@ -98,72 +54,7 @@ def _options(a) -> PredictorOptions:
                                        proj_steps=a.proj_steps, proj_lambda=a.proj_lambda, proj_lr=a.proj_lr,
                                        proj_weighted=a.proj_weighted, batch_size=a.batch_size,
                                        proj_tol=getattr(a, "proj_tol", 0.0), **given)
-    problems = []
-    if not isinstance(opts.proj_steps, int) or opts.proj_steps < 0:
-        problems.append(f"--proj-steps must be a whole number >= 0 (got {opts.proj_steps})")
-    if not opts.proj_lambda >= 0:
-        problems.append(f"--proj-lambda must be >= 0 (got {opts.proj_lambda})")
-    if not 0 <= opts.proj_tol < 1:
-        problems.append(f"--proj-tol must be >= 0 and < 1 (got {opts.proj_tol})")
-    if not opts.proj_lr > 0:
-        problems.append(f"--proj-lr must be > 0 (got {opts.proj_lr})")
-    if not isinstance(opts.batch_size, int) or opts.batch_size < 1:
-        problems.append(f"--batch-size must be a whole number >= 1 (got {opts.batch_size})")
-    if not (opts.smooth_sigma > 0 and int(opts.smooth_kernel) >= 1):
-        problems.append("smoothing needs sigma > 0 and a kernel of at least 1 pixel")
-    if not (isinstance(opts.smooth_mm, (int, float)) and 0 <= opts.smooth_mm <= 50):
-        problems.append(f"--smooth-mm must be between 0 and 50 mm (got {opts.smooth_mm})")
-    if opts.polarity not in POLARITIES:
-        problems.append(f"polarity must be one of {', '.join(POLARITIES)} (got {opts.polarity!r})")
-    if problems:
-        raise ValueError("; ".join(problems))
-    return opts
-
-
-def parse_threshold(spec: str) -> tuple[str, float]:
-    """'auto' -> ('auto', nan); 'p99' -> ('percentile', 99.0); '0.8' -> ('absolute', 0.8)."""
-    s = str(spec).strip().lower()
-    if s == "auto":
-        return "auto", float("nan")
-    try:
-        if s.startswith("p"):
-            q = float(s[1:])
-            if not 0 <= q <= 100:
-                raise ValueError(f"--threshold percentile {q:g} is outside 0-100")
-            return "percentile", q
-        v = float(s)
-        if not np.isfinite(v):
-            raise ValueError
-        return "absolute", v
-    except ValueError as err:
-        if "outside" in str(err):
-            raise
-        raise ValueError(f"--threshold '{spec}' is not a number, a percentile like p99, or 'auto' "
-                         f"(the checkpoint's calibrated threshold)") from None
-
-
-def _predictors(spec: str, ck, opts: PredictorOptions, explicit_all_note: bool = True) -> list[str]:
-    """Validated predictor names for this checkpoint and these options. 'all' is the six paper
-    predictors plus the ensemble when the checkpoint carries one that runs with these options."""
-    if spec is None:  # the default predictor of the checkpoint's model kind
-        spec = DEFAULT_PREDICTORS[ck.kind]
-    names = parse_predictors(spec, with_ensemble=ck.ensemble is not None, kind=ck.kind)
-    if spec.strip() == "all":
-        if ck.ensemble is None:
-            print("vaeanomaly: note: 'all' without the ensemble: this checkpoint carries none "
-                  "(fit one with training/fit_ensemble.py)", file=sys.stderr)
-        else:
-            try:
-                ck.ensemble.check_options(opts)
-            except ValueError as err:
-                names.remove(ENSEMBLE)
-                print(f"vaeanomaly: note: 'all' without the ensemble: {err}", file=sys.stderr)
-    elif ENSEMBLE in names:
-        if ck.ensemble is None:
-            raise ValueError(f"'{ck.name}' carries no ensemble; fit one with training/fit_ensemble.py, or choose "
-                             f"another predictor")
-        ck.ensemble.check_options(opts)
-    return names
+    return check_options(opts)  # (scoring.py: the one place options are checked)
 
 
 def _add_model_args(p, predictor_default: Optional[str] = None):
@@ -206,14 +97,6 @@ def _add_model_args(p, predictor_default: Optional[str] = None):
                    help="progress bar with ETA, 'PROGRESS <fraction> ETA <s>' lines (for a parent process), or none")
 
 
-def pick_device(name: str) -> str:
-    import torch
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        print("vaeanomaly: warning: CUDA not available, using the CPU", file=sys.stderr)
-        return "cpu"
-    return name
-
-
 # --------------------------------------------------------------------------- score
 @dataclass
 class ScorePlan:
@@ -226,10 +109,6 @@ class ScorePlan:
     threshold: Optional[str] = None                     # the --threshold spec (checked by parse_threshold)
     calibrated: dict = field(default_factory=dict)      # {predictor: calibrated threshold} for 'auto'
     min_region_mm3: float = 0.0                         # label regions below this are dropped
-
-
-def _is_image_path(p: Path) -> bool:
-    return p.name.lower().endswith(IMAGE_SUFFIXES)
 
 
 def plan_score(a) -> ScorePlan:
@@ -245,10 +124,10 @@ def plan_score(a) -> ScorePlan:
         raise ValueError("--label needs --threshold (a number, a percentile such as p99, or 'auto')")
     threshold = parse_threshold(a.threshold) if a.threshold is not None else None  # checked before any work
     ck = load_checkpoint(a.model)
-    names = _predictors(a.predictor, ck, opts)
+    names = select_predictors(a.predictor, ck, opts)
     heat = [n for n in names if n != RECONSTRUCTION]
     out = Path(a.output)
-    if _is_image_path(out):
+    if is_image_path(out):
         if len(names) > 1:
             raise OutputError(f"-o {out} names one file but {len(names)} maps were asked for ({', '.join(names)}); "
                               f"give a folder (-o maps/) for one <name>.nii.gz per map, or one predictor")
@@ -267,11 +146,11 @@ def plan_score(a) -> ScorePlan:
         if not heat:
             raise ValueError("--label needs a predictor to threshold ('reconstruction' is not a heatmap)")
         lab = Path(a.label)
-        if len(heat) == 1 and _is_image_path(lab):
+        if len(heat) == 1 and is_image_path(lab):
             labels = {heat[0]: lab}
         elif len(heat) == 1:
             raise OutputError(f"--label {lab}: give a label file such as anomaly.nii.gz")
-        elif _is_image_path(lab):
+        elif is_image_path(lab):
             raise OutputError(f"--label {lab} names one file but {len(heat)} predictors were asked for "
                               f"({', '.join(heat)}): give a folder for one <predictor>_label.nii.gz per predictor, "
                               f"or ask for one predictor")
@@ -313,35 +192,20 @@ def cmd_score(a) -> int:
     if isinstance(a.input, (list, tuple)):  # many inputs (files, a folder of volumes, a glob, a CSV): cohort.py
         from .cohort import cmd_score_many, is_cohort
         if is_cohort(a.input):
-            return cmd_score_many(a)
+            return cmd_score_many(a, _options(a))
         a.input = a.input[0]
     plan = plan_score(a)                                 # everything checked, nothing computed yet
     img = read_image(a.input)                            # read whole and checked
     mask = read_image(a.mask, "mask") if a.mask else None
-    maps = run_score(a, plan.checkpoint, img, mask, plan.names, plan.options)
+    maps = run_request(request_from_args(a, plan.options), plan.checkpoint, img, mask, plan.names)
     write_score_outputs(plan, maps)
     return 0
 
 
-def run_score(a, checkpoint, img, mask, names, options, on_maps=None) -> dict:
-    """The computation of `vaeanomaly score` for one volume (also the warm scoring worker's): the heatmaps
-    on the input grid and, with --report, the out-of-distribution verdict from the same network pass.
-    on_maps(maps): called as soon as the heatmaps exist (with --report: before the verdict is computed)."""
-    from .volume import score_volume
-    device = pick_device(a.device)
-    prog = Progress(a.progress, "scoring")
-    try:
-        if getattr(a, "report", None):
-            from .verdict import score_with_report
-            maps, _ = score_with_report(a.report, checkpoint, img, mask, names, options, device,
-                                        inputs=(a.input, a.mask), progress=prog, on_maps=on_maps)
-        else:
-            maps = score_volume(checkpoint, img, mask, names, options, device, progress=prog)
-            if on_maps is not None:
-                on_maps(maps)
-    finally:
-        prog.close()
-    return maps
+def request_from_args(a, options: PredictorOptions) -> ScoreRequest:
+    """`vaeanomaly score`'s flags for one volume as a scoring request (options already read by _options)."""
+    return ScoreRequest(input=str(a.input), output=str(a.output), mask=a.mask, model=a.model, predictors=a.predictor,
+                        options=options, report=getattr(a, "report", None), device=a.device, progress=a.progress)
 
 
 # --------------------------------------------------------------------------- other commands
@@ -351,7 +215,7 @@ def cmd_evaluate(a) -> int:
     from .evaluation import evaluate, format_table
     opts = _options(a)
     ck = load_checkpoint(a.model)
-    names = [n for n in _predictors(a.predictor, ck, opts) if n != RECONSTRUCTION]
+    names = [n for n in select_predictors(a.predictor, ck, opts) if n != RECONSTRUCTION]
     items = brats_items(a.folder)
     prog = Progress(a.progress, "preprocessing")
     cache = build_cache(items, progress=prog)
@@ -537,7 +401,7 @@ def cmd_web(a) -> int:
     return run_web(a)
 
 
-def _show_warning(message, category, filename, lineno, file=None, line=None):
+def show_warning(message, category, filename, lineno, file=None, line=None):
     print(f"vaeanomaly: warning: {message}", file=sys.stderr)
 
 
@@ -564,7 +428,7 @@ def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     debug = getattr(a, "debug", False)
     old = warnings.showwarning
-    warnings.showwarning = _show_warning
+    warnings.showwarning = show_warning
     try:
         return a.func(a)
     except KeyboardInterrupt:

@@ -30,7 +30,8 @@ from typing import Optional
 
 import numpy as np
 
-IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+from .scoring import IMAGE_SUFFIXES
+
 SUMMARY_FIELDS = ("input", "mask", "status", "outputs", "in_distribution", "fit", "flagged_percent", "predictor",
                   "threshold", "seconds", "message")
 
@@ -261,15 +262,15 @@ def write_summary(rows: list[dict], path: Path, order: list[str]) -> Path:
     return path
 
 
-def cmd_score_many(a) -> int:
-    """`vaeanomaly score` with many inputs (see the module docstring)."""
+def cmd_score_many(a, opts) -> int:
+    """`vaeanomaly score` with many inputs (see the module docstring); opts: the checked PredictorOptions of the
+    command line's flags (cli._options)."""
     import torch
 
     from .calibration import calibrated_threshold
     from .checkpoint import load_checkpoint
-    from .cli import _options, _predictors, parse_threshold, pick_device
     from .registry import RECONSTRUCTION
-    opts = _options(a)
+    from .scoring import parse_threshold, pick_device, select_predictors
     if getattr(a, "report", None):
         raise ValueError("--report is for one input; with many inputs the verdict of each is in OUT/summary.csv")
     if a.threshold is not None and not a.label:
@@ -285,7 +286,7 @@ def cmd_score_many(a) -> int:
     if a.label and Path(a.label).name.lower().endswith(IMAGE_SUFFIXES):
         raise ValueError(f"--label {a.label}: with many inputs give a folder (one label map per input)")
     ck = load_checkpoint(a.model)
-    names = _predictors(a.predictor, ck, opts)
+    names = select_predictors(a.predictor, ck, opts)
     labels = None
     if threshold:
         heat = [n for n in names if n != RECONSTRUCTION]

@@ -4,8 +4,9 @@ once, keeps the checkpoints it loaded, and runs `vaeanomaly score` requests one 
     python -m vaeanomaly.score_worker          (started by VAEAnomalyLib.worker; not meant for users)
 
 Protocol, one JSON object per line (UTF-8):
-  stdin   {"id": N, "argv": ["score", INPUT, "-o", FOLDER, ...]}   the arguments of `vaeanomaly score`, parsed
-                                                                 by the command line's own parser
+  stdin   {"id": N, "request": {"input": VOLUME, "output": FOLDER, "mask": ..., "model": ..., "predictors": ...,
+                               "options": {PredictorOptions.to_dict()}, "report": ..., "device": ...,
+                               "progress": "lines"}}       a scoring.ScoreRequest as JSON (to_json)
           {"quit": true}                                          (or the end of stdin: the parent is gone)
   stdout  {"event": "ready", "pid": P}                            once the imports are done
           {"id": N, "started": true}                              the request was read
@@ -13,8 +14,8 @@ Protocol, one JSON object per line (UTF-8):
           {"id": N, "maps": true}                                 the maps are written (the verdict follows)
           {"id": N, "done": RC, "pid": P, "model_cached": BOOL, "seconds": S}   RC as the command line's exit code
 
-A request is computed by `vaeanomaly score`'s own function (`cli.run_score`: `volume.score_volume`, and
-`verdict.score_with_report` for --report); the difference is where the time goes: the checkpoint comes from a cache (keyed by
+A request is checked and computed by `vaeanomaly score`'s own code (`scoring.ScoreRequest.checked`,
+`scoring.run`: `volume.score_volume`, and `verdict.score_with_report` with a report); the difference is where the time goes: the checkpoint comes from a cache (keyed by
 its path, modification time and size, so a rewritten file is loaded again), and the maps are written as
 *uncompressed* NRRD (`<FOLDER>/<map>.nrrd`) for the parent to read back at once. The process never imports
 slicer or vtk. Nothing here unpickles anything: requests are JSON, checkpoints safetensors.
@@ -93,27 +94,22 @@ def _write_uncompressed(img, path: Path) -> None:
         sitk.WriteImage(img, str(tmp), False)
 
 
-def score(argv, models: ModelCache, maps_written=lambda: None) -> bool:
-    """One `vaeanomaly score` request for a single volume; maps into the output folder as <name>.nrrd.
-    Returns whether the checkpoint came from the cache. Raises what `vaeanomaly score` raises."""
-    from . import cli
+def score(request: dict, models: ModelCache, maps_written=lambda: None) -> bool:
+    """One scoring request (a scoring.ScoreRequest as JSON) for a single volume; maps into its output folder as
+    <name>.nrrd. Returns whether the checkpoint came from the cache. Raises what `vaeanomaly score` raises."""
+    from .scoring import ScoreRequest, check_options, is_image_path, run
     from .volume import read_image
-    try:
-        a = cli.build_parser().parse_args(list(argv))
-    except SystemExit:  # argparse printed the usage and the error
-        raise ValueError(f"the scoring worker got arguments `vaeanomaly` does not accept: {' '.join(argv)}") \
-            from None
-    if a.cmd != "score" or len(a.input) != 1 or a.threshold is not None or a.label:
-        raise ValueError("the scoring worker runs `score` for one volume, without --threshold/--label")
-    out = Path(a.output)
-    if cli._is_image_path(out) or (out.exists() and not out.is_dir()):
-        raise ValueError(f"the scoring worker writes into a folder; -o {out} is not one")
-    opts = cli._options(a)                                  # the command line's checks
-    ck, cached = models.get(a.model)
-    names = cli._predictors(a.predictor, ck, opts)
-    a.input = a.input[0]
-    img = read_image(a.input)
-    mask = read_image(a.mask, "mask") if a.mask else None
+    r = ScoreRequest.from_json(request)
+    if not r.output:
+        raise ValueError("the scoring worker's request needs 'output': the folder it writes the maps into")
+    out = Path(r.output)
+    if is_image_path(out) or (out.exists() and not out.is_dir()):
+        raise ValueError(f"the scoring worker writes into a folder; output {out} is not one")
+    check_options(r.options)                                # before the checkpoint is loaded
+    ck, cached = models.get(r.model)
+    names = r.checked(ck)
+    img = read_image(r.input)
+    mask = read_image(r.mask, "mask") if r.mask else None
 
     def write(maps):  # as soon as they exist: the parent shows the heatmap while the verdict is computed
         out.mkdir(parents=True, exist_ok=True)
@@ -122,7 +118,7 @@ def score(argv, models: ModelCache, maps_written=lambda: None) -> bool:
             print(f"wrote {out / f'{name}.nrrd'}", file=sys.stderr)
         maps_written()
 
-    cli.run_score(a, ck, img, mask, names, opts, on_maps=write)  # exactly `vaeanomaly score`'s computation
+    run(r, ck, img, mask, names, on_maps=write)  # exactly `vaeanomaly score`'s computation
     return cached
 
 
@@ -154,9 +150,9 @@ def serve(requests, send) -> None:
         lines = _Lines(lambda text, job=job: send({"id": job, "line": text}))
         t0, cached, old_err = time.monotonic(), None, sys.stderr
         old_warn = warnings.showwarning
-        sys.stderr, warnings.showwarning = lines, cli._show_warning
+        sys.stderr, warnings.showwarning = lines, cli.show_warning
         try:
-            cached = score(req.get("argv") or [], models, lambda job=job: send({"id": job, "maps": True}))
+            cached = score(req.get("request"), models, lambda job=job: send({"id": job, "maps": True}))
             rc = 0
         except Exception as err:  # noqa: BLE001  (every failure ends the request with a message, not the worker)
             rc, text = exit_code(err)

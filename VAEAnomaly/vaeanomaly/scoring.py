@@ -1,0 +1,223 @@
+"""One scoring API: a request, checked in one place, and the function that runs it.
+
+`ScoreRequest` is what `vaeanomaly score` does for one volume, whoever asks: the command line builds it from its
+flags (cli.py), the warm worker receives it as JSON from the Slicer module or the web viewer (score_worker.py),
+cohort scoring builds one per input (cohort.py). `ScoreRequest.checked(checkpoint)` validates the options and
+the predictors against the checkpoint; `run(request, checkpoint, img, mask, names)` computes the heatmaps on the
+input grid and, with a report path, the out-of-distribution verdict from the same network pass. The helpers the
+commands share (progress display, device choice, threshold syntax, option and predictor checks) live here too,
+so that no module needs a private name of cli.py and cli.py imports the commands it dispatches to, never the
+other way round.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+from .predictors import PredictorOptions, parse_predictors
+from .registry import DEFAULT_PREDICTORS, ENSEMBLE, POLARITIES
+
+IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+
+# --------------------------------------------------------------------------- shared by the commands
+class Progress:
+    """tqdm bar with ETA on stderr, or 'PROGRESS <fraction> ETA <seconds>s <stage>' lines for a parent
+    process (the Slicer module reads the fraction). `stage(text)` names what runs now."""
+
+    def __init__(self, mode: str, desc: str, min_interval: float = 0.1):
+        self.mode, self.bar, self.desc, self.text = mode, None, desc, ""
+        self.first, self.last, self.min_interval = None, 0.0, min_interval  # (time, fraction) of the first report
+        if mode == "bar":
+            from tqdm import tqdm
+            self.bar = tqdm(total=1000, desc=desc, file=sys.stderr,
+                            bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining} {postfix}")
+
+    def stage(self, text: str) -> None:
+        self.text = text
+        if self.bar is not None:
+            self.bar.set_postfix_str(text[:60], refresh=True)
+
+    def eta(self, frac: float) -> Optional[float]:
+        """Seconds left, from the rate since the first report (so set-up time does not skew it)."""
+        now = time.monotonic()
+        if self.first is None:
+            self.first = (now, frac)
+            return None
+        t0, f0 = self.first
+        return (now - t0) * (1 - frac) / (frac - f0) if frac > f0 else None
+
+    def __call__(self, frac: float):
+        frac = min(max(frac, 0.0), 1.0)
+        if self.bar is not None:
+            self.bar.n = int(1000 * frac)
+            self.bar.refresh()
+        elif self.mode == "lines":
+            now = time.monotonic()
+            eta = self.eta(frac)
+            if frac < 1 - 1e-9 and now - self.last < self.min_interval:  # the last report always shows (float sums)
+                return
+            self.last = now
+            print(f"PROGRESS {frac:.4f} ETA {'?' if eta is None else f'{eta:.0f}s'} {self.text}".rstrip(),
+                  file=sys.stderr, flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def check_options(opts: PredictorOptions) -> PredictorOptions:
+    """The predictor options checked once, wherever they come from (the flags, --options FILE.json, a
+    request of the warm worker): ValueError naming every problem."""
+    problems = []
+    if not isinstance(opts.proj_steps, int) or opts.proj_steps < 0:
+        problems.append(f"--proj-steps must be a whole number >= 0 (got {opts.proj_steps})")
+    if not opts.proj_lambda >= 0:
+        problems.append(f"--proj-lambda must be >= 0 (got {opts.proj_lambda})")
+    if not 0 <= opts.proj_tol < 1:
+        problems.append(f"--proj-tol must be >= 0 and < 1 (got {opts.proj_tol})")
+    if not opts.proj_lr > 0:
+        problems.append(f"--proj-lr must be > 0 (got {opts.proj_lr})")
+    if not isinstance(opts.batch_size, int) or opts.batch_size < 1:
+        problems.append(f"--batch-size must be a whole number >= 1 (got {opts.batch_size})")
+    if not (opts.smooth_sigma > 0 and int(opts.smooth_kernel) >= 1):
+        problems.append("smoothing needs sigma > 0 and a kernel of at least 1 pixel")
+    if not (isinstance(opts.smooth_mm, (int, float)) and 0 <= opts.smooth_mm <= 50):
+        problems.append(f"--smooth-mm must be between 0 and 50 mm (got {opts.smooth_mm})")
+    if opts.polarity not in POLARITIES:
+        problems.append(f"polarity must be one of {', '.join(POLARITIES)} (got {opts.polarity!r})")
+    if problems:
+        raise ValueError("; ".join(problems))
+    return opts
+
+
+def parse_threshold(spec: str) -> tuple[str, float]:
+    """'auto' -> ('auto', nan); 'p99' -> ('percentile', 99.0); '0.8' -> ('absolute', 0.8)."""
+    s = str(spec).strip().lower()
+    if s == "auto":
+        return "auto", float("nan")
+    try:
+        if s.startswith("p"):
+            q = float(s[1:])
+            if not 0 <= q <= 100:
+                raise ValueError(f"--threshold percentile {q:g} is outside 0-100")
+            return "percentile", q
+        v = float(s)
+        if not np.isfinite(v):
+            raise ValueError
+        return "absolute", v
+    except ValueError as err:
+        if "outside" in str(err):
+            raise
+        raise ValueError(f"--threshold '{spec}' is not a number, a percentile like p99, or 'auto' "
+                         f"(the checkpoint's calibrated threshold)") from None
+
+
+def select_predictors(spec: str, ck, opts: PredictorOptions, explicit_all_note: bool = True) -> list[str]:
+    """Validated predictor names for this checkpoint and these options. 'all' is the six paper
+    predictors plus the ensemble when the checkpoint carries one that runs with these options."""
+    if spec is None:  # the default predictor of the checkpoint's model kind
+        spec = DEFAULT_PREDICTORS[ck.kind]
+    names = parse_predictors(spec, with_ensemble=ck.ensemble is not None, kind=ck.kind)
+    if spec.strip() == "all":
+        if ck.ensemble is None:
+            print("vaeanomaly: note: 'all' without the ensemble: this checkpoint carries none "
+                  "(fit one with training/fit_ensemble.py)", file=sys.stderr)
+        else:
+            try:
+                ck.ensemble.check_options(opts)
+            except ValueError as err:
+                names.remove(ENSEMBLE)
+                print(f"vaeanomaly: note: 'all' without the ensemble: {err}", file=sys.stderr)
+    elif ENSEMBLE in names:
+        if ck.ensemble is None:
+            raise ValueError(f"'{ck.name}' carries no ensemble; fit one with training/fit_ensemble.py, or choose "
+                             f"another predictor")
+        ck.ensemble.check_options(opts)
+    return names
+
+
+def pick_device(name: str) -> str:
+    import torch
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        print("vaeanomaly: warning: CUDA not available, using the CPU", file=sys.stderr)
+        return "cpu"
+    return name
+
+
+def is_image_path(p: Path) -> bool:
+    return p.name.lower().endswith(IMAGE_SUFFIXES)
+
+
+# --------------------------------------------------------------------------- the request
+@dataclass
+class ScoreRequest:
+    """`vaeanomaly score` for one volume. predictors: a spec as --predictor takes it (None: the default of the
+    checkpoint's model kind); output: where the caller writes the maps (the request only carries it); report: a
+    path for the out-of-distribution verdict (None: no verdict); progress: 'bar', 'lines' or 'none'."""
+    input: str
+    output: Optional[str] = None
+    mask: Optional[str] = None
+    model: Optional[str] = None
+    predictors: Optional[str] = None
+    options: PredictorOptions = field(default_factory=PredictorOptions)
+    report: Optional[str] = None
+    device: str = "cpu"
+    progress: str = "none"
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["options"] = self.options.to_dict()
+        return d
+
+    @classmethod
+    def from_json(cls, d) -> "ScoreRequest":
+        """A request from its JSON form (to_json), checked: unknown keys and option names are refused."""
+        if not isinstance(d, dict) or not isinstance(d.get("input"), str):
+            raise ValueError("a scoring request is a JSON object with at least 'input' (a volume file)")
+        unknown = sorted(set(d) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"unknown scoring request field(s) {', '.join(unknown)}; known: "
+                             f"{', '.join(cls.__dataclass_fields__)}")
+        opts = d.get("options") or {}
+        if not isinstance(opts, dict):
+            raise ValueError("the request's 'options' must be a JSON object (PredictorOptions.to_dict())")
+        bad = sorted(set(opts) - set(PredictorOptions.__dataclass_fields__))
+        if bad:
+            raise ValueError(f"unknown option(s) {', '.join(bad)}; known: "
+                             f"{', '.join(PredictorOptions.__dataclass_fields__)}")
+        return cls(**{**d, "options": PredictorOptions.from_dict(opts)})
+
+    def checked(self, checkpoint) -> list[str]:
+        """Check the options and the progress mode; return the maps to compute for this checkpoint."""
+        check_options(self.options)
+        if self.progress not in ("bar", "lines", "none"):
+            raise ValueError(f"progress must be 'bar', 'lines' or 'none' (got {self.progress!r})")
+        return select_predictors(self.predictors, checkpoint, self.options)
+
+
+def run(request: ScoreRequest, checkpoint, img, mask, names,
+        on_maps: Optional[Callable[[dict], None]] = None) -> dict:
+    """The computation of `vaeanomaly score` for one volume (the command line's and the warm worker's): the
+    heatmaps on the input grid and, with request.report, the out-of-distribution verdict from the same network
+    pass. on_maps(maps): called as soon as the heatmaps exist (with a report: before the verdict is computed)."""
+    from .volume import score_volume
+    device = pick_device(request.device)
+    prog = Progress(request.progress, "scoring")
+    try:
+        if request.report:
+            from .verdict import score_with_report
+            maps, _ = score_with_report(request.report, checkpoint, img, mask, names, request.options, device,
+                                        inputs=(request.input, request.mask), progress=prog, on_maps=on_maps)
+        else:
+            maps = score_volume(checkpoint, img, mask, names, request.options, device, progress=prog)
+            if on_maps is not None:
+                on_maps(maps)
+    finally:
+        prog.close()
+    return maps
