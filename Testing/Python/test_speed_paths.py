@@ -44,9 +44,9 @@ def old_to_grid(img, grid, interp=sitk.sitkLinear):
 
 def auto_mask_itk(img):
     """The automatic mask with ITK's filters on the whole volume (what `auto_mask` replaced)."""
-    from vaeanomaly.arrays import BACKGROUND_PERCENTILE
+    from vaeanomaly.arrays import background_level
     arr = sitk.GetArrayFromImage(img).astype(np.float32)
-    lo, hi = float(np.percentile(arr, BACKGROUND_PERCENTILE)), float(np.percentile(arr, 99.5))  # (not the minimum)
+    lo, hi = background_level(arr), float(np.percentile(arr, 99.5))  # (the same background level, not the minimum)
     fg = sitk.GetImageFromArray((arr > lo + 0.02 * (hi - lo)).astype(np.uint8))
     fg.CopyInformation(img)
     fg = sitk.BinaryMorphologicalClosing(fg, [2, 2, 2])
@@ -67,10 +67,10 @@ def old_face_coverage(mask):
 
 
 def old_dark_fraction(img, mask):
-    from vaeanomaly.arrays import BACKGROUND_PERCENTILE
+    from vaeanomaly.arrays import background_level
     from vaeanomaly.brainmask import DARK_LEVEL
     vals = sitk.GetArrayViewFromImage(img)[sitk.GetArrayViewFromImage(mask) > 0].astype(np.float32)
-    lo = float(np.percentile(sitk.GetArrayViewFromImage(img), BACKGROUND_PERCENTILE))  # the volume's background
+    lo = background_level(sitk.GetArrayViewFromImage(img))  # the volume's background
     hi = float(np.percentile(vals, 99))
     return float(np.mean(vals < lo + DARK_LEVEL * (hi - lo))) if hi > lo else 0.0
 

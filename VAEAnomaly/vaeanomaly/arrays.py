@@ -99,5 +99,9 @@ def background_level(values: np.ndarray) -> float:
     a few percent of its voxels undershoot the zero background (down to a third of the brain's range), and the
     minimum follows them -- the automatic mask's threshold then falls below the background, which becomes
     'foreground' everywhere. The background itself is always more than 10 % of a volume that holds a whole
-    brain (a brain fills at most about two thirds of its bounding box), so this percentile lies in it."""
-    return _percentile(values, BACKGROUND_PERCENTILE)
+    brain (a brain fills at most about two thirds of its bounding box), so this percentile lies in it.
+    Estimated on an evenly strided sample of at most 2^18 voxels (a few milliseconds; the exact percentile of a
+    volume that is mostly zero costs a third of a second)."""
+    flat = np.asarray(values).reshape(-1)
+    sample = flat[::max(1, flat.size >> 18)]
+    return float(np.percentile(sample, BACKGROUND_PERCENTILE))
