@@ -94,6 +94,11 @@ class PanelState:
     verdict: Optional[dict] = None
     verdict_text: str = ""
     warnings: list = field(default_factory=list)
+    # findings: regions above the threshold (one row of display strings each, FINDINGS_HEADER), the report
+    findings_rows: list = field(default_factory=list)
+    findings_text: str = ""
+    findings_pending: bool = False
+    report_enabled: bool = False
     # "Adapt to my scanner..."
     adapt_enabled: bool = True
     adapt_text: str = "Adapt"
@@ -103,6 +108,15 @@ class PanelState:
     adapt_stage: str = ""
     adapt_status: str = ""
     adapt_inputs_enabled: bool = True
+
+
+FINDINGS_HEADER = ("id", "volume (ml)", "peak", "centroid RAS (mm)", "slices")
+
+
+def finding_row(f: dict) -> tuple:
+    """A finding as the panel's table shows it (FINDINGS_HEADER)."""
+    return (f["id"], f"{f['volume_ml']:.2f}", f"{f['peak']:.3g}",
+            ", ".join(f"{c:.1f}" for c in f["centroid_ras_mm"]), f"{f['slice_first']}-{f['slice_last']}")
 
 
 def dependencies_present() -> bool:
@@ -154,6 +168,10 @@ class PanelController:
         self.new_result = False  # set when a job's heatmap was just shown; the Widget fits the views once
         self._calibrated_for = None  # id of the heatmap whose calibrated threshold params.calibratedThreshold is
         self.calibration_note = ""  # why the last job's heatmap has no calibrated threshold
+        self.findings: list[dict] = []  # of self._findings_for: (heatmap id, threshold); LPS, with centroid_ras_mm
+        self._findings_for = None
+        self.findings_pending = False  # the threshold or heatmap changed: the Widget calls refresh_findings (debounced)
+        self._verdict_for = None  # id of the heatmap self.verdict belongs to
         self._observers = [scene.AddObserver(scene.StartCloseEvent, self._on_scene_start_close)]
 
     # ------------------------------------------------------------------ lifecycle
@@ -194,6 +212,7 @@ class PanelController:
         if self.job is not None:
             self.cancel("Cancelled: the scene was closed during the computation.")
         self.verdict, self.warnings = None, []
+        self.findings, self._findings_for, self.findings_pending = [], None, False
 
     @property
     def running(self) -> bool:
@@ -385,6 +404,8 @@ class PanelController:
             return False
         try:
             self.verdict, self.warnings = result.verdict, list(result.warnings)
+            self._verdict_for = result.heatmap.GetID()
+            _remember_model_line(result.heatmap, job)
             if not early:
                 self._display(result)
             self.status = "Done." if not self.warnings else "Done, with warnings: read them before using the heatmap."
@@ -397,7 +418,9 @@ class PanelController:
         """The maps are written while the worker checks the scan: show the heatmap now (never raises; a
         failure here is left to the job's end, which loads the maps again)."""
         try:
-            self._display(job.show_maps(self._reusable_heatmap(job)))
+            result = job.show_maps(self._reusable_heatmap(job))
+            _remember_model_line(result.heatmap, job)
+            self._display(result)
             self.status = "Heatmap shown; checking the scan (out-of-distribution verdict)..."
         except Exception:  # noqa: BLE001
             job.shown = None
@@ -411,6 +434,7 @@ class PanelController:
         self.show_heatmap()
         self.update_threshold()
         self.new_result = True
+        self.refresh_findings()  # at once: a new result is not a slider being dragged
 
     # ------------------------------------------------------------------ adapt to my scanner
     def can_adapt(self) -> tuple[bool, str]:
@@ -599,6 +623,7 @@ class PanelController:
             return
         p.threshold = value
         self.logic.preview_threshold(heat, value)
+        self.findings_pending = True
 
     def set_threshold(self, value: float) -> None:
         """The slider moved. A value other than the mode's own turns the mode to 'absolute'."""
@@ -612,6 +637,7 @@ class PanelController:
             if p.thresholdMode != ABSOLUTE:
                 p.thresholdMode = ABSOLUTE
         self.logic.preview_threshold(heat, float(p.threshold))
+        self.findings_pending = True
 
     # ------------------------------------------------------------------ segment
     def create_segment(self) -> bool:
@@ -641,6 +667,107 @@ class PanelController:
         self.status = "Segment 'Anomaly' written: edit it in the Segment Editor."
         return True
 
+    # ------------------------------------------------------------------ findings and report
+    def refresh_findings(self) -> bool:
+        """The findings of the panel's heatmap at the current threshold into the scene (Logic.update_findings:
+        a table and a point list, reused) and into the panel. The preview follows the slider at once; this
+        connected-component pass runs when the Widget's debounce timer fires after the last change
+        (findings_pending), and at once when a job's heatmap appears. Never raises; returns whether it ran."""
+        self.findings_pending = False
+        p = self.params
+        heat = self.heatmap()
+        if heat is None:
+            self.findings, self._findings_for = [], None
+            return False
+        try:
+            _, _, found = self.logic.update_findings(heat, float(p.threshold), p.inputVolume)
+        except Exception as err:
+            self.findings, self._findings_for = [], None
+            self.status = f"Could not list the findings: {err}"
+            return False
+        self.findings, self._findings_for = found, (heat.GetID(), float(p.threshold))
+        return True
+
+    def _current_findings(self) -> list:
+        """The findings of the panel's heatmap at its current threshold (computed now if they are stale)."""
+        heat = self.heatmap()
+        if heat is None:
+            return []
+        if self.findings_pending or self._findings_for != (heat.GetID(), float(self.params.threshold)):
+            self.refresh_findings()
+        return self.findings
+
+    def jump_to_finding(self, index: int) -> bool:
+        """Centre every slice view on finding `index`'s centroid (in world coordinates: through the heatmap's
+        parent transform), as Markups' JumpSlicesToLocation(centered) does with vtkMRMLSliceNode.JumpAllSlices.
+        Nothing happens (and the status says why) without such a finding or without slice views."""
+        import slicer
+        import vtk
+        found = self._current_findings()
+        if not 0 <= int(index) < len(found):
+            self.status = "No such finding."
+            return False
+        f = found[int(index)]
+        ras = list(f["centroid_ras_mm"])
+        parent = self.heatmap().GetParentTransformNode()
+        if parent is not None:
+            to_world = vtk.vtkGeneralTransform()
+            parent.GetTransformToWorld(to_world)
+            ras = list(to_world.TransformPoint(ras))
+        if not self.scene.GetNumberOfNodesByClass("vtkMRMLSliceNode"):
+            self.status = "No slice view to centre."
+            return False
+        slicer.vtkMRMLSliceNode.JumpAllSlices(self.scene, *ras, slicer.vtkMRMLSliceNode.CenteredJumpSlice)
+        self.status = f"Slice views centred on finding {f['id']} ({f['volume_ml']:.2f} ml)."
+        return True
+
+    def threshold_source(self) -> str:
+        """Where the panel's threshold comes from, in words (for the report)."""
+        p = self.params
+        if p.thresholdMode == CALIBRATED:
+            if p.calibratedThreshold is not None:
+                return "calibrated: the model's threshold on healthy brains"
+            return (f"percentile: the {DEFAULT_PERCENTILE:g}th percentile of this heatmap "
+                    f"(no calibrated threshold is known for it)")
+        if p.thresholdMode == PERCENTILE:
+            return f"percentile: the {DEFAULT_PERCENTILE:g}th percentile of this heatmap"
+        return "absolute: set by hand"
+
+    def write_report(self, path: str) -> bool:
+        """The one-page HTML report (vaeanomaly.report.write) of the panel's heatmap: threshold and its source,
+        findings, the model card's first line, the verdict of the job that computed it. Returns success."""
+        p = self.params
+        heat = self.heatmap()
+        if heat is None:
+            self.status = "Compute a heatmap first."
+            return False
+        if not path:
+            return False
+        try:
+            from vaeanomaly import report
+
+            from .logic import image_from_node
+            found = self._current_findings()
+            heat_img = image_from_node(heat, "heatmap")
+            src = p.inputVolume if p.inputVolume is not None else \
+                self.scene.GetNodeByID(heat.GetAttribute("VAEAnomaly.Input") or "")
+            image = image_from_node(src) if src is not None and src.GetImageData() is not None else None
+            if image is None or image.GetSize() != heat_img.GetSize():
+                image = heat_img  # thumbnails of the heatmap alone rather than of another grid
+            pred = heat.GetAttribute("VAEAnomaly.Predictor") or ""
+            title = PREDICTOR_INFO[pred].title if pred in PREDICTOR_INFO else pred
+            model_line = heat.GetAttribute(MODEL_LINE) or heat.GetAttribute("VAEAnomaly.Model") or "unknown model"
+            verdict = self.verdict if self._verdict_for == heat.GetID() else None
+            source = f"{src.GetName() if src is not None else 'unknown scan'}: heatmap '{heat.GetName()}'"
+            written = report.write(path, image, heat_img, float(p.threshold), self.threshold_source(), found,
+                                   title, model_line, verdict, source)
+        except Exception as err:
+            self.status = "Could not write the report."
+            self.dialogs.error(f"Could not write the report:\n{err}")
+            return False
+        self.status = f"Report written: {written}"
+        return True
+
     # ------------------------------------------------------------------ what the Widget renders
     def state(self) -> PanelState:
         p = self.params
@@ -661,10 +788,28 @@ class PanelController:
         has_heat = self.heatmap() is not None
         s.outputs_enabled = has_heat and not self.running
         s.create_segment_enabled = s.outputs_enabled
+        s.report_enabled = s.outputs_enabled
+        s.findings_pending = self.findings_pending
+        if has_heat and self._findings_for is not None and self._findings_for[0] == self.heatmap().GetID():
+            s.findings_rows = [finding_row(f) for f in self.findings]
+            n = len(self.findings)
+            s.findings_text = (f"{n} finding{'s' if n != 1 else ''} above {self._findings_for[1]:.4g}"
+                               + ("" if n else " (none of at least the minimum region size)"))
         if has_heat:
             s.threshold_maximum, s.threshold_step, s.threshold_decimals = self.threshold_range()
             s.threshold_value = float(p.threshold)
         return s
+
+
+MODEL_LINE = "VAEAnomaly.ModelLine"  # on a heatmap: the first line of its model's card (for the report)
+
+
+def _remember_model_line(heat, job) -> None:
+    try:
+        line = job.checkpoint.card().splitlines()[0]
+    except Exception:  # noqa: BLE001  (the report then names the model only)
+        return
+    heat.SetAttribute(MODEL_LINE, line)
 
 
 def _torch_gpu_available() -> bool:

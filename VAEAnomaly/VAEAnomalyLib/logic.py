@@ -41,6 +41,15 @@ _INFERNO = [(0.001, 0.000, 0.014), (0.106, 0.047, 0.255), (0.316, 0.071, 0.485),
             (0.988, 0.998, 0.645)]
 
 
+FINDINGS_OF = "VAEAnomaly.FindingsOf"  # on the findings table and point list: the ID of their heatmap
+
+
+def finding_label(f: dict) -> str:
+    """A finding's control-point label: "A1 3.2 ml" (two significant digits below 1 ml)."""
+    v = float(f["volume_ml"])
+    return f"{f['id']} {v:.1f} ml" if v >= 1 else f"{f['id']} {v:.2g} ml"
+
+
 class SegmentEditedError(RuntimeError):
     """The 'Anomaly' segment was edited by the user since it was created; re-running would overwrite it."""
 
@@ -352,6 +361,102 @@ class VAEAnomalyLogic:
         if show3D:
             segmentationNode.CreateClosedSurfaceRepresentation()
         return segmentationNode
+
+    # ------------------------------------------------------------------ findings
+    def findings_nodes(self, heatmapNode):
+        """(table node, markups node) holding the findings of this heatmap, or None for each not made yet."""
+        out = {"vtkMRMLTableNode": None, "vtkMRMLMarkupsFiducialNode": None}
+        for cls in out:
+            for i in range(self.scene.GetNumberOfNodesByClass(cls)):
+                node = self.scene.GetNthNodeByClass(i, cls)
+                if node.GetAttribute(FINDINGS_OF) == heatmapNode.GetID() and node.IsA(cls):
+                    out[cls] = node
+                    break
+        return out["vtkMRMLTableNode"], out["vtkMRMLMarkupsFiducialNode"]
+
+    def update_findings(self, heatmapNode, threshold: float, inputVolume=None, min_region_mm3: Optional[float] = None):
+        """The findings of the heatmap above `threshold` (vaeanomaly.findings.find: regions of at least
+        min_region_mm3, default vaeanomaly.regions.DEFAULT_MIN_REGION_MM3 as for Create segment, ranked by
+        score mass; the input volume gives their mean intensity) into the scene: a table node (one row per
+        finding, saved with the scene) and one point list with a control point per finding at its centroid,
+        labelled "A1 3.2 ml". Both are this heatmap's own (attribute VAEAnomaly.FindingsOf), updated in place on
+        later calls. Centroids are RAS in the heatmap's frame, so the point list sits under the heatmap's parent
+        transform (the input volume's: add_results puts it there). No finding: an empty table and point list.
+        Returns (table node, markups node, the findings as find() gives them, LPS, each with centroid_ras_mm)."""
+        import SimpleITK as sitk
+        import slicer
+
+        from vaeanomaly.findings import find
+        from vaeanomaly.regions import DEFAULT_MIN_REGION_MM3
+        heat = image_from_node(heatmapNode, "heatmap")
+        image = None
+        if inputVolume is not None and inputVolume.GetImageData() is not None:
+            image = image_from_node(inputVolume)
+            if image.GetSize() != heat.GetSize():  # not the heatmap's grid: no intensities rather than wrong ones
+                image = None
+        # the brain is where the heatmap is positive (as resolve_threshold's percentile): the intensities' z-scores
+        # are taken inside it, and a threshold at or below zero never makes the background a finding
+        brain = sitk.Cast(heat > 0, sitk.sitkUInt8)
+        min_mm3 = DEFAULT_MIN_REGION_MM3 if min_region_mm3 is None else float(min_region_mm3)
+        found = find(heat, float(threshold), image, brain, min_mm3)
+        for f in found:
+            x, y, z = f["centroid_lps_mm"]
+            f["centroid_ras_mm"] = [-x, -y, z]
+        table, points = self.findings_nodes(heatmapNode)
+        name = f"{heatmapNode.GetName()} findings"
+        if table is None:
+            table = slicer.vtkMRMLTableNode()
+            table.SetName(self.scene.GenerateUniqueName(name))
+            table.SetAttribute(FINDINGS_OF, heatmapNode.GetID())
+            self.scene.AddNode(table)
+        if points is None:
+            points = slicer.vtkMRMLMarkupsFiducialNode()
+            points.SetName(self.scene.GenerateUniqueName(name))
+            points.SetAttribute(FINDINGS_OF, heatmapNode.GetID())
+            self.scene.AddNode(points)
+            points.CreateDefaultDisplayNodes()
+            points.SetLocked(1)  # computed positions: not dragged by accident
+        self._fill_findings_table(table, found)
+        points.SetAndObserveTransformNodeID(heatmapNode.GetTransformNodeID())
+        wasModifying = points.StartModify()
+        try:
+            points.RemoveAllControlPoints()
+            for f in found:
+                points.AddControlPoint(*f["centroid_ras_mm"], finding_label(f))
+        finally:
+            points.EndModify(wasModifying)
+        for node in (table, points):
+            node.SetAttribute("VAEAnomaly.Threshold", f"{float(threshold):.6g}")
+        return table, points, found
+
+    @staticmethod
+    def _fill_findings_table(table, found: list) -> None:
+        import vtk
+        columns = [(vtk.vtkStringArray, "id", lambda f: f["id"], "A1 is the largest score mass"),
+                   (vtk.vtkDoubleArray, "volume (ml)", lambda f: f["volume_ml"], ""),
+                   (vtk.vtkDoubleArray, "peak", lambda f: f["peak"], "highest anomaly score in the region"),
+                   (vtk.vtkDoubleArray, "mean", lambda f: f["mean"], "mean anomaly score in the region")]
+        for k, axis in enumerate("RAS"):
+            columns.append((vtk.vtkDoubleArray, f"centroid {axis} (RAS mm)",
+                            lambda f, k=k: f["centroid_ras_mm"][k],
+                            "centroid in Slicer's RAS coordinates of the heatmap's frame (the command line's "
+                            "findings are LPS: x and y negated)"))
+        columns += [(vtk.vtkIntArray, "first slice", lambda f: f["slice_first"], "slice index along the volume's K axis"),
+                    (vtk.vtkIntArray, "last slice", lambda f: f["slice_last"], "slice index along the volume's K axis")]
+        wasModifying = table.StartModify()
+        try:
+            table.RemoveAllColumns()
+            for cls, title, get, description in columns:
+                arr = cls()
+                arr.SetName(title)
+                for f in found:
+                    arr.InsertNextValue(get(f))
+                table.AddColumn(arr)
+                if description:
+                    table.SetColumnDescription(title, description)
+            table.SetColumnUnitLabel("volume (ml)", "ml")
+        finally:
+            table.EndModify(wasModifying)
 
     @staticmethod
     def _mask_image(mask, like_node):
