@@ -26,6 +26,7 @@ from VAEAnomalyLib.panel import (CUSTOM_MODEL, DEFAULT_PREDICTOR, DEFAULT_THRESH
 
 MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
 SAMPLE_DIR = os.path.join(MODULE_DIR, "Resources", "SampleData")
+FINDINGS_DELAY_MS = 300  # the findings are listed this long after the last threshold change
 SAMPLE_FILES = {  # file name -> SHA256 (checked by Sample Data on load)
     "VAEAnomalySample_T2.nrrd": "8d37d5c044dfda356528ba92634ff3c32693225cd688a5b0ddad78c086bb27d7",
     "VAEAnomalySample_Lesion.nrrd": "7216d9d6eef6d15eb2d16ea1632ad4192c9fbb858aed102a2ed78160cdf390d5",
@@ -122,9 +123,16 @@ class VAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._rendering = False
+        self._findingsShown = None  # the rows the findings table shows
         self._timer = qt.QTimer()
         self._timer.setInterval(150)
         self._timer.connect("timeout()", self._onTimer)
+        # the findings follow the threshold once it rests (each change restarts the timer): the preview itself
+        # follows at once, the connected-component pass would make dragging the slider stutter
+        self._findingsTimer = qt.QTimer()
+        self._findingsTimer.setSingleShot(True)
+        self._findingsTimer.setInterval(FINDINGS_DELAY_MS)
+        self._findingsTimer.connect("timeout()", lambda: self._call(self.controller.refresh_findings))
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -133,7 +141,9 @@ class VAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = VAEAnomalyLogic()
-        from VAEAnomalyLib.controller import PanelController
+        from VAEAnomalyLib.controller import FINDINGS_HEADER, PanelController
+        self.ui.findingsTable.setColumnCount(len(FINDINGS_HEADER))
+        self.ui.findingsTable.setHorizontalHeaderLabels(list(FINDINGS_HEADER))
         self.controller = PanelController(slicer.mrmlScene, None, _SlicerDialogs(), logic=self.logic.lib,
                                           color_logic=slicer.modules.colors.logic())
         self._fillModelCombos()
@@ -143,18 +153,24 @@ class VAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.createSegmentButton.connect("clicked(bool)", lambda checked: self._call(self.controller.create_segment))
         self.ui.modelSelector.connect("currentIndexChanged(int)", self.onModelChanged)
         self.ui.customModelPath.connect("currentPathChanged(QString)", self.onModelChanged)
-        self.ui.thresholdSlider.connect("valueChanged(double)", lambda v: self._call(self.controller.set_threshold, v))
+        self.ui.thresholdSlider.connect("valueChanged(double)",
+                                        lambda v: self._thresholdCall(self.controller.set_threshold, v))
         self.ui.thresholdModeSelector.connect(
             "currentIndexChanged(int)",
-            lambda i: self._call(self.controller.set_threshold_mode, self.ui.thresholdModeSelector.currentText))
+            lambda i: self._thresholdCall(self.controller.set_threshold_mode,
+                                          self.ui.thresholdModeSelector.currentText))
         self.ui.opacitySlider.connect("valueChanged(double)", lambda v: self._call(self.controller.set_opacity, v))
         self.ui.heatmapSelector.connect("currentNodeChanged(vtkMRMLNode*)",
-                                        lambda node: self._call(self.controller.heatmap_selected, node))
+                                        lambda node: self._thresholdCall(self.controller.heatmap_selected, node))
+        self.ui.findingsTable.connect("cellClicked(int,int)",
+                                      lambda row, column: self._call(self.controller.jump_to_finding, row))
+        self.ui.saveReportButton.connect("clicked(bool)", self.onSaveReport)
         self.ui.adaptButton.connect("clicked(bool)", self.onAdaptButton)
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
         self._timer.stop()
+        self._findingsTimer.stop()
         self.removeObservers()
         if self.controller is not None:
             self.controller.close()  # stops a running job and its whole process tree
@@ -191,6 +207,7 @@ class VAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._render)
         self._parameterNode = inputParameterNode
         self.controller.set_params(inputParameterNode)
+        self._debounceFindings()
         if self._parameterNode:
             # the connectors fill and write the widgets (the Choice connector clears and refills its combo:
             # Slicer guiConnectors.py QComboBoxToStringableConnector); those signals are not user actions
@@ -245,6 +262,22 @@ class VAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             logging.exception("VAEAnomaly panel")
         finally:
             self._render()
+
+    def _thresholdCall(self, method, *args):
+        """A change of the threshold or the heatmap: the preview at once, the findings once it rests."""
+        result = self._call(method, *args)
+        self._debounceFindings()
+        return result
+
+    def _debounceFindings(self) -> None:
+        if self.controller is not None and self.controller.findings_pending:
+            self._findingsTimer.start()  # restarts a running timer
+
+    def onSaveReport(self) -> None:
+        path = qt.QFileDialog.getSaveFileName(self.parent, _("Save report"), self.controller.report_file_name(),
+                                              _("HTML report (*.html)"))
+        if path:
+            self._call(self.controller.write_report, path)
 
     def onModelChanged(self, *args) -> None:
         self._call(self.controller.select_model, self.ui.modelSelector.currentData, self.ui.customModelPath.currentPath)
@@ -318,6 +351,9 @@ class VAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             ui.modelCardLabel.text = s.model_card
             ui.outputsCollapsibleButton.enabled = s.outputs_enabled
             ui.createSegmentButton.enabled = s.create_segment_enabled
+            ui.saveReportButton.enabled = s.report_enabled
+            ui.findingsLabel.text = s.findings_text
+            self._showFindings(s.findings_rows)
             ui.verdictLabel.text = s.verdict_text
             ui.verdictLabel.visible = bool(s.verdict_text)
             ui.verdictLabel.styleSheet = "" if not s.verdict or s.verdict.get("in_distribution") else "color: #c0392b"
@@ -344,6 +380,18 @@ class VAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slider.blockSignals(wasBlocked)
         finally:
             self._rendering = False
+
+
+    def _showFindings(self, rows) -> None:
+        table = self.ui.findingsTable
+        if [tuple(r) for r in rows] == self._findingsShown:
+            return  # unchanged: keep the user's selection
+        self._findingsShown = [tuple(r) for r in rows]
+        table.setRowCount(len(rows))
+        for r, row in enumerate(rows):
+            for c, text in enumerate(row):
+                table.setItem(r, c, qt.QTableWidgetItem(text))
+        table.resizeColumnsToContents()
 
 
 class VAEAnomalyLogic(ScriptedLoadableModuleLogic):

@@ -396,7 +396,8 @@ CHECKABLE_COMBO_API = {"checkedNodes", "uncheckedNodes", "allChecked", "noneChec
                        "setUserCheckable", "check", "uncheck", "nodeCount", "nodeFromIndex", "setMRMLScene",
                        "mrmlScene", "nodeTypes", "enabled", "connect"}
 QT_WIDGETS = {"QWidget", "QLabel", "QPushButton", "QComboBox", "QCheckBox", "QSpinBox", "QDoubleSpinBox",
-              "QProgressBar", "QLineEdit", "QTextEdit", "QSlider", "QGroupBox", "QFrame", "QToolButton"}
+              "QProgressBar", "QLineEdit", "QTextEdit", "QSlider", "QGroupBox", "QFrame", "QToolButton",
+              "QTableWidget"}
 
 
 def undeclared_widget_classes(ui_text: str) -> set[str]:

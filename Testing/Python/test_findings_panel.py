@@ -14,7 +14,8 @@ from conftest import make_phantom, oblique_direction  # noqa: E402
 from test_controller import ScriptedUser  # noqa: E402
 from test_logic import add_volume  # noqa: E402
 from VAEAnomalyLib.controller import PanelController, PanelParams  # noqa: E402
-from VAEAnomalyLib.logic import FINDINGS_OF, JobResult, VAEAnomalyLogic, image_from_node, set_node_from_image  # noqa: E402
+from VAEAnomalyLib.logic import (FINDINGS_OF, JobResult, VAEAnomalyLogic, image_from_node,  # noqa: E402
+                                 set_node_from_image)
 from VAEAnomalyLib.panel import ABSOLUTE, CALIBRATED  # noqa: E402
 from vaeanomaly.registry import DEFAULT_PREDICTOR  # noqa: E402
 
@@ -240,3 +241,27 @@ def test_write_report_names_the_findings_and_the_threshold_source(case, scene, t
     # not an .html file: an error message, nothing written
     assert not ctl.write_report(str(tmp_path / "report.pdf"))
     assert user.kinds()[-1] == "error" and not (tmp_path / "report.pdf").exists()
+
+
+def test_a_saved_scenes_heatmap_gets_its_findings_and_the_report_a_file_name(case, scene):
+    _, t2, heat, _ = case
+    ctl = controller_for(scene, t2, heat, thresholdMode=ABSOLUTE, threshold=0.5)
+    assert ctl.findings_pending  # the Widget starts its debounce timer after set_params
+    assert ctl.report_file_name() == "T2_anomaly_report.html"
+    ctl.set_params(None)
+    assert not ctl.findings_pending and ctl.findings == [] and not ctl.refresh_findings()
+    assert not ctl.write_report("x.html")  # no parameters, no heatmap: refused, not raised
+
+
+def test_the_widget_wires_the_findings_table_and_the_report_button():
+    """The Widget only wires (VAEAnomaly.py imports qt, so it is read as text): a click on a row jumps, the
+    button writes the report, the threshold handlers restart the single-shot findings timer."""
+    from conftest import ROOT
+    src = (ROOT / "VAEAnomaly" / "VAEAnomaly.py").read_text(encoding="utf-8")
+    assert 'findingsTable.connect("cellClicked(int,int)"' in src and "self.controller.jump_to_finding, row" in src
+    assert 'saveReportButton.connect("clicked(bool)", self.onSaveReport)' in src
+    assert "self._call(self.controller.write_report, path)" in src
+    assert "self._findingsTimer.setSingleShot(True)" in src
+    assert "self._findingsTimer.connect(\"timeout()\", lambda: self._call(self.controller.refresh_findings))" in src
+    for handler in ("set_threshold, v", "set_threshold_mode,", "heatmap_selected, node"):
+        assert f"self._thresholdCall(self.controller.{handler}" in src, handler

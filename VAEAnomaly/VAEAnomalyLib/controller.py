@@ -70,6 +70,7 @@ class PanelParams:
 
 
 PARAMETER_NAMES = tuple(f.name for f in fields(PanelParams))
+FINDINGS_HEADER = ("id", "volume (ml)", "peak", "centroid RAS (mm)", "slices")  # the panel's findings table
 
 
 @dataclass
@@ -95,6 +96,7 @@ class PanelState:
     verdict_text: str = ""
     warnings: list = field(default_factory=list)
     # findings: regions above the threshold (one row of display strings each, FINDINGS_HEADER), the report
+    findings_header: tuple = FINDINGS_HEADER
     findings_rows: list = field(default_factory=list)
     findings_text: str = ""
     findings_pending: bool = False
@@ -108,9 +110,6 @@ class PanelState:
     adapt_stage: str = ""
     adapt_status: str = ""
     adapt_inputs_enabled: bool = True
-
-
-FINDINGS_HEADER = ("id", "volume (ml)", "peak", "centroid RAS (mm)", "slices")
 
 
 def finding_row(f: dict) -> tuple:
@@ -144,6 +143,8 @@ def verdict_text(verdict: Optional[dict]) -> str:
 
 
 class PanelController:
+    findings_pending: bool = False  # the threshold or heatmap changed since the findings were listed
+
     def __init__(self, scene, params=None, dialogs: Optional[Dialogs] = None, logic: Optional[VAEAnomalyLogic] = None,
                  color_logic=None, launcher: Optional[str] = None,
                  gpu_available: Optional[Callable[[], bool]] = None,
@@ -178,6 +179,8 @@ class PanelController:
     def set_params(self, params) -> None:
         """A new parameter node (module entered, scene closed or loaded). A running job keeps running."""
         self.params = params
+        self.findings, self._findings_for = [], None
+        self.findings_pending = params is not None and params.heatmap is not None  # a saved scene's heatmap
         if params is not None:
             self._calibrated_for = params.heatmap.GetID() if params.heatmap is not None else None
             self.update_model_card()
@@ -732,6 +735,12 @@ class PanelController:
         if p.thresholdMode == PERCENTILE:
             return f"percentile: the {DEFAULT_PERCENTILE:g}th percentile of this heatmap"
         return "absolute: set by hand"
+
+    def report_file_name(self) -> str:
+        """The file name the Save report dialog proposes."""
+        heat = self.heatmap()
+        name = heat.GetName() if heat is not None else "VAEAnomaly"
+        return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) + "_report.html"
 
     def write_report(self, path: str) -> bool:
         """The one-page HTML report (vaeanomaly.report.write) of the panel's heatmap: threshold and its source,

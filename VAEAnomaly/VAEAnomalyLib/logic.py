@@ -441,8 +441,9 @@ class VAEAnomalyLogic:
                             lambda f, k=k: f["centroid_ras_mm"][k],
                             "centroid in Slicer's RAS coordinates of the heatmap's frame (the command line's "
                             "findings are LPS: x and y negated)"))
-        columns += [(vtk.vtkIntArray, "first slice", lambda f: f["slice_first"], "slice index along the volume's K axis"),
-                    (vtk.vtkIntArray, "last slice", lambda f: f["slice_last"], "slice index along the volume's K axis")]
+        k_axis = "slice index along the volume's K axis"
+        columns += [(vtk.vtkIntArray, "first slice", lambda f: f["slice_first"], k_axis),
+                    (vtk.vtkIntArray, "last slice", lambda f: f["slice_last"], k_axis)]
         wasModifying = table.StartModify()
         try:
             table.RemoveAllColumns()
