@@ -91,11 +91,14 @@ def main(argv=None):
     ap.add_argument("--proj-lambda", type=float, default=d.proj_lambda, help=f"(default: {d.proj_lambda})")
     ap.add_argument("--proj-lr", type=float, default=d.proj_lr, help=f"(default: {d.proj_lr})")
     ap.add_argument("--proj-weighted", action="store_true")
+    from vaeanomaly.predictors import PRESETS
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="default",
+                    help="the option set the thresholds hold for (default: the inference defaults)")
     a = ap.parse_args(argv)
     from tqdm import tqdm
     ck = load_checkpoint(a.checkpoint)
-    opts = PredictorOptions(smooth=not a.no_smooth, proj_steps=a.proj_steps, proj_lambda=a.proj_lambda,
-                            proj_lr=a.proj_lr, proj_weighted=a.proj_weighted)
+    opts = PredictorOptions.preset(a.preset, smooth=not a.no_smooth, proj_steps=a.proj_steps,
+                                   proj_lambda=a.proj_lambda, proj_lr=a.proj_lr, proj_weighted=a.proj_weighted)
     bar = tqdm(total=1000, desc="calibrating", file=sys.stderr)
     calib = recalibrate(ck, a.cache, a.device, cases="all" if a.all_cases else a.cases, options=opts,
                         progress=lambda f: bar.update(int(1000 * f) - bar.n))
@@ -106,8 +109,9 @@ def main(argv=None):
           + ", ".join(f"{k}={v}" for k, v in calib["thresholds_options"].items()))
     for k, v in calib["thresholds"].items():
         print(f"  {k:15s} {v:10.4g}   (was {old[k]:.4g})" if k in old else f"  {k:15s} {v:10.4g}   (new)")
-    c = calib["combi_normalisation"]
-    print(f"  Combi constants: KL-grad min {c['min']:.4g}, max {c['max']:.4g}")
+    c = calib.get("combi_normalisation")  # a denoising autoencoder has no Combi
+    if c:
+        print(f"  Combi constants: KL-grad min {c['min']:.4g}, max {c['max']:.4g}")
 
 
 if __name__ == "__main__":

@@ -67,3 +67,26 @@ def test_empty_is_valid_and_files_are_whole(tmp_path):
     with pytest.raises(ValueError, match=".json or .csv"):
         findings.write(tmp_path / "f.txt", found)
     assert sorted(x.name for x in tmp_path.iterdir()) == ["f.csv", "f.json"]  # no temporary files left
+
+
+def test_score_writes_findings_and_report_that_match_the_label(tmp_path, capsys):
+    """`vaeanomaly score SAMPLE --threshold auto --label L --findings F --report-html R --report V`: the findings
+    cover exactly the label's voxels; the report carries the verdict; bad requests fail before any work."""
+    from vaeanomaly.checkpoint import sample_data
+    from vaeanomaly.cli import main
+    sample = str(sample_data())
+    base = ["score", sample, "-o", str(tmp_path / "h.nii.gz"), "--progress", "none"]
+    assert main(base + ["--findings", str(tmp_path / "f.json")]) == 2
+    assert "needs --threshold" in capsys.readouterr().err
+    assert main(base + ["--threshold", "auto", "--findings", str(tmp_path / "f.txt")]) == 2
+    assert ".json or .csv" in capsys.readouterr().err and not (tmp_path / "h.nii.gz").exists()
+    rc = main(base + ["--threshold", "auto", "--label", str(tmp_path / "l.nii.gz"), "--findings", str(tmp_path / "f.json"),
+                      "--report-html", str(tmp_path / "r.html"), "--report", str(tmp_path / "v.json")])
+    assert rc == 0, capsys.readouterr().err
+    doc = json.loads((tmp_path / "f.json").read_text())
+    lab = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "l.nii.gz")))
+    assert doc["coordinates"] == "LPS" and doc["threshold_source"].startswith("calibrated")
+    assert sum(f["voxels"] for f in doc["findings"]) == int(lab.sum()) > 0
+    page = (tmp_path / "r.html").read_text()
+    assert "Verdict" in page and ("In distribution" in page or "Out of distribution" in page)
+    assert page.count('<img class="thumb"') == min(3, len(doc["findings"]))

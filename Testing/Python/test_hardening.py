@@ -235,7 +235,9 @@ def test_calibration_uses_the_inference_defaults(cohort, tiny_checkpoint):
 
 def test_ensemble_is_a_full_predictor(ens_checkpoint, t2, tmp_path, capsys):
     ck = load_checkpoint(ens_checkpoint)
-    assert ck.ensemble.options == {"smooth": True, "smooth_sigma": 3.0, "smooth_kernel": 7}
+    d = PredictorOptions().to_dict()  # the settings its features were computed with: smoothing, sign, evidence, rim
+    assert ck.ensemble.options == {k: d[k] for k in ("smooth", "smooth_sigma", "smooth_kernel", "smooth_mm", "polarity",
+                                                     "evidence", "rim_mm")}
     assert "ensemble" in ck.thresholds and 0 < ck.thresholds["ensemble"] < 1
     m = ["--model", str(ens_checkpoint), "--progress", "none"]
     rc, err = run_cli(["score", str(t2), "-o", str(tmp_path / "all"), "--predictor", "all", "--proj-steps", "2"] + m, capsys)
@@ -376,7 +378,8 @@ def test_help_shows_every_default(capsys):
         cli(["score", "--help"])
     out = " ".join(capsys.readouterr().out.split())
     d = PredictorOptions()
-    for text in (f"(default: {DEFAULT_PREDICTOR})", f"(default: {DEFAULT_MODEL})", f"(default: {d.proj_steps})",
+    for text in (f"Default: {DEFAULT_PREDICTOR} (VAE), dae-residual (denoising autoencoder) by the model's kind",
+                 f"(default: {DEFAULT_MODEL})", f"(default: {d.proj_steps})",
                  f"(default: {d.proj_lambda})", f"(default: {d.proj_lr})", f"(default: {d.batch_size})",
                  "(default: cpu)", "(default: bar)", "sigma 3, kernel 7", "reconstruction"):
         assert text in out, text

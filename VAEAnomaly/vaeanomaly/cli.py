@@ -16,7 +16,7 @@ from typing import Optional
 
 import numpy as np
 
-from .predictors import PRESETS, PredictorOptions
+from .predictors import EVIDENCE, PRESETS, PredictorOptions
 from .registry import (DEFAULT_PREDICTOR, DEFAULT_PREDICTORS, ENSEMBLE, PAPER_PREDICTORS, POLARITIES,  # noqa: F401
                        PREDICTOR_INFO, RECONSTRUCTION)
 # the helpers every command shares, and the scoring request, live in scoring.py (importable without cli.py)
@@ -48,8 +48,8 @@ def _options(a) -> PredictorOptions:
                              f"{', '.join(PredictorOptions.__dataclass_fields__)}")
         opts = PredictorOptions.from_dict(d)
     else:
-        given = {k: v for k, v in (("smooth_mm", getattr(a, "smooth_mm", None)),
-                                   ("polarity", getattr(a, "polarity", None))) if v is not None}
+        given = {k: getattr(a, k, None) for k in ("smooth_mm", "polarity", "evidence", "rim_mm")}
+        given = {k: v for k, v in given.items() if v is not None}
         opts = PredictorOptions.preset(getattr(a, "preset", None) or "default", smooth=not a.no_smooth,
                                        proj_steps=a.proj_steps, proj_lambda=a.proj_lambda, proj_lr=a.proj_lr,
                                        proj_weighted=a.proj_weighted, batch_size=a.batch_size,
@@ -79,6 +79,12 @@ def _add_model_args(p, predictor_default: Optional[str] = None):
                    help=f"signed maps (rec-grad, elbo-grad, dae-residual): 'bright' scores only where the "
                         f"scan is brighter than the model expects, 'dark' only darker, 'both' either (default "
                         f"{d.polarity})")
+    p.add_argument("--evidence", choices=EVIDENCE, default=None,
+                   help=f"'intensity': the signed maps times how unusual the scan's own intensity is in the same "
+                        f"direction (a lesion must look wrong to the model and stand out in the scan; default "
+                        f"{d.evidence})")
+    p.add_argument("--rim-mm", type=float, default=None, metavar="MM",
+                   help=f"maps are 0 within this distance of the brain mask's surface (default {d.rim_mm:g})")
     p.add_argument("--preset", choices=sorted(PRESETS), default="default",
                    help="'paper': Zhou et al.'s settings (smoothing sigma 3 px, kernel 7; absolute maps), which "
                         "reproduce the paper-grid tables; the flags above override it")
@@ -109,6 +115,9 @@ class ScorePlan:
     threshold: Optional[str] = None                     # the --threshold spec (checked by parse_threshold)
     calibrated: dict = field(default_factory=dict)      # {predictor: calibrated threshold} for 'auto'
     min_region_mm3: float = 0.0                         # label regions below this are dropped
+    findings: Optional[Path] = None                     # --findings F.json / F.csv (the one heatmap predictor)
+    report_html: Optional[Path] = None                  # --report-html R.html
+    verdict: Optional[Path] = None                      # --report R.json (read back for the HTML report)
 
 
 def plan_score(a) -> ScorePlan:
@@ -118,10 +127,13 @@ def plan_score(a) -> ScorePlan:
     from .checkpoint import load_checkpoint
     from .io import OutputError, check_outputs
     opts = _options(a)
-    if a.threshold is not None and not a.label:
-        raise ValueError("--threshold needs --label LABEL.nii.gz (where to write the thresholded label map)")
-    if a.label and a.threshold is None:
-        raise ValueError("--label needs --threshold (a number, a percentile such as p99, or 'auto')")
+    wants = [f for f, v in (("--label", a.label), ("--findings", getattr(a, "findings", None)),
+                            ("--report-html", getattr(a, "report_html", None))) if v]
+    if a.threshold is not None and not wants:
+        raise ValueError("--threshold needs --label LABEL.nii.gz (where to write the thresholded label map), "
+                         "--findings F.json or --report-html R.html")
+    if wants and a.threshold is None:
+        raise ValueError(f"{wants[0]} needs --threshold (a number, a percentile such as p99, or 'auto')")
     threshold = parse_threshold(a.threshold) if a.threshold is not None else None  # checked before any work
     ck = load_checkpoint(a.model)
     names = select_predictors(a.predictor, ck, opts)
@@ -164,17 +176,33 @@ def plan_score(a) -> ScorePlan:
            "options file": getattr(a, "options", None)}
     outs = {f"output ({n} map)": p for n, p in outputs.items()}
     outs.update({f"label ({n})": p for n, p in labels.items()})
+    findings_path = report_path = None
+    if getattr(a, "findings", None) or getattr(a, "report_html", None):
+        if len(heat) != 1:
+            raise ValueError("--findings and --report-html describe one heatmap: ask for one predictor "
+                             f"(got {', '.join(heat) or 'none'})")
+        from .findings import check_path
+        if getattr(a, "findings", None):
+            findings_path = check_path(a.findings)
+            outs["findings"] = findings_path
+        if getattr(a, "report_html", None):
+            report_path = Path(a.report_html)
+            if report_path.suffix.lower() not in (".html", ".htm"):
+                raise OutputError(f"--report-html {report_path}: give an .html file")
+            outs["report"] = report_path
     check_outputs(outs, ins)
     from .regions import min_region_mm3
     min_mm3 = getattr(a, "min_region_mm3", None)
     if min_mm3 is not None and not (np.isfinite(min_mm3) and min_mm3 >= 0):
         raise ValueError(f"--min-region-mm3 must be a number >= 0 (got {min_mm3:g})")
     return ScorePlan(ck, names, opts, outputs, labels, a.threshold, calibrated,
-                     min_region_mm3(ck) if min_mm3 is None else float(min_mm3))
+                     min_region_mm3(ck) if min_mm3 is None else float(min_mm3), findings_path, report_path,
+                     Path(a.report) if getattr(a, "report", None) else None)
 
 
-def write_score_outputs(plan: ScorePlan, maps: dict) -> None:
-    """Heatmaps (and labels) onto their paths, each written whole or not at all."""
+def write_score_outputs(plan: ScorePlan, maps: dict, img=None, mask=None, source: str = "") -> None:
+    """Heatmaps, labels, findings and the HTML report onto their paths, each written whole or not at all.
+    img, mask: the scan and its brain mask (None: the automatic mask), for the findings' intensities."""
     from .io import write_image
     for name, path in plan.outputs.items():
         write_image(maps[name], path)
@@ -185,6 +213,44 @@ def write_score_outputs(plan: ScorePlan, maps: dict) -> None:
         write_image(lab, path)
         print(f"wrote {path}: {name} > {t:.4g}, {kept} voxels in regions of at least {plan.min_region_mm3:g} mm3 "
               f"({dropped} voxels in smaller ones dropped)", file=sys.stderr)
+    if plan.findings or plan.report_html:
+        write_findings_and_report(plan, maps, img, mask, source)
+
+
+def threshold_source(spec: str) -> str:
+    """Where a threshold came from, in words (for the report)."""
+    kind, value = parse_threshold(spec)
+    return {"auto": "calibrated: the checkpoint's 99th percentile of held-out healthy brains",
+            "percentile": f"the {value:g}th percentile inside this brain",
+            "absolute": "a number given by the user"}[kind]
+
+
+def write_findings_and_report(plan: ScorePlan, maps: dict, img, mask, source: str = "") -> list:
+    """--findings and --report-html for the one heatmap predictor."""
+    import SimpleITK as sitk
+
+    from . import findings as fnd
+    from .threshold import resolve_threshold
+    from .volume import mask_for
+    name = next(n for n in plan.names if n != RECONSTRUCTION)
+    heat = maps[name]
+    arr = sitk.GetArrayFromImage(heat)
+    t = resolve_threshold(plan.threshold, arr, arr > 0, plan.calibrated, name)
+    brain = mask_for(img, mask) if img is not None else None
+    found = fnd.find(heat, t, img, brain, plan.min_region_mm3)
+    meta = {"predictor": name, "threshold": t, "threshold_source": threshold_source(plan.threshold),
+            "min_region_mm3": plan.min_region_mm3, "model": plan.checkpoint.name, "input": source}
+    if plan.findings:
+        fnd.write(plan.findings, found, meta)
+        print(f"wrote {plan.findings}: {len(found)} finding(s)", file=sys.stderr)
+    if plan.report_html:
+        from . import report
+        verdict = json.loads(plan.verdict.read_text(encoding="utf-8")) if plan.verdict and plan.verdict.is_file() \
+            else None
+        report.write(plan.report_html, img, heat, t, threshold_source(plan.threshold), found, name,
+                     plan.checkpoint.card().splitlines()[0], verdict, source)
+        print(f"wrote {plan.report_html}", file=sys.stderr)
+    return found
 
 
 def cmd_score(a) -> int:
@@ -198,7 +264,7 @@ def cmd_score(a) -> int:
     img = read_image(a.input)                            # read whole and checked
     mask = read_image(a.mask, "mask") if a.mask else None
     maps = run_request(request_from_args(a, plan.options), plan.checkpoint, img, mask, plan.names)
-    write_score_outputs(plan, maps)
+    write_score_outputs(plan, maps, img, mask, str(a.input))
     return 0
 
 
@@ -337,6 +403,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "the library's; 0 keeps every voxel above the threshold)")
     p.add_argument("--report", help="R.json: the out-of-distribution verdict for this scan (in_distribution, fit, "
                                     "brain_volume_ml, mask, flagged_percent, warnings); see vaeanomaly/verdict.py")
+    p.add_argument("--findings", metavar="F.json|F.csv",
+                   help="with --threshold: the regions above it (at least --min-region-mm3), ranked, each with volume, "
+                        "scores, centroid and box in LPS mm, slices and mean intensity (vaeanomaly/findings.py)")
+    p.add_argument("--report-html", metavar="R.html",
+                   help="with --threshold: a one-page report (verdict with --report, model, threshold, findings, "
+                        "thumbnails); self-contained HTML, prints to PDF")
     _add_model_args(p)
     p.set_defaults(func=cmd_score)
     p = sub.add_parser("evaluate", parents=[debug], formatter_class=fmt,

@@ -91,6 +91,10 @@ def check_options(opts: PredictorOptions) -> PredictorOptions:
         problems.append(f"--smooth-mm must be between 0 and 50 mm (got {opts.smooth_mm})")
     if opts.polarity not in POLARITIES:
         problems.append(f"polarity must be one of {', '.join(POLARITIES)} (got {opts.polarity!r})")
+    if opts.evidence not in ("none", "intensity"):
+        problems.append(f"evidence must be 'none' or 'intensity' (got {opts.evidence!r})")
+    if not (isinstance(opts.rim_mm, (int, float)) and 0 <= opts.rim_mm <= 30):
+        problems.append(f"--rim-mm must be between 0 and 30 mm (got {opts.rim_mm})")
     if problems:
         raise ValueError("; ".join(problems))
     return opts
