@@ -57,6 +57,12 @@ def _options(a) -> PredictorOptions:
     return check_options(opts)  # (scoring.py: the one place options are checked)
 
 
+def _own_defaults(option: str) -> str:
+    """'rec-grad 0, ..., dae-residual 2' for --help: each signed map's default of an option."""
+    from .registry import option_defaults
+    return ", ".join(f"{n} {option_defaults(n)[option]}" for n, i in PREDICTOR_INFO.items() if i.signed)
+
+
 def _add_model_args(p, predictor_default: Optional[str] = None):
     from .checkpoint import DEFAULT_MODEL
     d = PredictorOptions()
@@ -72,17 +78,17 @@ def _add_model_args(p, predictor_default: Optional[str] = None):
                    help="no Gaussian smoothing of gradient maps and the DAE residual; calibrated thresholds and the "
                         "ensemble hold only with the smoothing they were computed with")
     p.add_argument("--smooth-mm", type=float, default=None, metavar="SIGMA_MM",
-                   help=f"Gaussian smoothing sigma in millimetres (default {d.smooth_mm:g}"
-                        f"{': pixels, sigma %g, kernel %d' % (d.smooth_sigma, d.smooth_kernel) if not d.smooth_mm else ''}"
-                        f"); 0: the reference code's pixel kernel (sigma 3 px, kernel 7)")
+                   help=f"Gaussian smoothing sigma in millimetres, for every smoothed map (default: each map's own: "
+                        f"{_own_defaults('smooth_mm')}); 0: the reference code's pixel kernel (sigma "
+                        f"{d.smooth_sigma:g}, kernel {d.smooth_kernel} pixels)")
     p.add_argument("--polarity", choices=POLARITIES, default=None,
                    help=f"signed maps (rec-grad, elbo-grad, dae-residual): 'bright' scores only where the "
-                        f"scan is brighter than the model expects, 'dark' only darker, 'both' either (default "
-                        f"{d.polarity})")
+                        f"scan is brighter than the model expects, 'dark' only darker, 'both' either (default: each "
+                        f"map's own: {_own_defaults('polarity')})")
     p.add_argument("--evidence", choices=EVIDENCE, default=None,
                    help=f"'intensity': the signed maps times how unusual the scan's own intensity is in the same "
-                        f"direction (a lesion must look wrong to the model and stand out in the scan; default "
-                        f"{d.evidence})")
+                        f"direction (a lesion must look wrong to the model and stand out in the scan; default: each "
+                        f"map's own: {_own_defaults('evidence')})")
     p.add_argument("--rim-mm", type=float, default=None, metavar="MM",
                    help=f"maps are 0 within this distance of the brain mask's surface (default {d.rim_mm:g})")
     p.add_argument("--preset", choices=sorted(PRESETS), default="default",

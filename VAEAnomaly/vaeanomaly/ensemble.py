@@ -15,12 +15,12 @@ PROJECTION_KEYS = ("proj_steps", "proj_lambda", "proj_lr", "proj_weighted")
 GRADIENT_FEATURES = {"rec-grad", "kl-grad", "elbo-grad", "combi", "dae-residual"}  # the smoothed maps
 SIGNED_FEATURES = {"rec-grad", "elbo-grad", "dae-residual"}            # follow the polarity option
 # settings recorded before these options existed were made with these values (pixel smoothing, absolute maps)
-UNRECORDED = {"smooth_mm": 0.0, "polarity": "both", "evidence": "none", "rim_mm": 0.0}
+UNRECORDED = {"smooth_mm": None, "polarity": None, "evidence": None, "rim_mm": 0.0}  # None: the map's own default
 # Ensembles stored before the settings were recorded were all fitted by training/fit_ensemble.py with
 # the default options (smoothing sigma 3, kernel 7; projection 100 steps, lambda 0.5, lr 0.03).
 LEGACY_OPTIONS = {"smooth": True, "smooth_sigma": 3.0, "smooth_kernel": 7,
                   "proj_steps": 100, "proj_lambda": 0.5, "proj_lr": 0.03, "proj_weighted": False,
-                  "smooth_mm": 0.0, "polarity": "both", "evidence": "none", "rim_mm": 0.0}
+                  "smooth_mm": None, "polarity": None, "evidence": None, "rim_mm": 0.0}
 
 
 def relevant_keys(features) -> tuple:
@@ -40,15 +40,20 @@ def relevant_keys(features) -> tuple:
 def options_mismatch(recorded: dict, options, features) -> list[str]:
     """Human-readable differences between recorded settings and `options` (a PredictorOptions),
     restricted to the fields that matter for `features`; smoothing parameters only matter when on."""
-    cur = options.to_dict()
-    recorded = {**UNRECORDED, **recorded}
-    smooth_off = not recorded.get("smooth", True) and not cur["smooth"]
-    pixel_kernel = not recorded.get("smooth_mm") and not cur.get("smooth_mm")
-    keys = [k for k in relevant_keys(features)
-            if not (k in ("smooth_sigma", "smooth_kernel", "smooth_mm") and smooth_off)
-            and not (k in ("smooth_sigma", "smooth_kernel") and not pixel_kernel)]
-    return [f"{k}={cur[k]!r} (fitted/calibrated with {recorded[k]!r})" for k in keys
-            if k in recorded and cur.get(k) != recorded[k]]
+    from .registry import option_defaults
+    out = []
+    for f in features or [None]:  # compared as each map sees them: unset (None) options take its own defaults
+        d = option_defaults(f) if f else {}
+        eff = lambda o: {k: (d[k] if v is None and k in d else v) for k, v in o.items()}  # noqa: E731
+        cur, rec = eff(options.to_dict()), eff({**UNRECORDED, **recorded})
+        smooth_off = not rec.get("smooth", True) and not cur["smooth"]
+        pixel_kernel = not rec.get("smooth_mm") and not cur.get("smooth_mm")
+        keys = [k for k in relevant_keys([f] if f else features)
+                if not (k in ("smooth_sigma", "smooth_kernel", "smooth_mm") and smooth_off)
+                and not (k in ("smooth_sigma", "smooth_kernel") and not pixel_kernel)]
+        out += [f"{k}={cur[k]!r} (fitted/calibrated with {rec[k]!r})" for k in keys
+                if k in rec and cur.get(k) != rec[k]]
+    return list(dict.fromkeys(out))
 
 
 class Ensemble:

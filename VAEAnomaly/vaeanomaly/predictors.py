@@ -10,7 +10,7 @@ autograd pass per predictor); it exists for the tests and the benchmark.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Callable, Iterable, Optional
 
 import numpy as np
@@ -20,7 +20,7 @@ from .dae import DAE
 from .model import VAE, kl_loss, rec_loss
 
 from .registry import (DAE_PREDICTORS, ENSEMBLE, PAPER_PREDICTORS as PREDICTORS, POLARITIES,  # noqa: E402
-                       PREDICTOR_INFO, RECONSTRUCTION, predictors_for)
+                       PREDICTOR_INFO, RECONSTRUCTION, option_defaults, predictors_for)
 ALL_OUTPUTS = tuple(dict.fromkeys(PREDICTORS + DAE_PREDICTORS + (ENSEMBLE, RECONSTRUCTION)))
 _GRAD_MAPS = {"elbo-grad", "kl-grad", "rec-grad", "combi"}
 
@@ -34,15 +34,17 @@ class PredictorOptions:
     """Documented defaults. smooth*: Gaussian smoothing of gradient maps and the DAE residual: sigma
     smooth_mm millimetres (kernel to +-2.5 sigma), so a model on another grid keeps its meaning; smooth_mm = 0
     uses smooth_sigma / smooth_kernel in pixels (the reference code and the `paper` preset: sigma 3 px, kernel 7).
+    smooth_mm, polarity and evidence left None take each map's own default (registry.option_defaults: the
+    papers' settings for the VAE maps, measured ones for the DAE residual); for_map(name) resolves them.
     polarity: for the signed maps (registry `signed`): 'both' (absolute value, the papers), 'bright' (only
     where the scan is brighter than the model expects), 'dark'.
     proj_*: iterative projection, E(x) = L_rec(x) + lambda*|x - x0|_1, Adam(lr)."""
     smooth: bool = True
     smooth_sigma: float = 3.0
     smooth_kernel: int = 7
-    smooth_mm: float = 0.0
-    polarity: str = "both"
-    evidence: str = "none"   # 'intensity': signed maps times the scan's own intensity evidence (see intensity_evidence)
+    smooth_mm: Optional[float] = None  # None: each map's own default (registry.option_defaults)
+    polarity: Optional[str] = None     # None: each map's own default
+    evidence: Optional[str] = None     # 'intensity': signed maps times the scan's own intensity evidence; None: default
     rim_mm: float = 0.0      # maps are 0 within this distance of the brain mask's surface (3D; needs the brain mask)
     proj_steps: int = 100
     proj_lambda: float = 0.5
@@ -67,9 +69,14 @@ class PredictorOptions:
             raise ValueError(f"unknown preset '{name}'; choose from {', '.join(PRESETS)}")
         return cls(**{**PRESETS[name], **changes})
 
+    def for_map(self, name: str) -> "PredictorOptions":
+        """These options with every unset (None) one replaced by map `name`'s default (registry.option_defaults)."""
+        d = option_defaults(name)
+        return replace(self, **{k: d[k] for k in d if getattr(self, k) is None})
+
     def kernel_px(self, pixel_mm: float) -> tuple[float, int]:
         """(sigma, kernel size) in pixels on a grid of pixel_mm pixels."""
-        if self.smooth_mm > 0:
+        if self.smooth_mm:
             sigma = self.smooth_mm / pixel_mm
             return sigma, 2 * int(np.ceil(2.5 * sigma)) + 1
         return self.smooth_sigma, int(self.smooth_kernel)
@@ -285,9 +292,9 @@ def compute_maps(model: VAE, slices, predictors: Iterable[str], beta: float = 1.
         raise ValueError(f"{', '.join(wrong)}: not computed by a {'denoising autoencoder' if kind == 'dae' else 'VAE'}"
                          f" checkpoint; it computes {', '.join(n for n, i in PREDICTOR_INFO.items() if kind in i.models)}"
                          f" (choose another predictor or model)")
-    if opts.polarity not in POLARITIES:
+    if opts.polarity not in POLARITIES + (None,):
         raise ValueError(f"unknown polarity '{opts.polarity}'; choose from {', '.join(POLARITIES)}")
-    if opts.evidence not in EVIDENCE:
+    if opts.evidence not in EVIDENCE + (None,):
         raise ValueError(f"unknown evidence '{opts.evidence}'; choose from {', '.join(EVIDENCE)}")
     if kind == "dae":
         return _dae_maps(model, slices, names, opts, device, brain, pixel_mm, slice_mm, progress, cancel)
@@ -334,13 +341,13 @@ def compute_maps(model: VAE, slices, predictors: Iterable[str], beta: float = 1.
             maps = {"rec-error": r["residual"].pow(2), RECONSTRUCTION: r["x_rec"]}
             grads = {}
             if "g_rec" in r:
-                grads["rec-grad"] = apply_polarity(r["g_rec"], opts.polarity)
+                grads["rec-grad"] = apply_polarity(r["g_rec"], opts.for_map("rec-grad").polarity)
             if "g_kl" in r:
                 grads["kl-grad"] = r["g_kl"].abs()
             if "g_rec" in r and "g_kl" in r:
-                grads["elbo-grad"] = apply_polarity(r["g_rec"] + beta * r["g_kl"], opts.polarity)
+                grads["elbo-grad"] = apply_polarity(r["g_rec"] + beta * r["g_kl"], opts.for_map("elbo-grad").polarity)
             if grads and opts.smooth:  # all gradient maps in one grouped convolution
-                smoothed = smooth(torch.cat(list(grads.values()), 1), opts, pixel_mm)
+                smoothed = smooth(torch.cat(list(grads.values()), 1), opts.for_map("rec-grad"), pixel_mm)
                 grads = dict(zip(grads, smoothed.split(1, 1)))
             maps.update(grads)
             for k in acc:
@@ -388,11 +395,10 @@ def _finish(maps: dict, x_all: torch.Tensor, brain, opts: PredictorOptions, pixe
             slice_mm: Optional[float]) -> dict[str, np.ndarray]:
     """The options that act on finished maps: intensity evidence on the signed maps, then the rim (0 within
     rim_mm of the brain's surface, on every heatmap; needs the brain mask)."""
-    if opts.evidence == "intensity":
-        ev = intensity_evidence(x_all, opts.polarity).numpy()
-        for k in maps:
-            if k in PREDICTOR_INFO and PREDICTOR_INFO[k].signed:
-                maps[k] = (maps[k] * ev).astype(np.float32)
+    for k in maps:
+        o = opts.for_map(k)
+        if o.evidence == "intensity" and k in PREDICTOR_INFO and PREDICTOR_INFO[k].signed:
+            maps[k] = (maps[k] * intensity_evidence(x_all, o.polarity).numpy()).astype(np.float32)
     if opts.rim_mm > 0 and brain is not None:
         inner = inner_brain(np.asarray(brain, bool), opts.rim_mm, pixel_mm, slice_mm or pixel_mm)
         for k in maps:
@@ -413,6 +419,7 @@ def _dae_maps(model: DAE, slices, names: list, opts: PredictorOptions, device, b
     n = len(x_all)
     sel = np.arange(n) if brain is None else np.flatnonzero(np.asarray(brain).reshape(n, -1).any(1))
     out = {k: torch.zeros(x_all.shape) for k in names}
+    o = opts.for_map("dae-residual")
     if cancel and cancel():
         raise Cancelled("cancelled")
     _stage(progress, ", ".join(names))
@@ -422,9 +429,9 @@ def _dae_maps(model: DAE, slices, names: list, opts: PredictorOptions, device, b
         x = x_all[idx, None].to(device)
         with torch.inference_mode():
             rec = model(x)
-            res = apply_polarity(x - rec, opts.polarity)
+            res = apply_polarity(x - rec, o.polarity)
             maps = {"rec-error": (x - rec).pow(2), RECONSTRUCTION: rec,
-                    "dae-residual": smooth(res, opts, pixel_mm) if opts.smooth else res}
+                    "dae-residual": smooth(res, o, pixel_mm) if o.smooth and (o.smooth_mm or o.smooth_sigma) else res}
         for k in names:
             out[k][idx] = maps[k][:, 0].cpu()
         if progress:

@@ -19,7 +19,14 @@ class PredictorInfo:
     projection: bool = False     # runs the iterative projection (slow)
     models: tuple = ("vae",)     # the model kinds that compute it: 'vae' (VAE / β-VAE), 'dae' (denoising AE)
     signed: bool = False         # has a direction (brighter / darker than expected): follows the polarity option
+    defaults: tuple = ()         # (option, value) pairs: this map's own defaults for options left unset (None)
 
+
+# Options a map takes when the user leaves them unset (None): the papers' settings (the reference code's pixel
+# kernel, absolute maps, no intensity evidence), except where a map declares its own (measured on the validation
+# split, docs/validation.md).
+BASE_DEFAULTS = {"smooth_mm": 0.0, "polarity": "both", "evidence": "none"}
+DAE_DEFAULTS = (("smooth_mm", 0.0), ("polarity", "both"), ("evidence", "none"))
 
 PREDICTOR_INFO: dict[str, PredictorInfo] = {p.name: p for p in (
     PredictorInfo("rec-grad", "Rec-grad",
@@ -43,7 +50,7 @@ PREDICTOR_INFO: dict[str, PredictorInfo] = {p.name: p for p in (
     PredictorInfo("dae-residual", "DAE residual",
                   "x - f(x): what a coarse-noise denoising autoencoder (Kascenas et al. 2022) removes from the scan "
                   "(smoothed; positive where the scan is brighter than a healthy brain would be).",
-                  models=("dae",), signed=True),
+                  models=("dae",), signed=True, defaults=DAE_DEFAULTS),
 )}
 
 DEFAULT_PREDICTOR = "rec-grad"
@@ -66,6 +73,12 @@ def predictor_names(include_ensemble: bool = True) -> list[str]:
 def predictors_for(kind: str) -> tuple:
     """The predictors a model kind computes ('all' for such a checkpoint, without the ensemble)."""
     return PAPER_PREDICTORS if kind == "vae" else DAE_PREDICTORS
+
+
+def option_defaults(name: str) -> dict:
+    """The values unset (None) options take for map `name`: its own defaults over BASE_DEFAULTS."""
+    info = PREDICTOR_INFO.get(name)
+    return {**BASE_DEFAULTS, **dict(info.defaults if info else ())}
 
 
 def title(name: str) -> str:

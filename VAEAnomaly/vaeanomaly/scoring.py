@@ -87,11 +87,11 @@ def check_options(opts: PredictorOptions) -> PredictorOptions:
         problems.append(f"--batch-size must be a whole number >= 1 (got {opts.batch_size})")
     if not (opts.smooth_sigma > 0 and int(opts.smooth_kernel) >= 1):
         problems.append("smoothing needs sigma > 0 and a kernel of at least 1 pixel")
-    if not (isinstance(opts.smooth_mm, (int, float)) and 0 <= opts.smooth_mm <= 50):
+    if opts.smooth_mm is not None and not (isinstance(opts.smooth_mm, (int, float)) and 0 <= opts.smooth_mm <= 50):
         problems.append(f"--smooth-mm must be between 0 and 50 mm (got {opts.smooth_mm})")
-    if opts.polarity not in POLARITIES:
+    if opts.polarity is not None and opts.polarity not in POLARITIES:
         problems.append(f"polarity must be one of {', '.join(POLARITIES)} (got {opts.polarity!r})")
-    if opts.evidence not in ("none", "intensity"):
+    if opts.evidence is not None and opts.evidence not in ("none", "intensity"):
         problems.append(f"evidence must be 'none' or 'intensity' (got {opts.evidence!r})")
     if not (isinstance(opts.rim_mm, (int, float)) and 0 <= opts.rim_mm <= 30):
         problems.append(f"--rim-mm must be between 0 and 30 mm (got {opts.rim_mm})")
