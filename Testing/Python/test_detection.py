@@ -83,7 +83,7 @@ def test_signed_rec_grad_is_positive_on_a_bright_spot():
 def test_dae_residual_maths():
     m = _dae()
     x, brain = _slices()
-    opts = PredictorOptions(polarity="bright", smooth=False)
+    opts = PredictorOptions(polarity="bright", smooth=False, rim_mm=0)
     maps = compute_maps(m, x, ["dae-residual", "rec-error", "reconstruction"], options=opts, brain=brain)
     with torch.no_grad():
         rec = m(torch.from_numpy(x)[:, None])[:, 0].numpy()
@@ -201,7 +201,7 @@ def test_rim_and_the_first_and_last_brain_slices():
     # through compute_maps: 0 on the rim, unchanged inside
     m = _dae()
     x, b = _slices()
-    plain = compute_maps(m, x, ["dae-residual"], options=PredictorOptions(smooth=False), brain=b)["dae-residual"]
+    plain = compute_maps(m, x, ["dae-residual"], options=PredictorOptions(smooth=False, rim_mm=0), brain=b)["dae-residual"]
     rim = compute_maps(m, x, ["dae-residual"], options=PredictorOptions(smooth=False, rim_mm=7.5), brain=b,
                        pixel_mm=7.5, slice_mm=100.0)["dae-residual"]
     ib = inner_brain(b, 7.5, 7.5, 100.0)
@@ -260,3 +260,20 @@ def test_create_segment_drops_regions_below_the_minimum_size():
         assert scene.GetNumberOfNodes() == n
     finally:
         scene.Clear(1)
+
+
+def test_each_map_has_its_own_defaults_and_old_thresholds_still_hold():
+    """Unset options take the map's own defaults: the VAE maps keep the papers' settings (so thresholds calibrated
+    before these options existed still hold), the DAE residual its measured ones; an explicit option overrides."""
+    from vaeanomaly.ensemble import options_mismatch
+    from vaeanomaly.registry import option_defaults
+    d = PredictorOptions()
+    assert d.for_map("rec-grad").smooth_mm == 0 and d.for_map("rec-grad").polarity == "both"
+    assert d.for_map("dae-residual").to_dict() == {**d.to_dict(), **option_defaults("dae-residual")}
+    assert PredictorOptions(polarity="bright").for_map("dae-residual").polarity == "bright"
+    old = {"smooth": True, "smooth_sigma": 3.0, "smooth_kernel": 7}  # recorded before the new options existed
+    assert options_mismatch(old, d, ["rec-grad", "kl-grad"]) == []
+    assert options_mismatch(old, PredictorOptions.preset("paper"), ["rec-grad"]) == []
+    assert options_mismatch(old, PredictorOptions(polarity="bright"), ["rec-grad"]) == \
+        ["polarity='bright' (fitted/calibrated with 'both')"]
+    assert options_mismatch(old, PredictorOptions(polarity="bright"), ["kl-grad"]) == []  # unsigned: no polarity

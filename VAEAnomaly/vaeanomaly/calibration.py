@@ -111,7 +111,8 @@ def calibrate(model, beta: float, healthy_cases: Iterable, options: Optional[Pre
     total, done = len(cases) + proj_cost * len(pooled_sel) / n_total, 0.0
     kl_min, kl_max = [], []
     for name, slices, brain in cases:
-        maps = compute_maps(model, slices, fused, beta, opts, device, brain=brain if opts.rim_mm > 0 else None)
+        rim = any(opts.for_map(p).rim_mm > 0 for p in fused)
+        maps = compute_maps(model, slices, fused, beta, opts, device, brain=brain if rim else None)
         for p in fused:
             data.maps[p].append(maps[p])
         if not dae:

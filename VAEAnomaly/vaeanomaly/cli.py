@@ -90,7 +90,8 @@ def _add_model_args(p, predictor_default: Optional[str] = None):
                         f"direction (a lesion must look wrong to the model and stand out in the scan; default: each "
                         f"map's own: {_own_defaults('evidence')})")
     p.add_argument("--rim-mm", type=float, default=None, metavar="MM",
-                   help=f"maps are 0 within this distance of the brain mask's surface (default {d.rim_mm:g})")
+                   help=f"maps are 0 within this distance of the brain mask's surface (default: each map's own: "
+                        f"{_own_defaults('rim_mm')})")
     p.add_argument("--preset", choices=sorted(PRESETS), default="default",
                    help="'paper': Zhou et al.'s settings (smoothing sigma 3 px, kernel 7; absolute maps), which "
                         "reproduce the paper-grid tables; the flags above override it")

@@ -15,12 +15,12 @@ PROJECTION_KEYS = ("proj_steps", "proj_lambda", "proj_lr", "proj_weighted")
 GRADIENT_FEATURES = {"rec-grad", "kl-grad", "elbo-grad", "combi", "dae-residual"}  # the smoothed maps
 SIGNED_FEATURES = {"rec-grad", "elbo-grad", "dae-residual"}            # follow the polarity option
 # settings recorded before these options existed were made with these values (pixel smoothing, absolute maps)
-UNRECORDED = {"smooth_mm": None, "polarity": None, "evidence": None, "rim_mm": 0.0}  # None: the map's own default
+UNRECORDED = {"smooth_mm": None, "polarity": None, "evidence": None, "rim_mm": None}  # None: the map's own default
 # Ensembles stored before the settings were recorded were all fitted by training/fit_ensemble.py with
 # the default options (smoothing sigma 3, kernel 7; projection 100 steps, lambda 0.5, lr 0.03).
 LEGACY_OPTIONS = {"smooth": True, "smooth_sigma": 3.0, "smooth_kernel": 7,
                   "proj_steps": 100, "proj_lambda": 0.5, "proj_lr": 0.03, "proj_weighted": False,
-                  "smooth_mm": None, "polarity": None, "evidence": None, "rim_mm": 0.0}
+                  "smooth_mm": None, "polarity": None, "evidence": None, "rim_mm": None}
 
 
 def relevant_keys(features) -> tuple:

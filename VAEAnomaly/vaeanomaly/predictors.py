@@ -45,7 +45,7 @@ class PredictorOptions:
     smooth_mm: Optional[float] = None  # None: each map's own default (registry.option_defaults)
     polarity: Optional[str] = None     # None: each map's own default
     evidence: Optional[str] = None     # 'intensity': signed maps times the scan's own intensity evidence; None: default
-    rim_mm: float = 0.0      # maps are 0 within this distance of the brain mask's surface (3D; needs the brain mask)
+    rim_mm: Optional[float] = None     # maps are 0 within this distance of the brain's surface (3D; needs the mask)
     proj_steps: int = 100
     proj_lambda: float = 0.5
     proj_lr: float = 0.03
@@ -399,11 +399,14 @@ def _finish(maps: dict, x_all: torch.Tensor, brain, opts: PredictorOptions, pixe
         o = opts.for_map(k)
         if o.evidence == "intensity" and k in PREDICTOR_INFO and PREDICTOR_INFO[k].signed:
             maps[k] = (maps[k] * intensity_evidence(x_all, o.polarity).numpy()).astype(np.float32)
-    if opts.rim_mm > 0 and brain is not None:
-        inner = inner_brain(np.asarray(brain, bool), opts.rim_mm, pixel_mm, slice_mm or pixel_mm)
+    if brain is not None:
+        inner = {}  # one erosion per rim width
         for k in maps:
-            if k != RECONSTRUCTION:
-                maps[k] = np.where(inner, maps[k], 0).astype(np.float32)
+            rim = opts.for_map(k).rim_mm
+            if k != RECONSTRUCTION and rim > 0:
+                if rim not in inner:
+                    inner[rim] = inner_brain(np.asarray(brain, bool), rim, pixel_mm, slice_mm or pixel_mm)
+                maps[k] = np.where(inner[rim], maps[k], 0).astype(np.float32)
     return maps
 
 

@@ -93,7 +93,7 @@ def check_options(opts: PredictorOptions) -> PredictorOptions:
         problems.append(f"polarity must be one of {', '.join(POLARITIES)} (got {opts.polarity!r})")
     if opts.evidence is not None and opts.evidence not in ("none", "intensity"):
         problems.append(f"evidence must be 'none' or 'intensity' (got {opts.evidence!r})")
-    if not (isinstance(opts.rim_mm, (int, float)) and 0 <= opts.rim_mm <= 30):
+    if opts.rim_mm is not None and not (isinstance(opts.rim_mm, (int, float)) and 0 <= opts.rim_mm <= 30):
         problems.append(f"--rim-mm must be between 0 and 30 mm (got {opts.rim_mm})")
     if problems:
         raise ValueError("; ".join(problems))
