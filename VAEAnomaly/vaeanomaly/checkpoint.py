@@ -119,13 +119,21 @@ class Checkpoint:
             lines.append("calibrated thresholds: " + ", ".join(f"{k} {v:.3g}" for k, v in self.thresholds.items()))
             if "thresholds_options" in m:
                 o = m["thresholds_options"]
-                lines.append(f"  hold for: smoothing {'on' if o.get('smooth') else 'off'}, projection "
-                             f"{o.get('proj_steps')} steps, lambda {o.get('proj_lambda')}")
+                if self.kind == "dae":
+                    from .predictors import PredictorOptions
+                    r = PredictorOptions.from_dict(o).for_map("dae-residual")
+                    lines.append(f"  hold for: smoothing {'off' if not r.smooth else f'sigma {r.smooth_mm:g} mm' if r.smooth_mm else 'sigma 3 px'}"
+                                 f", polarity {r.polarity}, intensity evidence {r.evidence}, rim {r.rim_mm:g} mm")
+                else:
+                    lines.append(f"  hold for: smoothing {'on' if o.get('smooth') else 'off'}, projection "
+                                 f"{o.get('proj_steps')} steps, lambda {o.get('proj_lambda')}")
             else:
                 lines.append("  (older calibration: no ensemble threshold, no Combi constants; re-calibrate with "
                              "training/calibrate.py)")
         if m.get("ensemble"):
             lines.append("ensemble: " + ", ".join(m["ensemble"]["features"]))
+        if (m.get("label") or {}).get("min_region_mm3") is not None:
+            lines.append(f"label and findings: regions under {m['label']['min_region_mm3']:g} mm3 dropped")
         if t.get("command"):
             lines.append(f"command: {t['command']}")
         return "\n".join(lines)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-DEFAULT_MIN_REGION_MM3 = 30.0   # label regions below this are dropped (a 4 mm cube is 64 mm3); see docs
+DEFAULT_MIN_REGION_MM3 = 100.0  # label regions below this are dropped (a 4.6 mm cube; docs/validation.md)
 _FULL = np.ones((3, 3, 3), bool)  # 26-connectivity
 
 
