@@ -70,8 +70,9 @@ def variant_options(spec: str, a) -> PredictorOptions:
         k, v = kv.split("=", 1)
         if k not in fields:
             raise SystemExit(f"--variants {spec}: unknown option '{k}' (known: {', '.join(fields)})")
-        t = type(fields[k].default)
-        changes[k] = (v.lower() in ("1", "true", "yes")) if t is bool else t(v)
+        t = str(fields[k].type)  # the annotation: 'bool', 'int', 'float', 'Optional[float]', 'Optional[str]', ...
+        changes[k] = (v.lower() in ("1", "true", "yes") if "bool" in t else int(v) if "int" in t else
+                      float(v) if "float" in t else v)
     return PredictorOptions.preset(preset, **changes)
 
 
