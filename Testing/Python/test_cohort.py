@@ -1,6 +1,7 @@
 """`vaeanomaly score` with many inputs: files, a folder, a glob, a CSV; one output per input, summary.csv;
 the same heatmaps as scoring each input alone; a bad input reported, not fatal; torchrun shares the list."""
 import csv
+from pathlib import Path
 import os
 import socket
 import subprocess
@@ -93,7 +94,16 @@ def test_folder_glob_several_predictors_labels(volumes, tmp_path, capsys):
     for name in ("a_T2", "b_T2", "c"):
         for p in ("rec-error", "rec-grad"):
             assert (out / name / f"{p}.nii.gz").exists() and (lab / name / f"{p}_label.nii.gz").exists()
-    assert len(rows(out / "summary.csv")) == 3
+    summary = rows(out / "summary.csv")
+    assert len(summary) == 3
+    # the number of findings and the largest one's volume: those of the first heatmap's label (regions of it)
+    import SimpleITK as sitk
+    from scipy import ndimage
+    for r in summary:
+        name = Path(r["input"]).name.split(".")[0] if "c.nrrd" in r["input"] else Path(r["input"]).parent.name + "_T2"
+        lab_img = sitk.ReadImage(str(lab / name / "rec-error_label.nii.gz"))
+        n = ndimage.label(sitk.GetArrayFromImage(lab_img) > 0, structure=np.ones((3, 3, 3)))[1]
+        assert int(r["findings"]) == n and (float(r["largest_finding_ml"]) > 0) == (n > 0)
     capsys.readouterr()
     # one file for many inputs: refused before any work
     assert main(["score", str(d / "c.nrrd"), str(d / "a/T2.nii.gz"), "-o", str(tmp_path / "x.nii.gz")]) != 0

@@ -33,7 +33,7 @@ import numpy as np
 from .scoring import IMAGE_SUFFIXES
 
 SUMMARY_FIELDS = ("input", "mask", "status", "outputs", "in_distribution", "fit", "flagged_percent", "predictor",
-                  "threshold", "seconds", "message")
+                  "threshold", "findings", "largest_finding_ml", "seconds", "message")
 
 
 @dataclass
@@ -194,7 +194,11 @@ def score_many(checkpoint, items: list[Item], names: list[str], out: Path, optio
                     written.append(str(path))
                     if labels and n != "reconstruction":
                         from .regions import label_image
-                        lab = label_image(img, labels["threshold"], labels["calibrated"], n, labels["min_region_mm3"])[0]
+                        lab, t = label_image(img, labels["threshold"], labels["calibrated"], n,
+                                             labels["min_region_mm3"])[:2]
+                        if "findings" not in row:  # the first heatmap's findings (vaeanomaly/findings.py)
+                            from .findings import find, summary
+                            row.update(summary(find(img, t, p.image, p.mask, labels["min_region_mm3"])))
                         lp = Path(labels["folder"]) / (f"{mine[row['_k']].name}_label.nii.gz" if len(names) == 1
                                                        else f"{mine[row['_k']].name}/{n}_label.nii.gz")
                         write_image(lab, lp)
