@@ -94,6 +94,8 @@ def main(argv=None):
     from vaeanomaly.predictors import PRESETS
     ap.add_argument("--preset", choices=sorted(PRESETS), default="default",
                     help="the option set the thresholds hold for (default: the inference defaults)")
+    ap.add_argument("--min-region-mm3", type=float, default=None,
+                    help="record the smallest label/finding region (mm3) this model's labels keep (docs/validation.md)")
     a = ap.parse_args(argv)
     from tqdm import tqdm
     ck = load_checkpoint(a.checkpoint)
@@ -104,6 +106,9 @@ def main(argv=None):
                         progress=lambda f: bar.update(int(1000 * f) - bar.n))
     bar.close()
     old = ck.thresholds
+    if a.min_region_mm3 is not None:
+        calib["label"] = {"min_region_mm3": a.min_region_mm3, "note": "label regions below this are dropped; chosen "
+                                                                      "on the validation split (docs/validation.md)"}
     update_metadata(ck.path, **calib)
     print(f"{ck.path}: thresholds ({QUANTILE:g}th percentile inside the brain) for "
           + ", ".join(f"{k}={v}" for k, v in calib["thresholds_options"].items()))

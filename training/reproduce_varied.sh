@@ -3,7 +3,9 @@
 # (fine-tuned from the paper-grid bvae-l64-b10) and a 128x128 beta-VAE (from scratch), calibrated on
 # the healthy calibration split, benchmarked per lesion family x domain (held-out EPI domain included)
 # with the plain-intensity row, and bundled (float16; the bundled files are what gets benchmarked).
-#   bash training/reproduce_varied.sh [data|train|calibrate|bundle|benchmark|legacy|all]
+#   bash training/reproduce_varied.sh [data|train|calibrate|bundle|dae|benchmark|legacy|all]
+# dae: the coarse-noise denoising autoencoders (64x64: MINDAE64 CPU minutes, 128x128: MINDAE128), the validation
+# split their defaults were chosen on (docs/validation.md), calibration and bundling.
 # Environment: DATA (data/v), LEGACY (data/legacy), RUNS (runs/v), PY (python), MIN64 (40), MIN128 (60):
 # CPU minutes per model.
 # On 2 CPU cores the two models train side by side, one thread each; on a GPU give more epochs instead.
@@ -11,7 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 stage=${1:-all}
 DATA=${DATA:-data/v}; LEGACY=${LEGACY:-data/legacy}; RUNS=${RUNS:-runs/v}; PY=${PY:-python}
-MIN64=${MIN64:-40}; MIN128=${MIN128:-60}
+MIN64=${MIN64:-40}; MIN128=${MIN128:-60}; MINDAE64=${MINDAE64:-35}; MINDAE128=${MINDAE128:-65}
 MODELS=VAEAnomaly/Resources/Models
 mkdir -p "$RUNS" docs
 DESC="varied generator: 150 healthy T2 brains (tse, tse-lowres, tse-3d domains; ages 20-90, pose, atrophy), seeds 0-149"
@@ -41,11 +43,27 @@ if [[ $stage == all || $stage == bundle ]]; then
   $PY training/bundle.py "$RUNS/l64_b10.safetensors" --name bvae-l64-b10-v2
   $PY training/bundle.py "$RUNS/l128_b10.safetensors" --name bvae-l128-b10-v2
 fi
+if [[ $stage == all || $stage == dae ]]; then
+  $PY training/make_data.py varied --out "$DATA" --validation 1 --splits validation --sizes 64,128 --workers 1
+  OMP_NUM_THREADS=1 $PY training/train_dae.py --cache "$DATA/train_64.npz" --image-size 64 --epochs 300 \
+    --max-minutes "$MINDAE64" --out "$RUNS/dae64.safetensors" --name dae-64 --data-description "$DESC" > "$RUNS/dae64.log" 2>&1 &
+  OMP_NUM_THREADS=1 $PY training/train_dae.py --cache "$DATA/train_128.npz" --image-size 128 --epochs 300 \
+    --max-minutes "$MINDAE128" --out "$RUNS/dae128.safetensors" --name dae-128 --data-description "$DESC" > "$RUNS/dae128.log" 2>&1 &
+  wait
+  $PY training/calibrate.py "$RUNS/dae64.safetensors" --cache "$DATA/calibration_64.npz" --all-cases --min-region-mm3 100
+  $PY training/calibrate.py "$RUNS/dae128.safetensors" --cache "$DATA/calibration_128.npz" --all-cases --min-region-mm3 100
+  $PY training/bundle.py "$RUNS/dae64.safetensors" --name dae-64
+  $PY training/bundle.py "$RUNS/dae128.safetensors" --name dae-128
+fi
 if [[ $stage == all || $stage == benchmark ]]; then
-  $PY training/evaluate.py --benchmark "$DATA" --predictors rec-grad,elbo-grad --out docs/benchmark_varied \
+  $PY training/evaluate.py --benchmark "$DATA" --predictors default --out docs/benchmark_varied \
     --title "Benchmark on the held-out varied cohort: what a clinician gets" \
     --checkpoints "$MODELS/bvae-l64-b10.safetensors" "$MODELS/vae-l64-b1.safetensors" \
-                  "$MODELS/bvae-l64-b10-v2.safetensors" "$MODELS/bvae-l128-b10-v2.safetensors"
+                  "$MODELS/bvae-l64-b10-v2.safetensors" "$MODELS/bvae-l128-b10-v2.safetensors" \
+                  "$MODELS/dae-64.safetensors" "$MODELS/dae-128.safetensors"
+  $PY training/evaluate.py --benchmark "$DATA" --predictors default --checkpoints "$MODELS/dae-64.safetensors" \
+    --variants polarity=bright evidence=intensity paper --out docs/benchmark_dae_variants --no-verdicts \
+    --title "dae-64 with other settings (the held-out benchmark)" --lead "dae-64 dae-residual [polarity=bright]"
 fi
 if [[ $stage == all || $stage == legacy ]]; then
   # the paper-grid lesion cohort (Table 2's β = 10 row), bundled files, five non-projection predictors
