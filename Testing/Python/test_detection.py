@@ -277,3 +277,24 @@ def test_each_map_has_its_own_defaults_and_old_thresholds_still_hold():
     assert options_mismatch(old, PredictorOptions(polarity="bright"), ["rec-grad"]) == \
         ["polarity='bright' (fitted/calibrated with 'both')"]
     assert options_mismatch(old, PredictorOptions(polarity="bright"), ["kl-grad"]) == []  # unsigned: no polarity
+
+
+def test_panel_switches_to_the_model_kinds_predictor():
+    """Choosing the bundled DAE in the panel with Rec-grad selected: the predictor becomes dae-residual and the
+    status says so; back to a VAE, dae-residual becomes rec-grad."""
+    import slicer
+    from VAEAnomalyLib.controller import Dialogs, PanelController, PanelParams
+    scene = slicer.vtkMRMLScene()
+    try:
+        params = PanelParams(predictor="rec-grad")
+        ctl = PanelController(scene, params, Dialogs())
+        ctl.select_model("dae-64")
+        assert params.predictor == "dae-residual" and "not computed by this model" in ctl.status
+        assert "denoising autoencoder" in ctl.model_card
+        ctl.select_model("bvae-l64-b10-v2")
+        assert params.predictor == "rec-grad"
+        params.predictor = "kl-grad"
+        ctl.select_model("bvae-l64-b10")
+        assert params.predictor == "kl-grad"  # a VAE computes it: kept
+    finally:
+        scene.Clear(1)
