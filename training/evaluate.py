@@ -100,6 +100,7 @@ def run_benchmark(a, device) -> None:
     from common import command_line, hardware
     from vaeanomaly.data import SliceCache
     from vaeanomaly.evaluation import INTENSITY, benchmark, format_benchmark, healthy_threshold
+    from vaeanomaly.calibration import calibrated_threshold
     from vaeanomaly.predictors import compute_maps
     from vaeanomaly.registry import DEFAULT_PREDICTORS
     from vaeanomaly.synth import DOMAINS, read_manifest
@@ -133,8 +134,16 @@ def run_benchmark(a, device) -> None:
                 fns[f"{ck.name} {p}" + (f" [{v}]" if v != "default" else "")] = \
                     lambda x, b, sp, p=p, opts=opts: compute_maps(ck.model, x, [p], ck.beta, opts, device, brain=b,
                                                                   slice_mm=sp[2] if sp else None)[p]
-        # every threshold as the checkpoints' are calibrated: 99th percentile on the healthy calibration split
-        thr = {k: healthy_threshold(f, calib) for k, f in fns.items()}
+        # the checkpoint's calibrated threshold where it holds for the variant's options (what a clinician gets with
+        # --threshold auto); else, computed as calibration does: the 99th percentile on the healthy calibration split
+        thr = {}
+        for v, opts in variants.items():
+            for p in preds:
+                key = f"{ck.name} {p}" + (f" [{v}]" if v != "default" else "")
+                try:
+                    thr[key] = calibrated_threshold(ck, p, opts)
+                except ValueError:
+                    thr[key] = healthy_threshold(fns[key], calib)
         bar = tqdm(total=len(bench.names), desc=f"{a.split} {ck.name}", file=sys.stderr)
         rows += benchmark(fns, bench.cases(), groups, thr, spacings=spacings, min_region_mm3=a.min_region_mm3,
                           progress=lambda f: bar.update(round(f * len(bench.names)) - bar.n))
