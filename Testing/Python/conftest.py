@@ -72,3 +72,14 @@ def oblique_direction(deg=20.0, flip_x=True):
     rot = np.array([[np.cos(t), -np.sin(t), 0], [np.sin(t), np.cos(t), 0], [0, 0, 1]]) @ \
         np.array([[1, 0, 0], [0, np.cos(t / 2), -np.sin(t / 2)], [0, np.sin(t / 2), np.cos(t / 2)]])
     return rot @ np.diag([-1.0 if flip_x else 1.0, 1.0, 1.0])
+
+
+@pytest.fixture
+def scene():
+    """A real MRML scene (slicer-core) with a colour logic, cleared afterwards."""
+    import slicer
+    s = slicer.vtkMRMLScene()
+    colors = slicer.vtkSlicerColorLogic()
+    colors.SetMRMLScene(s)
+    yield s
+    s.Clear(1)

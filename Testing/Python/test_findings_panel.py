@@ -27,15 +27,6 @@ SMALL = (slice(12, 15), slice(24, 28), slice(26, 30))  # 48 voxels, 0.216 ml, sc
 SPECK = (3, 30, 5)                                     # 1 voxel, score 0.9
 
 
-@pytest.fixture
-def scene():
-    s = slicer.vtkMRMLScene()
-    colors = slicer.vtkSlicerColorLogic()
-    colors.SetMRMLScene(s)
-    yield s
-    s.Clear(1)
-
-
 def heat_array():
     a = np.zeros(GEOMETRY["size"][::-1], np.float32)
     a[2:18, 2:34, 2:38] = 0.1  # the brain

@@ -18,15 +18,6 @@ from vaeanomaly.predictors import Cancelled, PredictorOptions  # noqa: E402
 from vaeanomaly.volume import VolumeError, score_volume  # noqa: E402
 
 
-@pytest.fixture
-def scene():
-    s = slicer.vtkMRMLScene()
-    colors = slicer.vtkSlicerColorLogic()
-    colors.SetMRMLScene(s)
-    yield s
-    s.Clear(1)
-
-
 def add_volume(scene, img, name="T2"):
     n = slicer.vtkMRMLScalarVolumeNode()
     n.SetName(name)

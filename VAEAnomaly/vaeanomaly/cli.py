@@ -146,7 +146,8 @@ def plan_score(a) -> ScorePlan:
     names = select_predictors(a.predictor, ck, opts)
     heat = [n for n in names if n != RECONSTRUCTION]
     out = Path(a.output)
-    if is_image_path(out):
+    dicom = _check_dicom_outputs(a, out)  # DICOM output: a DICOM series input (issue 18)
+    if is_image_path(out) or dicom.get("output"):
         if len(names) > 1:
             raise OutputError(f"-o {out} names one file but {len(names)} maps were asked for ({', '.join(names)}); "
                               f"give a folder (-o maps/) for one <name>.nii.gz per map, or one predictor")
@@ -165,11 +166,11 @@ def plan_score(a) -> ScorePlan:
         if not heat:
             raise ValueError("--label needs a predictor to threshold ('reconstruction' is not a heatmap)")
         lab = Path(a.label)
-        if len(heat) == 1 and is_image_path(lab):
+        if len(heat) == 1 and (is_image_path(lab) or dicom.get("label")):
             labels = {heat[0]: lab}
         elif len(heat) == 1:
             raise OutputError(f"--label {lab}: give a label file such as anomaly.nii.gz")
-        elif is_image_path(lab):
+        elif is_image_path(lab) or dicom.get("label"):
             raise OutputError(f"--label {lab} names one file but {len(heat)} predictors were asked for "
                               f"({', '.join(heat)}): give a folder for one <predictor>_label.nii.gz per predictor, "
                               f"or ask for one predictor")
@@ -207,21 +208,55 @@ def plan_score(a) -> ScorePlan:
                      Path(a.report) if getattr(a, "report", None) else None)
 
 
+def _check_dicom_outputs(a, out: Path) -> dict:
+    """{'output'/'label': True} for the .dcm outputs asked for (each names one file: one map, one predictor):
+    accepted only for a DICOM series folder input and with highdicom installed; checked before any work."""
+    from .dicom_out import is_dicom_path, require_highdicom
+    asked = {k: p for k, p in (("output", out), ("label", Path(a.label) if a.label else None))
+             if p is not None and is_dicom_path(p)}
+    if asked and not Path(a.input).is_dir():
+        flag, p = next(iter(("-o" if k == "output" else "--label", p) for k, p in asked.items()))
+        raise ValueError(f"{flag} {p}: DICOM output needs a DICOM series folder as input, and '{a.input}' is a "
+                         f"file; write {p.name[:-4]}.nii.gz (NIfTI) instead, or score the DICOM series folder")
+    if asked:
+        require_highdicom()
+    return {k: True for k in asked}
+
+
 def write_score_outputs(plan: ScorePlan, maps: dict, img=None, mask=None, source: str = "") -> None:
     """Heatmaps, labels, findings and the HTML report onto their paths, each written whole or not at all.
-    img, mask: the scan and its brain mask (None: the automatic mask), for the findings' intensities."""
+    img, mask: the scan and its brain mask (None: the automatic mask), for the findings' intensities.
+    .dcm paths (a DICOM series folder `source` only, see plan_score): a DICOM Parametric Map / Segmentation."""
     from .io import write_image
+    write_image = _dicom_writer(plan, source, write_image)
     for name, path in plan.outputs.items():
-        write_image(maps[name], path)
+        write_image(maps[name], path, name)
         print(f"wrote {path}", file=sys.stderr)
     from .regions import label_image
     for name, path in plan.labels.items():
         lab, t, kept, dropped = label_image(maps[name], plan.threshold, plan.calibrated, name, plan.min_region_mm3)
-        write_image(lab, path)
+        write_image(lab, path, name, label=True)
         print(f"wrote {path}: {name} > {t:.4g}, {kept} voxels in regions of at least {plan.min_region_mm3:g} mm3 "
               f"({dropped} voxels in smaller ones dropped)", file=sys.stderr)
     if plan.findings or plan.report_html:
         write_findings_and_report(plan, maps, img, mask, source)
+
+
+def _dicom_writer(plan: ScorePlan, source: str, write_image):
+    """write(img, path, predictor, label=False): write_image, or vaeanomaly.dicom_out for a .dcm path."""
+    from .dicom_out import is_dicom_path
+    files = []
+
+    def write(img, path, name, label=False):
+        if not is_dicom_path(path):
+            return write_image(img, path)
+        from . import dicom_out
+        if not files:
+            files.extend(dicom_out.series_files(source))
+        if label:
+            return dicom_out.write_segmentation(path, img, files, plan.checkpoint.name)
+        return dicom_out.write_parametric_map(path, img, files, plan.checkpoint.name, name)
+    return write
 
 
 def threshold_source(spec: str) -> str:
@@ -396,6 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
                                             "'volume' and 'mask' columns (then -o is a folder; see vaeanomaly/cohort.py)")
     p.add_argument("-o", "--output", required=True,
                    help="OUT.nii.gz (one map), or a folder (no suffix): one <name>.nii.gz per map. Never an input. "
+                        "OUT.dcm (a DICOM series folder input, one map): a DICOM Parametric Map of the series. "
                         "Many inputs: a folder with <input name>.nii.gz (or <input name>/<map>.nii.gz) and summary.csv")
     p.add_argument("--workers", type=int, default=2, help="many inputs: DataLoader worker processes reading and "
                                                           "preprocessing ahead of the network (0: none)")
@@ -404,7 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", help="number, percentile inside the brain (p99), or 'auto' (the checkpoint's "
                                        "calibrated 99th percentile on healthy brains); needs --label")
     p.add_argument("--label", help="with --threshold: the label map (one predictor), or a folder: one "
-                                   "<predictor>_label.nii.gz per predictor")
+                                   "<predictor>_label.nii.gz per predictor; LABEL.dcm (a DICOM series folder input, "
+                                   "one predictor): a DICOM Segmentation of the series")
     p.add_argument("--min-region-mm3", type=float, default=None, metavar="MM3",
                    help="label regions smaller than this are dropped (default: the checkpoint's recorded size, else "
                         "the library's; 0 keeps every voxel above the threshold)")
