@@ -174,3 +174,42 @@ def test_missing_highdicom_says_what_to_install(series, tmp_path, monkeypatch, c
     assert score([folder, "-o", tmp_path / "heat.dcm"]) == 2
     assert 'pip install ".[dicom]"' in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+def test_oblique_series_frames_reference_the_instances_they_came_from(tmp_path):
+    """No scoring: on an oblique series, a heatmap/label whose slice k holds k (and a marker pixel) comes back from
+    the Parametric Map / Segmentation with every frame referencing the instance at slice k's position."""
+    import sys
+    sys.path.insert(0, str(Path(__file__).parent))
+    from conftest import oblique_direction
+
+    from vaeanomaly import dicom_out
+    img = sitk.Shrink(sitk.ReadImage(str(SAMPLE)), (6, 6, 10))
+    img.SetDirection(tuple(oblique_direction(25.0, flip_x=False).ravel()))
+    uids = write_mr_series(tmp_path / "series", img)
+    src = read_image(tmp_path / "series")
+    assert np.allclose(src.GetOrigin(), img.GetOrigin(), atol=1e-3)
+    assert np.allclose(src.GetDirection(), img.GetDirection(), atol=1e-5)
+    files = dicom_out.series_files(tmp_path / "series")
+    n = src.GetSize()[2]
+    arr = np.zeros(sitk.GetArrayViewFromImage(src).shape, np.float32)
+    arr += np.arange(n, dtype=np.float32)[:, None, None] + 0.25
+    heat = sitk.GetImageFromArray(arr)
+    heat.CopyInformation(src)
+    lab_arr = np.zeros(arr.shape, np.uint8)
+    lab_arr[np.arange(n), np.arange(n) % arr.shape[1], 3] = 1  # one voxel per slice, at row k
+    lab = sitk.GetImageFromArray(lab_arr)
+    lab.CopyInformation(src)
+    dicom_out.write_parametric_map(tmp_path / "pm.dcm", heat, files, "m", "p")
+    dicom_out.write_segmentation(tmp_path / "seg.dcm", lab, files, "m")
+    pm = pydicom.dcmread(tmp_path / "pm.dcm")
+    positions = {ds.SOPInstanceUID: np.array(ds.ImagePositionPatient, float)
+                 for ds in map(pydicom.dcmread, files)}
+    for frame, item, k in zip(pm.pixel_array, pm.PerFrameFunctionalGroupsSequence, frame_slices(pm, uids)):
+        assert np.allclose(frame, k + 0.25)  # write_mr_series: uids[k] is slice k of img (and of src)
+        ipp = item.PlanePositionSequence[0].ImagePositionPatient
+        assert np.allclose(ipp, src.TransformIndexToPhysicalPoint((0, 0, k)), atol=1e-3)
+        assert np.allclose(positions[uids[k]], ipp, atol=1e-3)
+    seg = hd.seg.segread(tmp_path / "seg.dcm")
+    for frame, k in zip(seg.pixel_array, frame_slices(seg, uids)):
+        assert frame.sum() == 1 and frame[k % arr.shape[1], 3] == 1

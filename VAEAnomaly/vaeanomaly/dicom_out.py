@@ -139,6 +139,7 @@ def write_parametric_map(path, heat_img, source_files, model_name: str, predicto
     pm = hd.pm.ParametricMap(
         source_images=datasets, pixel_array=pixels, series_number=PM_SERIES_NUMBER,
         contains_recognizable_visual_features=False, real_world_value_mappings=[mapping],
-        window_center=(lo + hi) / 2, window_width=max(hi - lo, 1e-6),
+        voi_lut_transformations=[hd.VOILUTTransformation(window_center=(lo + hi) / 2, window_width=max(hi - lo, 1e-6),
+                                                         window_explanation="full range")],
         series_description=f"VAEAnomaly {model_name} {predictor}"[:64], **_common(model_name))
     return _save(pm, path)
