@@ -68,7 +68,8 @@ def test_bundled_checkpoints_load_and_carry_cards():
     assert DEFAULT_MODEL in names and {"vae-l64-b1", "bvae-l64-b10"} <= set(names)
     for name in names:
         ck = load_checkpoint(name)
-        assert ck.thresholds and "training/train.py" in ck.meta["training"]["command"]
+        assert ck.thresholds and ck.meta["training"]["command"].startswith(
+            ("python training/train.py", "python training/train_dae.py"))
         assert (ROOT / "VAEAnomaly" / "Resources" / "Models" / f"{name}.md").exists()
     for name in ("vae-l64-b1", "bvae-l64-b10"):
         ck = load_checkpoint(name)

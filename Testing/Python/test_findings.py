@@ -59,7 +59,7 @@ def test_empty_is_valid_and_files_are_whole(tmp_path):
     heat, _ = _heat()
     assert findings.find(heat, 100.0) == []
     p = findings.write(tmp_path / "f.json", [], {"threshold": 100.0})
-    assert json.loads(p.read_text()) == {"coordinates": "LPS", "threshold": 100.0, "findings": []}
+    assert json.loads(p.read_text(encoding="utf-8")) == {"coordinates": "LPS", "threshold": 100.0, "findings": []}
     found = findings.find(heat, 1.0, min_mm3=20)
     c = findings.write(tmp_path / "f.csv", found)
     rows = list(csv.DictReader(open(c)))
@@ -83,10 +83,10 @@ def test_score_writes_findings_and_report_that_match_the_label(tmp_path, capsys)
     rc = main(base + ["--threshold", "auto", "--label", str(tmp_path / "l.nii.gz"), "--findings", str(tmp_path / "f.json"),
                       "--report-html", str(tmp_path / "r.html"), "--report", str(tmp_path / "v.json")])
     assert rc == 0, capsys.readouterr().err
-    doc = json.loads((tmp_path / "f.json").read_text())
+    doc = json.loads((tmp_path / "f.json").read_text(encoding="utf-8"))
     lab = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "l.nii.gz")))
     assert doc["coordinates"] == "LPS" and doc["threshold_source"].startswith("calibrated")
     assert sum(f["voxels"] for f in doc["findings"]) == int(lab.sum()) > 0
-    page = (tmp_path / "r.html").read_text()
+    page = (tmp_path / "r.html").read_text(encoding="utf-8")
     assert "Verdict" in page and ("In distribution" in page or "Out of distribution" in page)
     assert page.count('<img class="thumb"') == min(3, len(doc["findings"]))
