@@ -61,7 +61,7 @@ def test_report_renders_and_prints_in_chromium(tmp_path):
              "--disable-background-networking", "--disable-component-update", f"--user-data-dir={tmp_path / 'p'}"]
     # the DOM after rendering: both thumbnails decoded (naturalWidth > 0 is what a visible image has)
     dom = subprocess.run(flags + ["--virtual-time-budget=5000", "--dump-dom", page.as_uri()], capture_output=True,
-                         text=True, timeout=120).stdout
+                         encoding="utf-8", errors="replace", timeout=120).stdout
     assert len(re.findall(r'<img class="thumb"', dom)) == 2 and "A2" in dom
     shot = tmp_path / "r.png"
     subprocess.run(flags + ["--window-size=1100,1400", f"--screenshot={shot}", page.as_uri()], capture_output=True,
