@@ -434,7 +434,7 @@ def _dae_maps(model: DAE, slices, names: list, opts: PredictorOptions, device, b
             rec = model(x)
             res = apply_polarity(x - rec, o.polarity)
             maps = {"rec-error": (x - rec).pow(2), RECONSTRUCTION: rec,
-                    "dae-residual": smooth(res, o, pixel_mm) if o.smooth and (o.smooth_mm or o.smooth_sigma) else res}
+                    "dae-residual": smooth(res, o, pixel_mm) if o.smooth else res}
         for k in names:
             out[k][idx] = maps[k][:, 0].cpu()
         if progress:
