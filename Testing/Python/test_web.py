@@ -328,8 +328,32 @@ def test_browser_workflow(tmp_path):
         print(f"\nweb viewer: server ready {t_ready:.1f} s, first frame {t_first:.1f} s, heatmap {t_heat:.1f} s "
               f"(server + job CPU {cpu_heat:.1f} s; load average {os.getloadavg()[0]:.1f})")
 
+        # findings: listed at once after the job; a click on one centres the slice views on its centroid (the
+        # server-side slice nodes' offsets, shown in #slice-position); the report downloads with their ids
+        c.wait("the findings", lambda: c.js("document.querySelectorAll('#findings tr.finding-row').length") > 0, 60)
+        assert "finding" in c.text("#findings-text")
+        rows = c.js("[...document.querySelectorAll('#findings tr.finding-row')]"
+                    ".map(r => [...r.querySelectorAll('td')].map(td => td.innerText.trim()))")
+        ids = [r[0] for r in rows]
+        before_pos = c.text("#slice-position")
+        pick = len(rows) - 1  # not the first: the views start centred on the volume, not on a finding
+        c.click(f"#findings tr.finding-row:nth-child({pick + 1})")
+        c.wait("the slice views to move", lambda: c.text("#slice-position") != before_pos
+               and f"finding {ids[pick]}" in c.text("#status-line"), 30)
+        offsets = [float(part.split()[-1]) for part in c.text("#slice-position").split("|")]
+        centroid = [float(x) for x in rows[pick][3].split(",")]
+        for coord in centroid:  # each of R, A, S is one slice view's offset (along its normal: sagittal's is -R)
+            assert min(abs(abs(o) - abs(coord)) for o in offsets) < 0.2, (centroid, offsets)
+        c.click("#download-report")
+        name = c.wait("the report download", lambda: next((f.name for f in c.downloads.glob("*_report.html")), None), 60)
+        report_html = c.download(name).read_text(encoding="utf-8")
+        assert report_html.lstrip().lower().startswith("<!doctype html")
+        for fid in ids:
+            assert f"<td>{fid}</td>" in report_html, f"finding {fid} missing from the report"
+
         # threshold slider: a click at 85% of the track -> absolute mode, a higher threshold, fewer hot pixels
         before = float(c.text("#threshold-value").split()[-1])
+        findings_before = c.text("#findings-text")
         c.rect("#threshold-value", scroll=True)
         track = c.js("JSON.stringify(document.getElementById('threshold').closest('.v-slider')"
                      ".querySelector('.v-slider__container').getBoundingClientRect())")
@@ -341,6 +365,9 @@ def test_browser_workflow(tmp_path):
         time.sleep(1.5)
         hot_after = hot_pixels(c.screenshot(), axial)
         assert hot_after < hot_before, f"the preview did not follow the threshold ({hot_before} -> {hot_after})"
+        c.wait("the findings at the new threshold (once the slider rests)",
+               lambda: c.text("#findings-text") not in ("", findings_before), 30)
+        print(f"findings: {findings_before!r} -> {c.text('#findings-text')!r}; jumped to {centroid}: {offsets}")
 
         # create the segment, export heatmap and segmentation (NIfTI) and compare with the input's grid
         c.click("#create-segment")

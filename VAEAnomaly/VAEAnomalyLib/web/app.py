@@ -22,7 +22,7 @@ import traceback
 from pathlib import Path
 from typing import Optional
 
-from ..controller import Dialogs, PanelController, PanelParams
+from ..controller import FINDINGS_HEADER, Dialogs, PanelController, PanelParams
 from ..panel import PREDICTOR_CHOICES, PREDICTOR_INFO, THRESHOLD_MODE_CHOICES
 
 log = logging.getLogger("vaeanomaly.web")
@@ -33,6 +33,7 @@ DEFAULT_MAX_UPLOAD_MB = 512
 UPLOAD_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha")
 EXPORT_FORMATS = {"nii.gz": ".nii.gz", "nrrd": ".nrrd"}
 POLL_S = 0.25
+FINDINGS_DELAY_S = 0.3  # the findings are listed this long after the last threshold change (the panel's timer)
 
 
 class WebDialogs(Dialogs):
@@ -132,6 +133,7 @@ class VAEAnomalyWebApp:
                                           color_logic=slicer.vtkSlicerColorLogic, launcher=launcher)
         self.controller.set_params(self.params)
         self._poll_task = None
+        self._findings_task = None
         self._errors_seen = 0
         self.tmp = tempfile.TemporaryDirectory(prefix="vaeanomaly-web-")
         self.first_frame_logged = False
@@ -168,6 +170,12 @@ class VAEAnomalyWebApp:
         s.question = None
         s.legend_max = 1.0
         s.upload_file = None
+        s.findings_header = list(FINDINGS_HEADER)
+        s.findings_rows = []
+        s.findings_text = ""
+        s.report_enabled = False
+        s.report_name = "VAEAnomaly_report.html"
+        s.slice_position = ""
 
     def _volume_items(self, label_ok: bool):
         items = []
@@ -225,6 +233,11 @@ class VAEAnomalyWebApp:
             if new:
                 s.errors = (list(s.errors or []) + new)[-5:]
             s.question = self.dialogs.question
+            s.findings_rows = [list(r) for r in st.findings_rows]
+            s.findings_text = st.findings_text
+            s.report_enabled = st.report_enabled
+            s.report_name = c.report_file_name()
+            s.slice_position = self._slice_position()
 
     def _guard(self, what: str, fn, *args):
         """Run an action; an unexpected error becomes a message, never a broken page."""
@@ -322,12 +335,74 @@ class VAEAnomalyWebApp:
             self.controller.set_threshold_mode(mode)
             self._render_views()
         self._guard("Threshold mode", run)
+        self._schedule_findings()
 
     def on_threshold(self, value):
         def run():
             self.controller.set_threshold(float(value))
             self._render_views()
         self._guard("Threshold", run)
+        self._schedule_findings()
+
+    # ------------------------------------------------------------------ findings and report
+    def _schedule_findings(self):
+        """The preview follows the slider at once; the findings (a connected-component pass) once the threshold
+        rests for FINDINGS_DELAY_S (each change restarts the wait), like the panel's timer."""
+        if not self.controller.findings_pending:
+            return
+        if self._findings_task is not None and not self._findings_task.done():
+            self._findings_task.cancel()
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no server loop (the app used on its own): list them now
+            self._guard("Listing the findings", self.controller.refresh_findings)
+            return
+        self._findings_task = loop.create_task(self._findings_later())
+
+    async def _findings_later(self):
+        await asyncio.sleep(FINDINGS_DELAY_S)
+        if self.controller.findings_pending:
+            self._guard("Listing the findings", self.controller.refresh_findings)
+
+    def _slice_position(self) -> str:
+        """Where the slice views are: each slice node's offset along its normal (mm), e.g. 'Red 12.3'."""
+        parts = []
+        for i in range(self.scene.GetNumberOfNodesByClass("vtkMRMLSliceNode")):
+            n = self.scene.GetNthNodeByClass(i, "vtkMRMLSliceNode")
+            m = n.GetSliceToRAS()
+            offset = sum(m.GetElement(r, 2) * m.GetElement(r, 3) for r in range(3))
+            parts.append(f"{n.GetName()} {offset:.1f}")
+        return " | ".join(parts)
+
+    def on_finding(self, index):
+        def run():
+            if self.controller.jump_to_finding(int(index)):
+                self._render_views()
+        self._guard("Jump to the finding", run)
+
+    def report_bytes(self) -> bytes:
+        """The one-page HTML report (controller.write_report) written to a private temporary file and read back."""
+        folder = Path(tempfile.mkdtemp(dir=self.tmp.name))
+        path = folder / "report.html"
+        try:
+            if not self.controller.write_report(str(path)):
+                raise ValueError(self.controller.status or "the report was not written")
+            return path.read_bytes()
+        finally:
+            path.unlink(missing_ok=True)
+            folder.rmdir()
+
+    def on_report(self):
+        try:
+            data = self.report_bytes()
+            self.controller.status = f"Report sent ({len(data) / 2**10:.0f} kB)."
+            return self.server.protocol.addAttachment(data)
+        except Exception as err:
+            log.error("Report failed:\n%s", traceback.format_exc())
+            self.dialogs.error(f"Report failed: {err}")
+            return None
+        finally:
+            self.render()
 
     def on_create_segment(self):
         def run():
@@ -477,6 +552,7 @@ class VAEAnomalyWebApp:
         from trame.widgets import vuetify3 as v3
 
         export_trigger = self.ctrl.trigger_name(self.on_export)
+        report_trigger = self.ctrl.trigger_name(self.on_report)
         with SinglePageWithDrawerLayout(self.server, theme="dark") as layout:
             self.ui = layout
             layout.title.set_text("VAE Anomaly")
@@ -549,6 +625,21 @@ class VAEAnomalyWebApp:
                                disabled=("!outputs_enabled",), density="compact", hide_details=True,
                                thumb_label=True, id="threshold")
                     html.Div("threshold {{ threshold }}", classes="text-caption", id="threshold-value")
+                    # the findings at this threshold (the panel's table); a click centres the slice views on one
+                    html.Div("{{ findings_text }}", v_show=("has_heatmap",), classes="text-caption",
+                             id="findings-text")
+                    with v3.VTable(v_show=("findings_rows.length",), density="compact", id="findings",
+                                   style="max-height: 180px; overflow: auto; font-size: 11px;"):
+                        with html.Thead(), html.Tr():
+                            html.Th("{{ h }}", v_for="(h, j) in findings_header", key="j")
+                        with html.Tbody(), html.Tr(v_for="(row, i) in findings_rows", key="i", classes="finding-row",
+                                                   style="cursor: pointer;", title="Centre the slice views here",
+                                                   click=(self.on_finding, "[i]")):
+                            html.Td("{{ cell }}", v_for="(cell, j) in row", key="j")
+                    html.Div("{{ slice_position }}", classes="text-caption text-grey", id="slice-position")
+                    v3.VBtn("Download report", prepend_icon="mdi-file-document-outline", size="small", block=True,
+                            disabled=("!report_enabled",), id="download-report",
+                            click=(f"utils.download(report_name, trigger('{report_trigger}', []), 'text/html')"))
                     v3.VBtn("Create segment \"Anomaly\"", click=self.on_create_segment,
                             disabled=("!create_segment_enabled",), block=True, id="create-segment")
                     with v3.VBtnToggle(model_value=("effect",), update_modelValue=(self.on_effect, "[$event]"),
