@@ -221,7 +221,7 @@ def test_write_report_names_the_findings_and_the_threshold_source(case, scene, t
     assert ctl.write_report(str(path)), user.shown
     text = path.read_text(encoding="utf-8")
     assert "<td>A1</td>" in text and "<td>A2</td>" in text and "<td>A3</td>" not in text
-    assert "absolute: set by hand" in text and "tiny: VAE l=8 β=1" in text and "threshold 0.5" in text
+    assert "absolute: a number given by the user" in text and "tiny: VAE l=8 β=1" in text and "threshold 0.5" in text
     assert "No out-of-distribution check" in text  # no job's verdict belongs to this heatmap
     assert str(path) in ctl.status
     # the verdict of the job that computed this heatmap goes in

@@ -726,15 +726,15 @@ class PanelController:
 
     def threshold_source(self) -> str:
         """Where the panel's threshold comes from, in words (for the report)."""
+        from vaeanomaly.threshold import describe
         p = self.params
         if p.thresholdMode == CALIBRATED:
             if p.calibratedThreshold is not None:
-                return "calibrated: the model's threshold on healthy brains"
-            return (f"percentile: the {DEFAULT_PERCENTILE:g}th percentile of this heatmap "
-                    f"(no calibrated threshold is known for it)")
+                return describe("calibrated")
+            return describe("percentile", DEFAULT_PERCENTILE) + " (no calibrated threshold is known for it)"
         if p.thresholdMode == PERCENTILE:
-            return f"percentile: the {DEFAULT_PERCENTILE:g}th percentile of this heatmap"
-        return "absolute: set by hand"
+            return describe("percentile", DEFAULT_PERCENTILE)
+        return describe("absolute")
 
     def report_file_name(self) -> str:
         """The file name the Save report dialog proposes."""

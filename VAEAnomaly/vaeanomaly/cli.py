@@ -261,10 +261,8 @@ def _dicom_writer(plan: ScorePlan, source: str, write_image):
 
 def threshold_source(spec: str) -> str:
     """Where a threshold came from, in words (for the report)."""
-    kind, value = parse_threshold(spec)
-    return {"auto": "calibrated: the checkpoint's 99th percentile of held-out healthy brains",
-            "percentile": f"the {value:g}th percentile inside this brain",
-            "absolute": "a number given by the user"}[kind]
+    from .threshold import describe
+    return describe(*parse_threshold(spec))
 
 
 def write_findings_and_report(plan: ScorePlan, maps: dict, img, mask, source: str = "") -> list:

@@ -296,8 +296,14 @@ def compute_maps(model: VAE, slices, predictors: Iterable[str], beta: float = 1.
         raise ValueError(f"unknown polarity '{opts.polarity}'; choose from {', '.join(POLARITIES)}")
     if opts.evidence not in EVIDENCE + (None,):
         raise ValueError(f"unknown evidence '{opts.evidence}'; choose from {', '.join(EVIDENCE)}")
+    x_all = torch.as_tensor(np.asarray(slices, dtype=np.float32))
+    if x_all.ndim != 3 or tuple(x_all.shape[1:]) != (model.image_size,) * 2:
+        raise ValueError(f"slices must be (N, {model.image_size}, {model.image_size}); got {tuple(x_all.shape)}")
+    model = model.to(device).eval().requires_grad_(False)
+    n, bs = len(x_all), opts.batch_size
+    sel = np.arange(n) if brain is None else np.flatnonzero(np.asarray(brain).reshape(n, -1).any(1))
     if kind == "dae":
-        return _dae_maps(model, slices, names, opts, device, brain, pixel_mm, slice_mm, progress, cancel)
+        return _dae_maps(model, x_all, sel, names, opts, device, brain, pixel_mm, slice_mm, progress, cancel)
     if ENSEMBLE in names and ensemble is None:
         raise ValueError("the ensemble predictor needs a checkpoint that carries ensemble weights "
                          "(fit one with training/fit_ensemble.py)")
@@ -306,13 +312,7 @@ def compute_maps(model: VAE, slices, predictors: Iterable[str], beta: float = 1.
     need = set(names) | (set(ensemble.features) if ENSEMBLE in names else set())
     if "combi" in need:
         need |= {"kl-grad", "rec-error"}
-    x_all = torch.as_tensor(np.asarray(slices, dtype=np.float32))
-    if x_all.ndim != 3 or tuple(x_all.shape[1:]) != (model.image_size,) * 2:
-        raise ValueError(f"slices must be (N, {model.image_size}, {model.image_size}); got {tuple(x_all.shape)}")
-    model = model.to(device).eval().requires_grad_(False)
     fused = need - {"proj-rec-error"}
-    n, bs = len(x_all), opts.batch_size
-    sel = np.arange(n) if brain is None else np.flatnonzero(np.asarray(brain).reshape(n, -1).any(1))
     # fused maps on the brain slices only, unless Combi is normalised over the slices passed
     fused_sel = np.arange(n) if "combi" in need and combi_norm is None else sel
     project = "proj-rec-error" in need
@@ -410,17 +410,11 @@ def _finish(maps: dict, x_all: torch.Tensor, brain, opts: PredictorOptions, pixe
     return maps
 
 
-def _dae_maps(model: DAE, slices, names: list, opts: PredictorOptions, device, brain, pixel_mm: float,
-              slice_mm: Optional[float], progress, cancel) -> dict[str, np.ndarray]:
+def _dae_maps(model: DAE, x_all: torch.Tensor, sel: np.ndarray, names: list, opts: PredictorOptions, device, brain,
+              pixel_mm: float, slice_mm: Optional[float], progress, cancel) -> dict[str, np.ndarray]:
     """The denoising autoencoder's maps: one forward pass per batch of brain slices. residual r = x - f(x);
     dae-residual = polarity(r), smoothed (opts); rec-error = r^2 (unsmoothed, unsigned, as the VAE's);
-    reconstruction = f(x). 0 on slices without brain."""
-    x_all = torch.as_tensor(np.asarray(slices, dtype=np.float32))
-    if x_all.ndim != 3 or tuple(x_all.shape[1:]) != (model.image_size,) * 2:
-        raise ValueError(f"slices must be (N, {model.image_size}, {model.image_size}); got {tuple(x_all.shape)}")
-    model = model.to(device).eval().requires_grad_(False)
-    n = len(x_all)
-    sel = np.arange(n) if brain is None else np.flatnonzero(np.asarray(brain).reshape(n, -1).any(1))
+    reconstruction = f(x). 0 on slices without brain (sel: the slices with brain, from compute_maps)."""
     out = {k: torch.zeros(x_all.shape) for k in names}
     o = opts.for_map("dae-residual")
     if cancel and cancel():

@@ -23,3 +23,13 @@ def resolve_threshold(spec, heatmap: np.ndarray, brain: np.ndarray, calibrated: 
         return float(s)
     except ValueError:
         raise ValueError(f"threshold '{spec}' is not a number, a percentile like p99, or 'auto'") from None
+
+
+def describe(kind: str, value: float = float("nan")) -> str:
+    """Where a threshold came from, in words (the report): kind 'auto' / 'calibrated', 'percentile' (value: q) or
+    'absolute'. One wording for the command line, the panel and the web page."""
+    if kind in ("auto", "calibrated"):
+        return "calibrated: the model's 99th percentile of held-out healthy brains"
+    if kind == "percentile":
+        return f"percentile: the {value:g}th percentile of this heatmap inside the brain"
+    return "absolute: a number given by the user"
