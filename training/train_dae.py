@@ -5,8 +5,9 @@
 
 Adam with a cosine learning-rate decay over the run (by epochs, or by wall time with --max-minutes, so a
 CPU budget still ends at a small learning rate); each batch gets the VAE's rotation / intensity augmentation
-(no white noise), then coarse noise inside the brain (dae.dae_loss). Writes the core library's checkpoint
-(safetensors + JSON metadata with this exact command) and a CSV log (train loss, held-out healthy loss).
+(white noise and a random blur only when asked: --noise, --blur), then coarse noise inside the brain
+(dae.dae_loss). Writes the core library's checkpoint (safetensors + JSON metadata with this exact command)
+and a CSV log (train loss, held-out healthy loss).
 Thresholds, the verdict and the rest come from training/calibrate.py on the calibration split.
 """
 from __future__ import annotations
@@ -47,6 +48,10 @@ def parse(argv=None):
     ap.add_argument("--val-fraction", type=float, default=0.05, help="held-out healthy subjects (loss log)")
     ap.add_argument("--max-rotation", type=float, default=15.0)
     ap.add_argument("--intensity", type=float, default=0.1)
+    ap.add_argument("--noise", type=float, default=0.0,
+                    help="max std of white noise added to the clean slice (z-score units; the target keeps it)")
+    ap.add_argument("--blur", type=float, default=0.0,
+                    help="max Gaussian blur sigma in pixels (scans coarser than the training cohort)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--fp16", action="store_true", help="store weights as float16 (small bundled files)")
@@ -71,7 +76,7 @@ def main(argv=None):
     x_val, b_val = to_t(cache.slices[val][::4]), to_t(cache.brain[val][::4])
     model = DAE(a.image_size, a.base, a.levels).to(a.device)
     opt = torch.optim.Adam(model.parameters(), lr=a.lr)
-    aug = SimpleNamespace(max_rotation=a.max_rotation, intensity=a.intensity, noise=0.0)
+    aug = SimpleNamespace(max_rotation=a.max_rotation, intensity=a.intensity, noise=a.noise, blur=a.blur)
     gen = torch.Generator(device=a.device).manual_seed(a.seed)
     val_gen_seed = a.seed + 12345
     out = Path(a.out)
@@ -122,6 +127,7 @@ def main(argv=None):
             "data": a.data_description or f"{n_cases} healthy subjects, {len(x_all)} training slices",
             "epochs": epoch, "batch_size": a.batch_size, "lr": a.lr, "seed": a.seed,
             "augmentation": {"max_rotation_deg": a.max_rotation, "intensity": a.intensity,
+                             "white_noise": a.noise, "blur_sigma_px": a.blur,
                              "coarse_noise_std": a.noise_std, "coarse_noise_scale": a.noise_scale},
             "time": f"{time.time() - t0:.0f} s", "hardware": hardware(a.device),
             "final_loss": {"loss": loss_mean},
