@@ -10,6 +10,10 @@ else, for older checkpoints, the split train.py makes (seed and --val-fraction f
 training command) — this assumes --cache is the cache the model was trained from. Calibrating on
 training subjects would give thresholds that are too low.
 
+Slice spacings (the maps smoothed across slices use them): read from the image headers of the cohort folder the
+cache was made from (--data; default: the folder beside the cache that training/make_data.py wrote it from,
+data/v/calibration for data/v/calibration_64.npz); without one, the model grid's pixel size stands in.
+
 Options: the inference defaults, unless --no-smooth / --proj-* are given (then the checkpoint says
 its thresholds hold for those options, and `--threshold auto` refuses others).
 """
@@ -19,6 +23,7 @@ import argparse
 import re
 import shlex
 import sys
+from pathlib import Path
 
 import common  # noqa: F401  (puts the core library on sys.path)
 from vaeanomaly.calibration import QUANTILE, calibrate, cases_from_cache, held_out_cases
@@ -63,9 +68,21 @@ def choose_cases(ck, cache: SliceCache, names=None) -> tuple[list[int], str]:
                  f"the model was trained from")
 
 
+def cache_folder(cache_path, data=None):
+    """The cohort folder a slice cache was made from: `data`, else make_data.py's layout (calibration_64.npz
+    beside calibration/), else None."""
+    if data:
+        return Path(data)
+    p = Path(cache_path)
+    guess = p.parent / p.stem.rsplit("_", 1)[0]
+    return guess if guess.is_dir() else None
+
+
 def recalibrate(ck, cache_path, device="cpu", ensemble="checkpoint", cases=None, options=None, progress=None,
-                only=None) -> dict:
-    """Metadata updates for checkpoint `ck` from the healthy cache (see calibration.calibrate)."""
+                only=None, data=None) -> dict:
+    """Metadata updates for checkpoint `ck` from the healthy cache (see calibration.calibrate); data: the cohort
+    folder it was made from (slice spacings; see cache_folder)."""
+    from vaeanomaly.data import slice_spacings
     cache = SliceCache.load(cache_path)
     size = ck.model.image_size
     if cache.slices.shape[-1] != size:
@@ -73,14 +90,37 @@ def recalibrate(ck, cache_path, device="cpu", ensemble="checkpoint", cases=None,
     ids, why = choose_cases(ck, cache, cases)
     ens = ck.ensemble if ensemble == "checkpoint" else ensemble
     print(f"calibrating on {len(ids)} healthy case(s) of {cache_path}: {why}", file=sys.stderr)
-    return calibrate(ck.model.eval(), ck.beta, cases_from_cache(cache, ids), options or PredictorOptions(),
+    folder = cache_folder(cache_path, data)
+    spacing = slice_spacings(folder, [cache.names[i] for i in ids]) if folder else {}
+    print(f"slice spacings: {len(spacing)} of {len(ids)} case(s) from {folder}" if folder else
+          "slice spacings: no cohort folder (--data); the model grid's pixel size stands in", file=sys.stderr)
+    return calibrate(ck.model.eval(), ck.beta, cases_from_cache(cache, ids, spacing), options or PredictorOptions(),
                      ensemble=ens, device=device, progress=progress, only=only)
+
+
+def refresh_card(ck) -> None:
+    """A bundled checkpoint's model card (<name>.md beside it, training/bundle.py) gets the new card text and the
+    calibration command; its hand-written notes stay."""
+    md = ck.path.with_suffix(".md")
+    if not md.exists():
+        return
+    text = md.read_text(encoding="utf-8")
+    start = text.find("```\n")
+    end = text.find("\n```", start + 4)
+    if start < 0 or end < 0:
+        return
+    cmd = ck.meta.get("calibration", {}).get("command")
+    card = ck.card() + (f"\ncalibrated by: {cmd}" if cmd else "")
+    md.write_text(text[:start + 4] + card + text[end:], encoding="utf-8")
+    print(f"updated the model card {md}", file=sys.stderr)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoint", help="checkpoint file (.safetensors), rewritten in place (weights untouched)")
     ap.add_argument("--cache", required=True, help="healthy slice cache (.npz), e.g. the training cache")
+    ap.add_argument("--data", help="the cohort folder the cache was made from, for the slice spacings (default: "
+                                    "the folder beside the cache, as training/make_data.py writes them)")
     ap.add_argument("--cases", nargs="+", help="case names to calibrate on (default: the held-out cases)")
     ap.add_argument("--all-cases", action="store_true",
                     help="calibrate on every case of --cache (a dedicated healthy calibration cohort, never trained on)")
@@ -102,14 +142,17 @@ def main(argv=None):
     opts = PredictorOptions.preset(a.preset, smooth=not a.no_smooth, proj_steps=a.proj_steps,
                                    proj_lambda=a.proj_lambda, proj_lr=a.proj_lr, proj_weighted=a.proj_weighted)
     bar = tqdm(total=1000, desc="calibrating", file=sys.stderr)
-    calib = recalibrate(ck, a.cache, a.device, cases="all" if a.all_cases else a.cases, options=opts,
+    calib = recalibrate(ck, a.cache, a.device, cases="all" if a.all_cases else a.cases, options=opts, data=a.data,
                         progress=lambda f: bar.update(int(1000 * f) - bar.n))
     bar.close()
     old = ck.thresholds
     if a.min_region_mm3 is not None:
         calib["label"] = {"min_region_mm3": a.min_region_mm3, "note": "label regions below this are dropped; chosen "
                                                                       "on the validation split (docs/validation.md)"}
-    update_metadata(ck.path, **calib)
+    from common import command_line
+    calib["calibration"]["command"] = command_line()
+    new = update_metadata(ck.path, **calib)
+    refresh_card(new)
     print(f"{ck.path}: thresholds ({QUANTILE:g}th percentile inside the brain) for "
           + ", ".join(f"{k}={v}" for k, v in calib["thresholds_options"].items()))
     for k, v in calib["thresholds"].items():

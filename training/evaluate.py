@@ -79,18 +79,8 @@ def variant_options(spec: str, a) -> PredictorOptions:
 def grid_spacings(folder: Path, names, size: int, fov_mm: float = 240.0) -> dict:
     """{case: (x, y, z) mm of its model grid}: fov/size in plane, the scan's slice spacing across (the model grid
     has one slice per input slice along the axis closest to inferior-superior), read from the image headers."""
-    import SimpleITK as sitk
-    out = {}
-    for n in names:
-        p = folder / n / f"{n}_t2.nii.gz"
-        if not p.exists():
-            continue
-        r = sitk.ImageFileReader()
-        r.SetFileName(str(p))
-        r.ReadImageInformation()
-        d = np.array(r.GetDirection()).reshape(3, 3)
-        out[n] = (fov_mm / size, fov_mm / size, float(r.GetSpacing()[int(np.argmax(np.abs(d[2])))]))
-    return out
+    from vaeanomaly.data import slice_spacings
+    return {n: (fov_mm / size, fov_mm / size, z) for n, z in slice_spacings(folder, names).items()}
 
 
 def run_benchmark(a, device) -> None:
@@ -116,7 +106,8 @@ def run_benchmark(a, device) -> None:
         if size not in caches:
             bench = SliceCache.load(root / f"{a.split}_{size}.npz")
             calib = list(SliceCache.load(root / f"calibration_{size}.npz").cases())
-            caches[size] = (bench, calib, grid_spacings(root / a.split, bench.names, size))
+            calib_sp = grid_spacings(root / "calibration", [c[0] for c in calib], size)
+            caches[size] = (bench, calib, grid_spacings(root / a.split, bench.names, size), calib_sp)
         return caches[size]
 
     from tqdm import tqdm
@@ -124,7 +115,7 @@ def run_benchmark(a, device) -> None:
         ck = load_checkpoint(path, device)
         size = ck.model.image_size
         sizes[ck.name] = size
-        bench, calib, spacings = cache_for(size)
+        bench, calib, spacings, calib_spacings = cache_for(size)
         preds = parse_predictors(DEFAULT_PREDICTORS[ck.kind] if a.predictors == "default" else a.predictors,
                                  kind=None)
         preds = [p for p in preds if ck.kind in PREDICTOR_INFO[p].models]
@@ -143,7 +134,7 @@ def run_benchmark(a, device) -> None:
                 try:
                     thr[key] = calibrated_threshold(ck, p, opts)
                 except ValueError:
-                    thr[key] = healthy_threshold(fns[key], calib)
+                    thr[key] = healthy_threshold(fns[key], calib, spacings=calib_spacings)
         bar = tqdm(total=len(bench.names), desc=f"{a.split} {ck.name}", file=sys.stderr)
         rows += benchmark(fns, bench.cases(), groups, thr, spacings=spacings, min_region_mm3=a.min_region_mm3,
                           progress=lambda f: bar.update(round(f * len(bench.names)) - bar.n))

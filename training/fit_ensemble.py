@@ -21,7 +21,7 @@ import numpy as np
 
 import common  # noqa: F401
 from vaeanomaly.checkpoint import load_checkpoint, update_metadata
-from vaeanomaly.ensemble import DEFAULT_FEATURES, Ensemble
+from vaeanomaly.ensemble import DEFAULT_FEATURES, INTENSITY, Ensemble
 from vaeanomaly.evaluation import collect_maps
 from vaeanomaly.metrics import scoped_metrics
 from vaeanomaly.predictors import PredictorOptions, parse_predictors
@@ -32,7 +32,8 @@ def main(argv=None):
     ap.add_argument("--checkpoint", required=True)
     ap.add_argument("--cache", help="lesion slice cache .npz (built from --data if missing)")
     ap.add_argument("--data", help="lesion cohort folder, BraTS layout")
-    ap.add_argument("--features", default=",".join(DEFAULT_FEATURES))
+    ap.add_argument("--features", default=",".join(DEFAULT_FEATURES),
+                    help=f"predictors, and '{INTENSITY}' (the z-scored scan itself) (default: %(default)s)")
     ap.add_argument("--fraction", type=float, default=0.1, help="share of cases used to fit")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default=None)
@@ -45,7 +46,9 @@ def main(argv=None):
     from common import command_line, load_or_build_cache
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cache = load_or_build_cache(a.cache, a.data, lesion=True)
-    features = parse_predictors(a.features, allow_ensemble=False)
+    names = [f.strip() for f in a.features.split(",")]
+    features = [f for f in names if f == INTENSITY or f in parse_predictors([f for f in names if f != INTENSITY] or
+                                                                            ["rec-grad"], allow_ensemble=False)]
     n = len(cache.names)
     fit_ids = np.random.default_rng(a.seed).choice(n, max(1, int(round(a.fraction * n))), replace=False)
     test_ids = [i for i in range(n) if i not in set(fit_ids.tolist())]
@@ -53,11 +56,17 @@ def main(argv=None):
         raise SystemExit("need at least two cases: one to fit, one to evaluate")
     ck = load_checkpoint(a.checkpoint, device)
     opts = PredictorOptions(batch_size=256)  # the inference defaults (batch size changes nothing)
-    maps, brain, label = collect_maps(ck, cache.cases_in(fit_ids), features, opts, device)
-    ens = Ensemble(features).fit({f: m[brain] for f, m in maps.items()}, label[brain], seed=a.seed, options=opts)
+    # the features as the ensemble sees them at inference: the maps before the finishing steps (predictors.finish_maps)
+    fit_opts = opts.unfinished()
+    model_features = [f for f in features if f != INTENSITY]
+    maps, brain, label = collect_maps(ck, cache.cases_in(fit_ids), model_features, fit_opts, device)
+    if INTENSITY in features:
+        maps[INTENSITY] = cache.subset(fit_ids).slices.astype(np.float32)
+    ens = Ensemble(features).fit({f: m[brain] for f, m in maps.items()}, label[brain], seed=a.seed, options=fit_opts)
     ck.meta["ensemble"] = ens.to_dict()
-    scores, brain, label = collect_maps(ck, cache.cases_in(test_ids), features + ["ensemble"],
-                                        opts, device)
+    scores, brain, label = collect_maps(ck, cache.cases_in(test_ids), model_features + ["ensemble"], opts, device)
+    if INTENSITY in features:
+        scores[INTENSITY] = cache.subset(test_ids).slices.astype(np.float32)
     res = {p: scoped_metrics(s, label, brain)["brain"]["auroc"] for p, s in scores.items()}
     report = {"fit_cases": [cache.names[i] for i in fit_ids], "n_test_cases": len(test_ids),
               "raw_weights": dict(zip(features, ens.raw_weights.tolist())),

@@ -3,9 +3,11 @@
 # (fine-tuned from the paper-grid bvae-l64-b10) and a 128x128 beta-VAE (from scratch), calibrated on
 # the healthy calibration split, benchmarked per lesion family x domain (held-out EPI domain included)
 # with the plain-intensity row, and bundled (float16; the bundled files are what gets benchmarked).
-#   bash training/reproduce_varied.sh [data|train|calibrate|bundle|dae|benchmark|legacy|all]
+#   bash training/reproduce_varied.sh [data|train|calibrate|bundle|dae|recalibrate|benchmark|legacy|all]
 # dae: the coarse-noise denoising autoencoders (64x64: MINDAE64 CPU minutes, 128x128: MINDAE128), the validation
 # split their defaults were chosen on (docs/validation.md), calibration and bundling.
+# recalibrate: every bundled model's thresholds again from the calibration split, in place (weights untouched; the
+# command is recorded in the checkpoint and its model card), after the inference defaults change.
 # Environment: DATA (data/v), LEGACY (data/legacy), RUNS (runs/v), PY (python), MIN64 (40), MIN128 (60):
 # CPU minutes per model.
 # On 2 CPU cores the two models train side by side, one thread each; on a GPU give more epochs instead.
@@ -54,6 +56,12 @@ if [[ $stage == all || $stage == dae ]]; then
   $PY training/calibrate.py "$RUNS/dae128.safetensors" --cache "$DATA/calibration_128.npz" --all-cases --min-region-mm3 100
   $PY training/bundle.py "$RUNS/dae64.safetensors" --name dae-64
   $PY training/bundle.py "$RUNS/dae128.safetensors" --name dae-128
+fi
+if [[ $stage == all || $stage == recalibrate ]]; then
+  for m in bvae-l64-b10-v2:64 bvae-l128-b10-v2:128 dae-64:64 dae-128:128 bvae-l64-b10:64 vae-l64-b1:64; do
+    OMP_NUM_THREADS=1 $PY training/calibrate.py "$MODELS/${m%%:*}.safetensors" --cache "$DATA/calibration_${m##*:}.npz" \
+      --all-cases
+  done
 fi
 if [[ $stage == all || $stage == benchmark ]]; then
   $PY training/evaluate.py --benchmark "$DATA" --predictors default --out docs/benchmark_varied \

@@ -92,7 +92,8 @@ def test_dae_residual_maths():
     np.testing.assert_allclose(maps["rec-error"], (x - rec) ** 2, atol=1e-5)  # unsigned whatever the polarity
     dark = compute_maps(m, x, ["dae-residual"], options=PredictorOptions(polarity="dark", smooth=False))
     np.testing.assert_allclose(dark["dae-residual"], np.maximum(rec - x, 0), atol=1e-5)
-    smoothed = compute_maps(m, x, ["dae-residual"], options=PredictorOptions(polarity="bright", smooth_mm=8.0),
+    smoothed = compute_maps(m, x, ["dae-residual"], options=PredictorOptions(polarity="bright", smooth_mm=8.0,
+                                                                             smooth_z_mm=0),
                             pixel_mm=240 / 32)["dae-residual"]
     ref = smooth(torch.from_numpy(np.maximum(x - rec, 0))[:, None], PredictorOptions(smooth_mm=8.0), 240 / 32)
     np.testing.assert_allclose(smoothed, ref[:, 0].numpy(), atol=1e-5)
@@ -272,9 +273,13 @@ def test_each_map_has_its_own_defaults_and_old_thresholds_still_hold():
     assert d.for_map("dae-residual").to_dict() == {**d.to_dict(), **option_defaults("dae-residual")}
     assert PredictorOptions(polarity="bright").for_map("dae-residual").polarity == "bright"
     old = {"smooth": True, "smooth_sigma": 3.0, "smooth_kernel": 7}  # recorded before the new options existed
-    assert options_mismatch(old, d, ["rec-grad", "kl-grad"]) == []
+    assert options_mismatch(old, d, ["kl-grad"]) == []
+    # rec-grad is now smoothed across slices by default: a threshold from before does not hold for it ...
+    assert options_mismatch(old, d, ["rec-grad"]) == ["smooth_z_mm=10.0 (fitted/calibrated with 0.0)"]
+    # ... but does for the ensemble, whose features are never smoothed across slices (only its own output could be)
+    assert options_mismatch(old, d, ["rec-error", "kl-grad", "rec-grad"], output="ensemble") == []
     assert options_mismatch(old, PredictorOptions.preset("paper"), ["rec-grad"]) == []
-    assert options_mismatch(old, PredictorOptions(polarity="bright"), ["rec-grad"]) == \
+    assert options_mismatch(old, PredictorOptions(polarity="bright", smooth_z_mm=0), ["rec-grad"]) == \
         ["polarity='bright' (fitted/calibrated with 'both')"]
     assert options_mismatch(old, PredictorOptions(polarity="bright"), ["kl-grad"]) == []  # unsigned: no polarity
 
@@ -298,3 +303,73 @@ def test_panel_switches_to_the_model_kinds_predictor():
         assert params.predictor == "kl-grad"  # a VAE computes it: kept
     finally:
         scene.Clear(1)
+
+
+def test_smoothing_across_slices_in_millimetres():
+    """smooth_z_mm: a Gaussian across the slices of one volume, sigma in mm at the slices' spacing. A whole slice
+    lighting up alone (a 2D model's failure on one slice) is damped; a lesion spanning slices keeps its value."""
+    from vaeanomaly.predictors import smooth_across_slices
+    maps = np.zeros((48, 8, 8), np.float32)
+    maps[10] = 1.0                      # one slice alone
+    maps[22:34, 2:6, 2:6] = 1.0         # a blob 12 slices thick
+    out = smooth_across_slices(maps, 4.0, 1.0)   # sigma 4 slices
+    assert out[10].max() < 0.12 and out[28, 3, 3] > 0.8
+    assert out.sum() == pytest.approx(maps.sum(), rel=1e-3)  # nothing lost inside the volume (far from its ends)
+    # the same sigma in mm on thicker slices is fewer slices: 4 mm at 8 mm spacing smooths far less
+    thick = smooth_across_slices(maps, 4.0, 8.0)
+    assert thick[10].max() > 0.7
+    assert np.array_equal(smooth_across_slices(maps, 0.5, 8.0), maps)  # under a tenth of a slice: unchanged
+    # through compute_maps: the slice spacing given converts mm to slices; the paper preset has no such smoothing
+    m = _dae()
+    x, b = _slices(n=6)
+    flat = compute_maps(m, x, ["dae-residual"], options=PredictorOptions(smooth_z_mm=0), brain=b)["dae-residual"]
+    z = compute_maps(m, x, ["dae-residual"], options=PredictorOptions(smooth_z_mm=6.0), brain=b,
+                     slice_mm=2.0)["dae-residual"]
+    from vaeanomaly.predictors import inner_brain
+    ib = inner_brain(b, 4.0, 240 / 32, 2.0)  # (the default rim is applied after: compare inside it)
+    np.testing.assert_allclose(z[ib], smooth_across_slices(flat, 6.0, 2.0)[ib], atol=1e-6)
+    assert PredictorOptions.preset("paper").for_map("rec-grad").smooth_z_mm == 0
+    assert PredictorOptions().for_map("rec-grad").smooth_z_mm > 0 and PredictorOptions().for_map("kl-grad").smooth_z_mm == 0
+
+
+def test_calibration_thresholds_are_percentiles_of_the_maps_scoring_gives():
+    """calibrate() finishes every map as compute_maps does (smoothing across slices at the case's spacing, the
+    rim), and builds the ensemble from the maps before that step, as scoring does: each threshold is the 99th
+    percentile of exactly what a scan of that case would be scored with."""
+    from vaeanomaly.calibration import calibrate
+    from vaeanomaly.ensemble import Ensemble
+    from vaeanomaly.model import VAE
+    torch.manual_seed(0)
+    vae = VAE(latent_dim=4, image_size=32, channels=(4, 8, 8)).eval()
+    x, b = _slices(n=8)
+    ens = Ensemble(("rec-error", "kl-grad", "rec-grad"), [1.0, 0.5, 2.0], -1.0, [0.0, 0.0, 0.0], [1.0, 1.0, 1.0],
+                   options={"smooth": True, "smooth_sigma": 3.0, "smooth_kernel": 7, "smooth_mm": None,
+                            "polarity": None, "evidence": None, "rim_mm": None, "smooth_z_mm": 0.0})
+    opts = PredictorOptions(proj_steps=2)
+    upd = calibrate(vae, 1.0, [("a", x, b, 2.0)], opts, ensemble=ens, max_projection_slices=4)
+    maps = compute_maps(vae, x, ["rec-grad", "ensemble"], 1.0, opts, brain=b, slice_mm=2.0, ensemble=ens)
+    for p in ("rec-grad", "ensemble"):
+        assert upd["thresholds"][p] == pytest.approx(float(np.percentile(maps[p][b], 99)), rel=1e-5)
+    assert upd["thresholds_options"]["smooth_z_mm"] is None  # the map's own default, recorded as such
+
+
+def test_the_ensemble_may_weigh_the_scans_own_intensity():
+    """'intensity' as an ensemble feature is the z-scored slice itself; the other features are the maps before the
+    finishing steps (no smoothing across slices), as the ensemble was fitted on them."""
+    from vaeanomaly.ensemble import Ensemble
+    from vaeanomaly.model import VAE
+    torch.manual_seed(1)
+    vae = VAE(latent_dim=4, image_size=32, channels=(4, 8, 8)).eval()
+    x, b = _slices(n=5)
+    rng = np.random.default_rng(0)
+    label = b & (rng.random(b.shape) < 0.2)
+    raw = compute_maps(vae, x, ["rec-grad"], 1.0, PredictorOptions().unfinished(), brain=b)["rec-grad"]
+    ens = Ensemble(("rec-grad", "intensity")).fit({"rec-grad": raw[b], "intensity": x[b]}, label[b],
+                                                  options=PredictorOptions().unfinished())
+    assert ens.options["smooth_z_mm"] == 0.0
+    got = compute_maps(vae, x, ["ensemble", "rec-grad"], 1.0, PredictorOptions(), brain=b, slice_mm=1.0, ensemble=ens)
+    logit = (np.stack([raw, x], -1) - ens.mean) / ens.scale @ ens.coef + ens.intercept
+    np.testing.assert_allclose(got["ensemble"][b], (1 / (1 + np.exp(-logit)))[b], rtol=1e-5)
+    assert not np.allclose(got["rec-grad"][b], raw[b])  # the rec-grad output itself is finished (across slices)
+    with pytest.raises(ValueError, match="z-scored slices"):
+        ens.predict_maps({"rec-grad": raw})

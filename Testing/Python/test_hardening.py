@@ -15,7 +15,7 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import ROOT, make_phantom
-from vaeanomaly.checkpoint import load_checkpoint
+from vaeanomaly.checkpoint import load_checkpoint, update_metadata
 from vaeanomaly.cli import main as cli
 from vaeanomaly.predictors import PredictorOptions, compute_maps
 from vaeanomaly.volume import VolumeError, read_image
@@ -235,9 +235,11 @@ def test_calibration_uses_the_inference_defaults(cohort, tiny_checkpoint):
 
 def test_ensemble_is_a_full_predictor(ens_checkpoint, t2, tmp_path, capsys):
     ck = load_checkpoint(ens_checkpoint)
-    d = PredictorOptions().to_dict()  # the settings its features were computed with: smoothing, sign, evidence, rim
+    # the settings its features were computed with: smoothing, sign; none of the finishing steps (evidence, rim,
+    # smoothing across slices), which act on the ensemble's own output
+    d = PredictorOptions().unfinished().to_dict()
     assert ck.ensemble.options == {k: d[k] for k in ("smooth", "smooth_sigma", "smooth_kernel", "smooth_mm", "polarity",
-                                                     "evidence", "rim_mm")}
+                                                     "evidence", "rim_mm", "smooth_z_mm")}
     assert "ensemble" in ck.thresholds and 0 < ck.thresholds["ensemble"] < 1
     m = ["--model", str(ens_checkpoint), "--progress", "none"]
     rc, err = run_cli(["score", str(t2), "-o", str(tmp_path / "all"), "--predictor", "all", "--proj-steps", "2"] + m, capsys)
@@ -275,12 +277,27 @@ def test_combi_does_not_depend_on_the_crop(cohort, tiny_checkpoint):
     assert not np.allclose(old_crop, old_full[a:b], rtol=1e-3)  # what the issue found: up to 93% apart
 
 
+def legacy_copy(tmp_path):
+    """bvae-l64-b10 as it was bundled before the calibration recorded its options, Combi's constants and an
+    ensemble threshold (its thresholds then: the papers' settings, 50 projection steps)."""
+    from vaeanomaly.checkpoint import MODELS_DIR
+    path = tmp_path / "legacy.safetensors"
+    shutil.copy(MODELS_DIR / "bvae-l64-b10.safetensors", path)
+    old = load_checkpoint(path)
+    update_metadata(path, thresholds={k: v for k, v in old.thresholds.items() if k != "ensemble"},
+                    thresholds_options=None, combi_normalisation=None, calibration=None)
+    return path
+
+
 def test_bundled_checkpoints_without_new_keys_keep_working_with_clear_messages(t2, tmp_path, capsys):
     from vaeanomaly.calibration import calibrated_threshold, combi_constants
-    ck = load_checkpoint("bvae-l64-b10")
-    if "thresholds_options" in ck.meta:
-        pytest.skip("the bundled default model has been re-calibrated")
-    assert calibrated_threshold(ck, "rec-grad") == ck.thresholds["rec-grad"]
+    path = legacy_copy(tmp_path)
+    ck = load_checkpoint(path)
+    # its Rec-grad threshold holds without smoothing across slices (today's default): a clear message, and it
+    # holds when asked for
+    with pytest.raises(ValueError, match="smooth_z_mm=10.0"):
+        calibrated_threshold(ck, "rec-grad")
+    assert calibrated_threshold(ck, "rec-grad", PredictorOptions(smooth_z_mm=0)) == ck.thresholds["rec-grad"]
     for pred, msg in (("ensemble", "training/calibrate.py"), ("combi", "fixed normalisation constants"),
                       ("proj-rec-error", "50 steps")):
         with pytest.raises(ValueError, match=msg):
@@ -289,15 +306,13 @@ def test_bundled_checkpoints_without_new_keys_keep_working_with_clear_messages(t
     with pytest.warns(UserWarning, match="no Combi normalisation constants"):
         assert combi_constants(ck) is None
     rc, err = run_cli(["score", str(t2), "-o", str(tmp_path / "c.nii.gz"), "--predictor", "combi",
-                       "--model", "bvae-l64-b10", "--progress", "none"], capsys)
+                       "--model", str(path), "--progress", "none"], capsys)
     assert rc == 0 and "warning: the checkpoint has no Combi normalisation constants" in err
 
 
 def test_recalibrate_an_existing_checkpoint_in_place(cohort, t2, tmp_path, capsys):
     import calibrate
-    from vaeanomaly.checkpoint import MODELS_DIR
-    path = tmp_path / "legacy.safetensors"
-    shutil.copy(MODELS_DIR / "bvae-l64-b10.safetensors", path)
+    path = legacy_copy(tmp_path)
     before = load_checkpoint(path)
     m = ["--model", str(path), "--progress", "none", "--predictor", "ensemble", "--threshold", "auto"]
     rc, err = run_cli(["score", str(t2), "-o", str(tmp_path / "e.nii.gz"), "--label", str(tmp_path / "l.nii.gz")] + m,

@@ -46,7 +46,7 @@ def test_gradients_match_finite_differences():
 @pytest.mark.parametrize("smooth", [True, False])
 def test_fused_equals_one_at_a_time(random_model, smooth):
     x = np.random.default_rng(0).normal(size=(10, 64, 64)).astype(np.float32)
-    opts = PredictorOptions(smooth=smooth, proj_steps=5, batch_size=4)  # several batches: Combi per volume
+    opts = PredictorOptions.preset("paper", smooth=smooth, proj_steps=5, batch_size=4)  # several batches: Combi per volume
     fused = compute_maps(random_model, x, PREDICTORS, beta=2.0, options=opts)
     for name in PREDICTORS:
         ref = reference_map(random_model, x, name, beta=2.0, options=opts)

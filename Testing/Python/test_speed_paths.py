@@ -13,7 +13,7 @@ import torch
 
 from conftest import make_phantom, oblique_direction
 from vaeanomaly.checkpoint import load_checkpoint
-from vaeanomaly.predictors import compute_maps
+from vaeanomaly.predictors import PredictorOptions, compute_maps
 from vaeanomaly.preprocessing import Preprocessing
 from vaeanomaly import volume as V
 
@@ -262,9 +262,10 @@ def test_maps_through_the_network_equal_the_old_path(tiny_checkpoint):
     ck = load_checkpoint(tiny_checkpoint)
     img = phantom("oblique-flipped-aniso")
     names = ["rec-error", "rec-grad", "kl-grad"]
-    new = V.score_volume(ck, img, None, names)
+    flat = PredictorOptions(smooth_z_mm=0)  # (the old path had no smoothing across slices)
+    new = V.score_volume(ck, img, None, names, flat)
     p = old_prepare(img, None, Preprocessing.from_dict(ck.preprocessing))
-    maps = compute_maps(ck.model, p.slices, names, ck.beta)
+    maps = compute_maps(ck.model, p.slices, names, ck.beta, flat)
     for n in names:
         ref = sitk.GetArrayFromImage(old_to_input_grid(np.where(p.brain, maps[n], 0), p))
         got = sitk.GetArrayFromImage(new[n])
@@ -325,14 +326,15 @@ def test_fused_maps_on_brain_slices_only(random_model):
     brain = np.zeros(x.shape, bool)
     brain[[1, 2, 5], 10:50, 12:40] = True
     five = ["rec-error", "elbo-grad", "kl-grad", "rec-grad", "combi", "reconstruction"]
-    every = compute_maps(random_model, x, five, 2.0, combi_norm=(0.0, 0.05))
-    only = compute_maps(random_model, x, five, 2.0, combi_norm=(0.0, 0.05), brain=brain)
+    flat = PredictorOptions(smooth_z_mm=0)  # per-slice maps (smoothing across slices mixes in the non-brain slices)
+    every = compute_maps(random_model, x, five, 2.0, flat, combi_norm=(0.0, 0.05))
+    only = compute_maps(random_model, x, five, 2.0, flat, combi_norm=(0.0, 0.05), brain=brain)
     for n in five:
         # (other slices in the batch: float rounding of the convolutions may differ in the last bit)
         np.testing.assert_allclose(only[n][[1, 2, 5]], every[n][[1, 2, 5]], rtol=1e-5, atol=1e-6)
         assert (only[n][[0, 3, 4, 6]] == 0).all() and (every[n][[0, 3, 4, 6]] != 0).any()
-    no_norm = compute_maps(random_model, x, ["combi", "rec-grad"], 2.0, brain=brain)
-    ref = compute_maps(random_model, x, ["combi", "rec-grad"], 2.0)
+    no_norm = compute_maps(random_model, x, ["combi", "rec-grad"], 2.0, flat, brain=brain)
+    ref = compute_maps(random_model, x, ["combi", "rec-grad"], 2.0, flat)
     for n in ("combi", "rec-grad"):
         np.testing.assert_array_equal(no_norm[n], ref[n])
     ens = Ensemble(features=("rec-grad", "rec-error"), coef=[1.0, 0.5], intercept=-1.0, mean=[0, 0], scale=[1, 1],

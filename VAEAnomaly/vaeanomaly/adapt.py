@@ -120,9 +120,11 @@ def leave_one_out_flagged(maps: list, brains: list, q: float = 99.0) -> list[flo
     return out
 
 
-def _fused(model, beta, slices, options, device, names=FLAG_PREDICTORS):
+def _fused(model, beta, prepared, options, device, names=FLAG_PREDICTORS):
+    """The flag predictors' maps of one prepared scan (its slice spacing sets the smoothing across slices)."""
     from .predictors import compute_maps
-    return compute_maps(model, slices, list(names), beta, options, device)
+    return compute_maps(model, prepared.slices, list(names), beta, options, device,
+                        slice_mm=prepared.grid.GetSpacing()[2])
 
 
 # --------------------------------------------------------------------------- the whole run
@@ -177,7 +179,7 @@ def adapt(scans, output, model=None, masks=None, options: Optional[AdaptOptions]
     popts = _predictor_options(base)
     base_maps = []
     for i, p in enumerate(prepared):
-        base_maps.append(_fused(base.model, base.beta, p.slices, popts, device))
+        base_maps.append(_fused(base.model, base.beta, p, popts, device))
         progress(0.08 + 0.04 * (i + 1) / len(prepared))
     pix = verdict.pixel_mm(base)
     for n, p, mp in zip(names, prepared, base_maps):
@@ -215,11 +217,11 @@ def adapt(scans, output, model=None, masks=None, options: Optional[AdaptOptions]
 
     # 5. calibrate every threshold on the held-out scans (the predictors, the ensemble, Combi, the verdict)
     stage("calibrating")
-    held_cases = [(names[i], prepared[i].slices, prepared[i].brain) for i in hold]
+    held_cases = [(names[i], prepared[i].slices, prepared[i].brain, prepared[i].grid.GetSpacing()[2]) for i in hold]
     ens = base.ensemble
     upd = calibrate(net, base.beta, held_cases, popts, ensemble=ens, device=device,
                     max_projection_slices=PROJECTION_SLICES, progress=lambda f: progress(0.85 + 0.12 * f))
-    adapted_maps = [_fused(net, base.beta, prepared[i].slices, popts, device) for i in hold]
+    adapted_maps = [_fused(net, base.beta, prepared[i], popts, device) for i in hold]
     after_loo = {k: _mean(leave_one_out_flagged([m[k] for m in adapted_maps], [prepared[i].brain for i in hold],
                                                 upd["calibration"]["quantile"])) for k in FLAG_PREDICTORS}
 

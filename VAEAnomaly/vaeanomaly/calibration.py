@@ -27,11 +27,11 @@ import numpy as np
 from .ensemble import options_mismatch, relevant_keys
 # what scoring uses of a calibration lives in inference.py (no cycle with verdict.py); re-exported here
 from .inference import RECALIBRATE, combi_constants, inference_kwargs  # noqa: F401
-from .predictors import PredictorOptions, combi_map, compute_maps
+from .predictors import PredictorOptions, combi_map, compute_maps, finish_maps
 from .registry import ENSEMBLE, PAPER_PREDICTORS, predictors_for
 
 QUANTILE = 99.0
-OPTION_KEYS = ("smooth", "smooth_sigma", "smooth_kernel", "smooth_mm", "polarity", "evidence", "rim_mm",
+OPTION_KEYS = ("smooth", "smooth_sigma", "smooth_kernel", "smooth_mm", "smooth_z_mm", "polarity", "evidence", "rim_mm",
                "proj_steps", "proj_lambda", "proj_lr", "proj_weighted")
 # training/train.py calibrated with PredictorOptions(proj_steps=50) before the options were recorded
 LEGACY_THRESHOLD_OPTIONS = {**{k: v for k, v in PredictorOptions.preset("paper").to_dict().items() if k in OPTION_KEYS},
@@ -71,10 +71,11 @@ def held_out_cases(n_cases: int, val_fraction: float = 0.1, seed: int = 0) -> li
     return sorted(rng.choice(n_cases, max(1, int(round(val_fraction * n_cases))), replace=False).tolist())
 
 
-def cases_from_cache(cache, case_ids=None) -> list[tuple[str, np.ndarray, np.ndarray]]:
-    """[(name, slices float32, brain)] from a SliceCache, all cases or the given indices."""
+def cases_from_cache(cache, case_ids=None, slice_mm: Optional[dict] = None) -> list[tuple]:
+    """[(name, slices float32, brain, slice spacing mm or None)] from a SliceCache, all cases or the given indices.
+    slice_mm: {name: slice spacing} (data.slice_spacings), for the maps smoothed across slices."""
     ids = range(len(cache.names)) if case_ids is None else case_ids
-    return [(n, s, b) for n, s, b, _ in cache.cases_in(ids)]
+    return [(n, s, b, (slice_mm or {}).get(n)) for n, s, b, _ in cache.cases_in(ids)]
 
 
 def calibrate(model, beta: float, healthy_cases: Iterable, options: Optional[PredictorOptions] = None,
@@ -84,14 +85,16 @@ def calibrate(model, beta: float, healthy_cases: Iterable, options: Optional[Pre
     """Thresholds (q-th percentile inside the brain) for every paper predictor and the ensemble,
     Combi's constants and the options they hold for, from held-out healthy cases.
 
-    healthy_cases: [(name, slices (nz, S, S) float32, brain (nz, S, S) bool)] — whole volumes on the model
-    grid (Combi's constants are per-volume minima/maxima). options: the predictor options inference
+    healthy_cases: [(name, slices (nz, S, S) float32, brain (nz, S, S) bool[, slice spacing mm])] — whole volumes
+    on the model grid (Combi's constants are per-volume minima/maxima; the spacing, where given, sets the smoothing
+    across slices in voxels, as scoring the scan would). options: the predictor options inference
     uses (default: PredictorOptions(), the defaults). Returns metadata updates for `update_metadata`.
     only: thresholds for these predictors alone (e.g. ['ensemble'] after refitting it, skipping the costly
     projection); the caller then keeps the checkpoint's other thresholds, which must hold for the same options.
     """
     opts = options or PredictorOptions()
-    cases = [(str(c[0]), np.asarray(c[1], np.float32), np.asarray(c[2], bool)) for c in healthy_cases]
+    cases = [(str(c[0]), np.asarray(c[1], np.float32), np.asarray(c[2], bool), c[3] if len(c) > 3 else None)
+             for c in healthy_cases]
     if not cases:
         raise ValueError("calibration needs at least one healthy case")
     if ensemble is not None:
@@ -110,9 +113,10 @@ def calibrate(model, beta: float, healthy_cases: Iterable, options: Optional[Pre
     proj_cost = opts.proj_steps / 20 if project else 0
     total, done = len(cases) + proj_cost * len(pooled_sel) / n_total, 0.0
     kl_min, kl_max = [], []
-    for name, slices, brain in cases:
-        rim = any(opts.for_map(p).rim_mm > 0 for p in fused)
-        maps = compute_maps(model, slices, fused, beta, opts, device, brain=brain if rim else None)
+    # the maps before the finishing options (smoothing across slices, rim): Combi and the ensemble are made from
+    # these, as compute_maps makes them; every map is then finished as scoring finishes it
+    for name, slices, brain, slice_mm in cases:
+        maps = compute_maps(model, slices, fused, beta, opts.unfinished(), device, brain=brain)
         for p in fused:
             data.maps[p].append(maps[p])
         if not dae:
@@ -126,11 +130,15 @@ def calibrate(model, beta: float, healthy_cases: Iterable, options: Optional[Pre
         maps = {p: data.maps[p][i] for p in fused}
         if not dae:
             maps["combi"] = combi_map(maps["kl-grad"], maps["rec-error"], (lo, hi))
-            data.maps.setdefault("combi", []).append(maps["combi"])
         if ensemble is not None:
-            data.brain_values[ENSEMBLE].append(ensemble.predict_maps(maps)[brain])
-        for p in fused + ([] if dae else ["combi"]):
-            data.brain_values[p].append(maps[p][brain])
+            maps[ENSEMBLE] = ensemble.predict_maps({**maps, "intensity": data.slices[i]})  # (ensemble.INTENSITY)
+        maps = finish_maps(maps, data.slices[i], brain, opts, 240.0 / model.image_size, cases[i][3])
+        for p, m in maps.items():  # hooks (the verdict) see the finished maps, as scoring gives them
+            if p == "combi":
+                data.maps.setdefault(p, []).append(m)
+            elif p in data.maps:
+                data.maps[p][i] = m
+            data.brain_values[p].append(m[brain])
     if project:
         x = np.concatenate([c[1] for c in cases])[pooled_sel]
         b = np.concatenate(data.brains)[pooled_sel]
@@ -179,7 +187,8 @@ def calibrated_threshold(checkpoint, predictor: str, options: Optional[Predictor
     features = checkpoint.ensemble.features if predictor == ENSEMBLE and checkpoint.ensemble else [predictor]
     if predictor == "combi":
         features = ["kl-grad"]
-    diff = options_mismatch(checkpoint.threshold_options, opts, features)
+    diff = options_mismatch(checkpoint.threshold_options, opts, features,
+                            output=predictor if predictor == ENSEMBLE else None)
     if diff:
         note = " (older checkpoint: train.py calibrated Proj-Rec-Error with 50 steps)" if legacy else ""
         raise ValueError(f"the calibrated '{predictor}' threshold holds for other options{note}: you asked "

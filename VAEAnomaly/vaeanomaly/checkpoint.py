@@ -119,14 +119,16 @@ class Checkpoint:
             lines.append("calibrated thresholds: " + ", ".join(f"{k} {v:.3g}" for k, v in self.thresholds.items()))
             if "thresholds_options" in m:
                 o = m["thresholds_options"]
+                from .predictors import PredictorOptions
                 if self.kind == "dae":
-                    from .predictors import PredictorOptions
-                    r = PredictorOptions.from_dict(o).for_map("dae-residual")
+                    r = PredictorOptions.from_dict({"smooth_z_mm": 0.0, **o}).for_map("dae-residual")
                     lines.append(f"  hold for: smoothing {'off' if not r.smooth else f'sigma {r.smooth_mm:g} mm' if r.smooth_mm else 'sigma 3 px'}"
-                                 f", polarity {r.polarity}, intensity evidence {r.evidence}, rim {r.rim_mm:g} mm")
+                                 f" (across slices {r.smooth_z_mm:g} mm), polarity {r.polarity}, intensity evidence "
+                                 f"{r.evidence}, rim {r.rim_mm:g} mm")
                 else:
-                    lines.append(f"  hold for: smoothing {'on' if o.get('smooth') else 'off'}, projection "
-                                 f"{o.get('proj_steps')} steps, lambda {o.get('proj_lambda')}")
+                    z = PredictorOptions.from_dict({"smooth_z_mm": 0.0, **o}).for_map("rec-grad").smooth_z_mm
+                    lines.append(f"  hold for: smoothing {'on' if o.get('smooth') else 'off'} (rec-grad across "
+                                 f"slices {z:g} mm), projection {o.get('proj_steps')} steps, lambda {o.get('proj_lambda')}")
             else:
                 lines.append("  (older calibration: no ensemble threshold, no Combi constants; re-calibrate with "
                              "training/calibrate.py)")

@@ -48,7 +48,7 @@ def _options(a) -> PredictorOptions:
                              f"{', '.join(PredictorOptions.__dataclass_fields__)}")
         opts = PredictorOptions.from_dict(d)
     else:
-        given = {k: getattr(a, k, None) for k in ("smooth_mm", "polarity", "evidence", "rim_mm")}
+        given = {k: getattr(a, k, None) for k in ("smooth_mm", "smooth_z_mm", "polarity", "evidence", "rim_mm")}
         given = {k: v for k, v in given.items() if v is not None}
         opts = PredictorOptions.preset(getattr(a, "preset", None) or "default", smooth=not a.no_smooth,
                                        proj_steps=a.proj_steps, proj_lambda=a.proj_lambda, proj_lr=a.proj_lr,
@@ -58,9 +58,10 @@ def _options(a) -> PredictorOptions:
 
 
 def _own_defaults(option: str) -> str:
-    """'rec-grad 0, ..., dae-residual 2' for --help: each signed map's default of an option."""
-    from .registry import option_defaults
-    return ", ".join(f"{n} {option_defaults(n)[option]}" for n, i in PREDICTOR_INFO.items() if i.signed)
+    """'rec-grad 0, ..., dae-residual 2' for --help: each signed map's default of an option (others: the base one)."""
+    from .registry import BASE_DEFAULTS, option_defaults
+    return ", ".join(f"{n} {option_defaults(n)[option]}" for n, i in PREDICTOR_INFO.items() if i.signed) + \
+        f", others {BASE_DEFAULTS[option]}"
 
 
 def _add_model_args(p, predictor_default: Optional[str] = None):
@@ -81,6 +82,10 @@ def _add_model_args(p, predictor_default: Optional[str] = None):
                    help=f"Gaussian smoothing sigma in millimetres, for every smoothed map (default: each map's own: "
                         f"{_own_defaults('smooth_mm')}); 0: the reference code's pixel kernel (sigma "
                         f"{d.smooth_sigma:g}, kernel {d.smooth_kernel} pixels)")
+    p.add_argument("--smooth-z-mm", type=float, default=None, metavar="SIGMA_MM",
+                   help=f"Gaussian smoothing sigma in millimetres across slices, on the finished map of the volume "
+                        f"(a 2D model's slice-to-slice errors average out, a lesion spans slices; default: each "
+                        f"map's own: {_own_defaults('smooth_z_mm')}); 0: none (the papers)")
     p.add_argument("--polarity", choices=POLARITIES, default=None,
                    help=f"signed maps (rec-grad, elbo-grad, dae-residual): 'bright' scores only where the "
                         f"scan is brighter than the model expects, 'dark' only darker, 'both' either (default: each "

@@ -111,3 +111,21 @@ def healthy_items(folder, pattern: str = HCP_GLOB):
 
 def brats_items(folder):
     return [(c, t2, mask_beside(t2), seg) for c, t2, seg in find_brats(folder)]
+
+
+def slice_spacings(folder, names) -> dict:
+    """{case name: slice spacing in mm} read from the image headers of a cohort folder (training/make_data.py's
+    layouts: BraTS-style `<name>/<name>_t2.nii.gz`, or HCP-style names that are the image's own relative path).
+    The spacing is the one along the axis closest to inferior-superior, as the model grid slices the volume."""
+    import SimpleITK as sitk
+    folder, out = Path(folder), {}
+    for n in names:
+        p = folder / n if (folder / n).is_file() else folder / n / f"{n}_t2.nii.gz"
+        if not p.exists():
+            continue
+        r = sitk.ImageFileReader()
+        r.SetFileName(str(p))
+        r.ReadImageInformation()
+        d = np.array(r.GetDirection()).reshape(3, 3)
+        out[n] = float(r.GetSpacing()[int(np.argmax(np.abs(d[2])))])
+    return out

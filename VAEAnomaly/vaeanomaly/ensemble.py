@@ -10,17 +10,22 @@ from __future__ import annotations
 import numpy as np
 
 DEFAULT_FEATURES = ("rec-error", "kl-grad", "rec-grad")
+# Not a predictor: the z-scored scan itself (the plain-intensity baseline) as a feature the ensemble may weigh
+# beside the model's maps (training/fit_ensemble.py --features rec-grad,intensity).
+INTENSITY = "intensity"
 SMOOTHING_KEYS = ("smooth", "smooth_sigma", "smooth_kernel", "smooth_mm")
 PROJECTION_KEYS = ("proj_steps", "proj_lambda", "proj_lr", "proj_weighted")
 GRADIENT_FEATURES = {"rec-grad", "kl-grad", "elbo-grad", "combi", "dae-residual"}  # the smoothed maps
 SIGNED_FEATURES = {"rec-grad", "elbo-grad", "dae-residual"}            # follow the polarity option
 # settings recorded before these options existed were made with these values (pixel smoothing, absolute maps)
-UNRECORDED = {"smooth_mm": None, "polarity": None, "evidence": None, "rim_mm": None}  # None: the map's own default
+UNRECORDED = {"smooth_mm": None, "polarity": None, "evidence": None, "rim_mm": None,  # None: the map's own default
+              "smooth_z_mm": 0.0}  # (recorded before through-plane smoothing existed: there was none)
+FINISHING_KEYS = ("rim_mm", "smooth_z_mm")  # act on an output map after it is computed (never on ensemble features)
 # Ensembles stored before the settings were recorded were all fitted by training/fit_ensemble.py with
 # the default options (smoothing sigma 3, kernel 7; projection 100 steps, lambda 0.5, lr 0.03).
 LEGACY_OPTIONS = {"smooth": True, "smooth_sigma": 3.0, "smooth_kernel": 7,
                   "proj_steps": 100, "proj_lambda": 0.5, "proj_lr": 0.03, "proj_weighted": False,
-                  "smooth_mm": None, "polarity": None, "evidence": None, "rim_mm": None}
+                  "smooth_mm": None, "polarity": None, "evidence": None, "rim_mm": None, "smooth_z_mm": 0.0}
 
 
 def relevant_keys(features) -> tuple:
@@ -33,23 +38,27 @@ def relevant_keys(features) -> tuple:
     if set(features) & SIGNED_FEATURES:
         keys += ("polarity", "evidence")
     if features:
-        keys += ("rim_mm",)
+        keys += FINISHING_KEYS
     return keys
 
 
-def options_mismatch(recorded: dict, options, features) -> list[str]:
+def options_mismatch(recorded: dict, options, features, output: str | None = None) -> list[str]:
     """Human-readable differences between recorded settings and `options` (a PredictorOptions),
-    restricted to the fields that matter for `features`; smoothing parameters only matter when on."""
+    restricted to the fields that matter for `features`; smoothing parameters only matter when on.
+    output: the map the features make (the ensemble): the finishing options (rim, smoothing across slices) act
+    on it, not on its features, so they take its defaults."""
     from .registry import option_defaults
     out = []
     for f in features or [None]:  # compared as each map sees them: unset (None) options take its own defaults
         d = option_defaults(f) if f else {}
+        if output is not None:
+            d = {**d, **{k: option_defaults(output)[k] for k in FINISHING_KEYS}}
         eff = lambda o: {k: (d[k] if v is None and k in d else v) for k, v in o.items()}  # noqa: E731
         cur, rec = eff(options.to_dict()), eff({**UNRECORDED, **recorded})
         smooth_off = not rec.get("smooth", True) and not cur["smooth"]
         pixel_kernel = not rec.get("smooth_mm") and not cur.get("smooth_mm")
         keys = [k for k in relevant_keys([f] if f else features)
-                if not (k in ("smooth_sigma", "smooth_kernel", "smooth_mm") and smooth_off)
+                if not (k in ("smooth_sigma", "smooth_kernel", "smooth_mm", "smooth_z_mm") and smooth_off)
                 and not (k in ("smooth_sigma", "smooth_kernel") and not pixel_kernel)]
         out += [f"{k}={cur[k]!r} (fitted/calibrated with {rec[k]!r})" for k in keys
                 if k in rec and cur.get(k) != rec[k]]
@@ -66,10 +75,17 @@ class Ensemble:
         self.mean = None if mean is None else np.asarray(mean, dtype=np.float64)
         self.scale = None if scale is None else np.asarray(scale, dtype=np.float64)
 
+    @property
+    def model_features(self) -> tuple:
+        """The features a model computes (all but the scan's own intensity)."""
+        return tuple(f for f in self.features if f != INTENSITY)
+
     def _stack(self, maps: dict) -> np.ndarray:
         missing = [f for f in self.features if f not in maps]
         if missing:
-            raise ValueError(f"ensemble needs maps {missing}")
+            raise ValueError(f"ensemble needs maps {missing}" + (" (the ensemble's 'intensity' feature is the "
+                                                                "z-scored slices: pass them as maps['intensity'])"
+                                                                if INTENSITY in missing else ""))
         return np.stack([np.asarray(maps[f], dtype=np.float64).ravel() for f in self.features], 1)
 
     def fit(self, maps: dict, labels, max_samples: int = 500_000, seed: int = 0, options=None) -> "Ensemble":
@@ -108,7 +124,7 @@ class Ensemble:
     def check_options(self, options) -> None:
         """Raise ValueError, saying what to change, if `options` compute the features differently from
         the settings the ensemble was fitted with."""
-        diff = options_mismatch(self.fitted_options, options, self.features)
+        diff = options_mismatch(self.fitted_options, options, self.features, output="ensemble")
         if diff:
             hint = " (drop --no-smooth / turn gradient smoothing back on)" if any(d.startswith("smooth=") for d in diff) else ""
             raise ValueError("the ensemble was fitted on features computed with other settings: " + "; ".join(diff) +

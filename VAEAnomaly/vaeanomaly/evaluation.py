@@ -54,10 +54,12 @@ def format_table(results: dict, scope: str = "brain", metric: str = "auroc", row
 INTENSITY = "intensity"  # the plain-intensity baseline: the z-scored scan itself as the score
 
 
-def healthy_threshold(score_fn, healthy_cases, q: float = 99.0) -> float:
+def healthy_threshold(score_fn, healthy_cases, q: float = 99.0, spacings: dict | None = None) -> float:
     """A scorer's calibrated threshold: the q-th percentile of score_fn(slices, brain, spacing) inside healthy
-    brains (healthy_cases: (name, slices, brain, ...) tuples), as calibration.calibrate computes the checkpoints'."""
-    return float(np.percentile(np.concatenate([score_fn(c[1], c[2], None)[c[2]] for c in healthy_cases]), q))
+    brains (healthy_cases: (name, slices, brain, ...) tuples; spacings: {name: (x, y, z) mm}, where known), as
+    calibration.calibrate computes the checkpoints'."""
+    sp = spacings or {}
+    return float(np.percentile(np.concatenate([score_fn(c[1], c[2], sp.get(c[0]))[c[2]] for c in healthy_cases]), q))
 
 
 def intensity_threshold(healthy_cases, q: float = 99.0) -> float:

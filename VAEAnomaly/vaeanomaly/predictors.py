@@ -38,6 +38,8 @@ class PredictorOptions:
     papers' settings for the VAE maps, measured ones for the DAE residual); for_map(name) resolves them.
     polarity: for the signed maps (registry `signed`): 'both' (absolute value, the papers), 'bright' (only
     where the scan is brighter than the model expects), 'dark'.
+    smooth_z_mm: through-plane smoothing of a finished map over the slices of one volume (sigma in mm at the
+    slices' spacing; 0: none, the papers); None takes the map's own default.
     proj_*: iterative projection, E(x) = L_rec(x) + lambda*|x - x0|_1, Adam(lr)."""
     smooth: bool = True
     smooth_sigma: float = 3.0
@@ -46,6 +48,7 @@ class PredictorOptions:
     polarity: Optional[str] = None     # None: each map's own default
     evidence: Optional[str] = None     # 'intensity': signed maps times the scan's own intensity evidence; None: default
     rim_mm: Optional[float] = None     # maps are 0 within this distance of the brain's surface (3D; needs the mask)
+    smooth_z_mm: Optional[float] = None  # Gaussian sigma (mm) across slices, on the finished maps of one volume
     proj_steps: int = 100
     proj_lambda: float = 0.5
     proj_lr: float = 0.03
@@ -74,6 +77,11 @@ class PredictorOptions:
         d = option_defaults(name)
         return replace(self, **{k: d[k] for k in d if getattr(self, k) is None})
 
+    def unfinished(self) -> "PredictorOptions":
+        """These options without the steps that act on finished maps (finish_maps: smoothing across slices,
+        intensity evidence, the rim): the maps Combi and the ensemble are made from."""
+        return replace(self, smooth_z_mm=0.0, evidence="none", rim_mm=0.0)
+
     def kernel_px(self, pixel_mm: float) -> tuple[float, int]:
         """(sigma, kernel size) in pixels on a grid of pixel_mm pixels."""
         if self.smooth_mm:
@@ -83,7 +91,7 @@ class PredictorOptions:
 
 
 PRESETS = {"default": {}, "paper": {"smooth": True, "smooth_sigma": 3.0, "smooth_kernel": 7, "smooth_mm": 0.0,
-                                    "polarity": "both", "evidence": "none", "rim_mm": 0.0}}
+                                    "smooth_z_mm": 0.0, "polarity": "both", "evidence": "none", "rim_mm": 0.0}}
 EVIDENCE = ("none", "intensity")
 
 
@@ -99,6 +107,17 @@ def intensity_evidence(x: torch.Tensor, polarity: str) -> torch.Tensor:
     if polarity == "dark":
         return 1 - phi
     return (2 * phi - 1).abs()
+
+
+def smooth_across_slices(maps: np.ndarray, sigma_mm: float, slice_mm: float) -> np.ndarray:
+    """Gaussian smoothing of (N, H, W) maps along the slice axis: sigma_mm millimetres at slice_mm spacing
+    (kernel to +-2.5 sigma), zero outside the volume, as the in-plane smoothing pads. A sigma under a tenth of a
+    slice changes nothing and is skipped."""
+    sigma = sigma_mm / slice_mm
+    if sigma < 0.1 or len(maps) < 2:
+        return maps
+    from scipy import ndimage
+    return ndimage.gaussian_filter1d(np.asarray(maps, np.float32), sigma, axis=0, mode="constant", truncate=2.5)
 
 
 def inner_brain(brain: np.ndarray, rim_mm: float, pixel_mm: float, slice_mm: float) -> np.ndarray:
@@ -309,7 +328,7 @@ def compute_maps(model: VAE, slices, predictors: Iterable[str], beta: float = 1.
                          "(fit one with training/fit_ensemble.py)")
     if ENSEMBLE in names:
         ensemble.check_options(opts)  # refuses feature settings other than those it was fitted with
-    need = set(names) | (set(ensemble.features) if ENSEMBLE in names else set())
+    need = set(names) | (set(ensemble.model_features) if ENSEMBLE in names else set())
     if "combi" in need:
         need |= {"kl-grad", "rec-error"}
     fused = need - {"proj-rec-error"}
@@ -385,18 +404,23 @@ def compute_maps(model: VAE, slices, predictors: Iterable[str], beta: float = 1.
     if "combi" in need:
         out["combi"] = combi_map(out["kl-grad"], out["rec-error"], combi_norm)
     if ENSEMBLE in names:
-        out[ENSEMBLE] = ensemble.predict_maps(out)
+        out[ENSEMBLE] = ensemble.predict_maps({**out, "intensity": x_all.numpy()})  # (ensemble.INTENSITY)
         if len(fused_sel) < n:
             out[ENSEMBLE][np.setdiff1d(np.arange(n), fused_sel)] = 0
-    return _finish({k: out[k].astype(np.float32) for k in names}, x_all, brain, opts, pixel_mm, slice_mm)
+    return finish_maps({k: out[k].astype(np.float32) for k in names}, x_all, brain, opts, pixel_mm, slice_mm)
 
 
-def _finish(maps: dict, x_all: torch.Tensor, brain, opts: PredictorOptions, pixel_mm: float,
-            slice_mm: Optional[float]) -> dict[str, np.ndarray]:
-    """The options that act on finished maps: intensity evidence on the signed maps, then the rim (0 within
-    rim_mm of the brain's surface, on every heatmap; needs the brain mask)."""
+def finish_maps(maps: dict, x_all, brain, opts: PredictorOptions, pixel_mm: float,
+                slice_mm: Optional[float]) -> dict[str, np.ndarray]:
+    """The options that act on finished maps: smoothing across slices (smooth_z_mm, at slice_mm spacing, default
+    pixel_mm), intensity evidence on the signed maps, then the rim (0 within rim_mm of the brain's surface, on every
+    heatmap; needs the brain mask). Combi and the ensemble are made from the maps before this step.
+    x_all: the (N, H, W) slices the maps were computed from."""
+    x_all = torch.as_tensor(np.asarray(x_all, dtype=np.float32))
     for k in maps:
         o = opts.for_map(k)
+        if k != RECONSTRUCTION and o.smooth and o.smooth_z_mm:
+            maps[k] = smooth_across_slices(maps[k], o.smooth_z_mm, slice_mm or pixel_mm)
         if o.evidence == "intensity" and k in PREDICTOR_INFO and PREDICTOR_INFO[k].signed:
             maps[k] = (maps[k] * intensity_evidence(x_all, o.polarity).numpy()).astype(np.float32)
     if brain is not None:
@@ -437,7 +461,7 @@ def _dae_maps(model: DAE, x_all: torch.Tensor, sel: np.ndarray, names: list, opt
             raise Cancelled("cancelled")
     if progress and not len(sel):
         progress(1.0)
-    return _finish({k: v.numpy().astype(np.float32) for k, v in out.items()}, x_all, brain, opts, pixel_mm, slice_mm)
+    return finish_maps({k: v.numpy().astype(np.float32) for k, v in out.items()}, x_all, brain, opts, pixel_mm, slice_mm)
 
 
 def reference_map(model: VAE, slices, name: str, beta: float = 1.0,

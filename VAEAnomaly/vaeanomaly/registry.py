@@ -25,15 +25,24 @@ class PredictorInfo:
 # Options a map takes when the user leaves them unset (None): the papers' settings (the reference code's pixel
 # kernel, absolute maps, no intensity evidence), except where a map declares its own (measured on the validation
 # split, docs/validation.md).
-BASE_DEFAULTS = {"smooth_mm": 0.0, "polarity": "both", "evidence": "none", "rim_mm": 0.0}
+BASE_DEFAULTS = {"smooth_mm": 0.0, "smooth_z_mm": 0.0, "polarity": "both", "evidence": "none", "rim_mm": 0.0}
+# Through-plane smoothing (smooth_z_mm, sigma in mm across slices): a 2D model scores each slice alone, so its
+# errors are independent from slice to slice while a lesion is a 3D blob; averaging across slices in mm keeps the
+# lesion and damps single-slice failures (a whole slice lighting up). Rec-grad: 10 mm, about its in-plane sigma
+# (3 px = 11 mm), so the smoothing is near isotropic; on the validation split (docs/validation.md) it raised the
+# mean AUROC over the five lesion families from 0.58 to 0.68 and cut false regions per healthy scan from 7-14 to 2-4.
+REC_GRAD_DEFAULTS = (("smooth_z_mm", 10.0),)
 # dae-residual: sigma 4 mm, both signs, no intensity evidence, a 4 mm rim: the best mean AUROC over the five lesion
 # families of the validation split (docs/validation.md); 'bright' had the best AP but lost the hypointense lesions
-DAE_DEFAULTS = (("smooth_mm", 4.0), ("polarity", "both"), ("evidence", "none"), ("rim_mm", 4.0))
+# smooth_z_mm 8: mean AUROC 0.72 -> 0.77, false regions per healthy scan 4-30 -> 1-9 on the validation split
+DAE_DEFAULTS = (("smooth_mm", 4.0), ("smooth_z_mm", 8.0), ("polarity", "both"), ("evidence", "none"),
+                ("rim_mm", 4.0))
 
 PREDICTOR_INFO: dict[str, PredictorInfo] = {p.name: p for p in (
     PredictorInfo("rec-grad", "Rec-grad",
                   "d L_rec / d x: gradient of the reconstruction error w.r.t. the image (smoothed; positive where "
-                  "the scan is brighter than the model expects). Best or equal-best in the paper.", signed=True),
+                  "the scan is brighter than the model expects). Best or equal-best in the paper.", signed=True,
+                  defaults=REC_GRAD_DEFAULTS),
     PredictorInfo("elbo-grad", "ELBO-grad",
                   "d (L_rec + beta L_KL) / d x: gradient of the whole ELBO (smoothed).", signed=True),
     PredictorInfo("kl-grad", "KL-grad",

@@ -89,6 +89,8 @@ def check_options(opts: PredictorOptions) -> PredictorOptions:
         problems.append("smoothing needs sigma > 0 and a kernel of at least 1 pixel")
     if opts.smooth_mm is not None and not (isinstance(opts.smooth_mm, (int, float)) and 0 <= opts.smooth_mm <= 50):
         problems.append(f"--smooth-mm must be between 0 and 50 mm (got {opts.smooth_mm})")
+    if opts.smooth_z_mm is not None and not (isinstance(opts.smooth_z_mm, (int, float)) and 0 <= opts.smooth_z_mm <= 50):
+        problems.append(f"--smooth-z-mm must be between 0 and 50 mm (got {opts.smooth_z_mm})")
     if opts.polarity is not None and opts.polarity not in POLARITIES:
         problems.append(f"polarity must be one of {', '.join(POLARITIES)} (got {opts.polarity!r})")
     if opts.evidence is not None and opts.evidence not in ("none", "intensity"):
