@@ -142,7 +142,7 @@ def run_benchmark(a, device) -> None:
         if not a.no_verdicts:
             verdicts += case_verdicts(ck, bench, groups, variants[a.variants[0]], device)
     for size in sorted(caches):
-        bench, calib, spacings = caches[size]
+        bench, calib, spacings, _ = caches[size]
         name = f"{INTENSITY} ({size}x{size})"
         rows += benchmark({name: lambda x, b, sp: x}, bench.cases(), groups,
                           {name: healthy_threshold(lambda x, b, sp: x, calib)},
