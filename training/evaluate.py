@@ -90,7 +90,7 @@ def run_benchmark(a, device) -> None:
     from common import command_line, hardware
     from vaeanomaly.data import SliceCache
     from vaeanomaly.evaluation import INTENSITY, benchmark, format_benchmark, healthy_threshold
-    from vaeanomaly.calibration import calibrated_threshold
+    from vaeanomaly.calibration import calibrated_threshold, inference_kwargs
     from vaeanomaly.predictors import compute_maps
     from vaeanomaly.registry import DEFAULT_PREDICTORS
     from vaeanomaly.synth import DOMAINS, read_manifest
@@ -122,9 +122,10 @@ def run_benchmark(a, device) -> None:
         fns = {}
         for v, opts in variants.items():
             for p in preds:
+                kw = inference_kwargs(ck, [p], opts)  # the ensemble, Combi's constants
                 fns[f"{ck.name} {p}" + (f" [{v}]" if v != "default" else "")] = \
-                    lambda x, b, sp, p=p, opts=opts: compute_maps(ck.model, x, [p], ck.beta, opts, device, brain=b,
-                                                                  slice_mm=sp[2] if sp else None)[p]
+                    lambda x, b, sp, p=p, opts=opts, ck=ck, kw=kw: compute_maps(
+                        ck.model, x, [p], ck.beta, opts, device, brain=b, slice_mm=sp[2] if sp else None, **kw)[p]
         # the checkpoint's calibrated threshold where it holds for the variant's options (what a clinician gets with
         # --threshold auto); else, computed as calibration does: the 99th percentile on the healthy calibration split
         thr = {}

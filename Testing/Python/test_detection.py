@@ -371,5 +371,8 @@ def test_the_ensemble_may_weigh_the_scans_own_intensity():
     logit = (np.stack([raw, x], -1) - ens.mean) / ens.scale @ ens.coef + ens.intercept
     np.testing.assert_allclose(got["ensemble"][b], (1 / (1 + np.exp(-logit)))[b], rtol=1e-5)
     assert not np.allclose(got["rec-grad"][b], raw[b])  # the rec-grad output itself is finished (across slices)
+    # the finishing options act on the ensemble's own output, and never stop it (its features are unfinished)
+    zs = compute_maps(vae, x, ["ensemble"], 1.0, PredictorOptions(smooth_z_mm=10), brain=b, slice_mm=1.0, ensemble=ens)
+    assert not np.allclose(zs["ensemble"][b], got["ensemble"][b])
     with pytest.raises(ValueError, match="z-scored slices"):
         ens.predict_maps({"rec-grad": raw})

@@ -20,7 +20,8 @@ SIGNED_FEATURES = {"rec-grad", "elbo-grad", "dae-residual"}            # follow 
 # settings recorded before these options existed were made with these values (pixel smoothing, absolute maps)
 UNRECORDED = {"smooth_mm": None, "polarity": None, "evidence": None, "rim_mm": None,  # None: the map's own default
               "smooth_z_mm": 0.0}  # (recorded before through-plane smoothing existed: there was none)
-FINISHING_KEYS = ("rim_mm", "smooth_z_mm")  # act on an output map after it is computed (never on ensemble features)
+# act on an output map after it is computed (predictors.finish_maps), never on the ensemble's features
+FINISHING_KEYS = ("rim_mm", "smooth_z_mm", "evidence")
 # Ensembles stored before the settings were recorded were all fitted by training/fit_ensemble.py with
 # the default options (smoothing sigma 3, kernel 7; projection 100 steps, lambda 0.5, lr 0.03).
 LEGACY_OPTIONS = {"smooth": True, "smooth_sigma": 3.0, "smooth_kernel": 7,
@@ -36,17 +37,19 @@ def relevant_keys(features) -> tuple:
     if "proj-rec-error" in features:
         keys += PROJECTION_KEYS
     if set(features) & SIGNED_FEATURES:
-        keys += ("polarity", "evidence")
+        keys += ("polarity",)
     if features:
         keys += FINISHING_KEYS
     return keys
 
 
-def options_mismatch(recorded: dict, options, features, output: str | None = None) -> list[str]:
+def options_mismatch(recorded: dict, options, features, output: str | None = None,
+                     finishing: bool = True) -> list[str]:
     """Human-readable differences between recorded settings and `options` (a PredictorOptions),
     restricted to the fields that matter for `features`; smoothing parameters only matter when on.
-    output: the map the features make (the ensemble): the finishing options (rim, smoothing across slices) act
-    on it, not on its features, so they take its defaults."""
+    output: the map the features make (the ensemble): the finishing options (rim, smoothing across slices,
+    evidence) act on it, not on its features, so they take its defaults; finishing=False leaves them out (what the
+    features themselves were computed with)."""
     from .registry import option_defaults
     out = []
     for f in features or [None]:  # compared as each map sees them: unset (None) options take its own defaults
@@ -59,7 +62,8 @@ def options_mismatch(recorded: dict, options, features, output: str | None = Non
         pixel_kernel = not rec.get("smooth_mm") and not cur.get("smooth_mm")
         keys = [k for k in relevant_keys([f] if f else features)
                 if not (k in ("smooth_sigma", "smooth_kernel", "smooth_mm", "smooth_z_mm") and smooth_off)
-                and not (k in ("smooth_sigma", "smooth_kernel") and not pixel_kernel)]
+                and not (k in ("smooth_sigma", "smooth_kernel") and not pixel_kernel)
+                and (finishing or k not in FINISHING_KEYS)]
         out += [f"{k}={cur[k]!r} (fitted/calibrated with {rec[k]!r})" for k in keys
                 if k in rec and cur.get(k) != rec[k]]
     return list(dict.fromkeys(out))
@@ -124,7 +128,7 @@ class Ensemble:
     def check_options(self, options) -> None:
         """Raise ValueError, saying what to change, if `options` compute the features differently from
         the settings the ensemble was fitted with."""
-        diff = options_mismatch(self.fitted_options, options, self.features, output="ensemble")
+        diff = options_mismatch(self.fitted_options, options, self.features, finishing=False)
         if diff:
             hint = " (drop --no-smooth / turn gradient smoothing back on)" if any(d.startswith("smooth=") for d in diff) else ""
             raise ValueError("the ensemble was fitted on features computed with other settings: " + "; ".join(diff) +
