@@ -385,11 +385,10 @@ def test_the_bundled_sample_gives_one_finding_on_its_lesion():
     import SimpleITK as sitk
     from vaeanomaly import findings
     from vaeanomaly.calibration import calibrated_threshold
-    from vaeanomaly.checkpoint import MODELS_DIR
+    from vaeanomaly.checkpoint import sample_data
     from vaeanomaly.volume import score_volume
-    sample = MODELS_DIR.parent / "SampleData"
-    img = sitk.ReadImage(str(sample / "VAEAnomalySample_T2.nrrd"))
-    lesion = sitk.GetArrayFromImage(sitk.ReadImage(str(sample / "VAEAnomalySample_Lesion.nrrd"))) > 0
+    img = sitk.ReadImage(str(sample_data("VAEAnomalySample_T2.nrrd")))
+    lesion = sitk.GetArrayFromImage(sitk.ReadImage(str(sample_data("VAEAnomalySample_Lesion.nrrd")))) > 0
     ck = load_checkpoint(None)
     heat = score_volume(ck, img, None, ["rec-grad"])["rec-grad"]
     thr = calibrated_threshold(ck, "rec-grad")
