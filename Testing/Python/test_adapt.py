@@ -87,7 +87,8 @@ def adapt_base(cohort, tmp_path_factory):
     p = tmp_path_factory.mktemp("base") / "site-a.safetensors"
     p.write_bytes(resolve_model(BASE).read_bytes())
     ck = load_checkpoint(p)
-    upd = calibrate(ck.model, ck.beta, cases_from_cache(SliceCache.load(cohort / "healthy.npz")), PredictorOptions(),
+    upd = calibrate(ck.model, ck.beta, cases_from_cache(SliceCache.load(cohort / "healthy.npz")),
+                    PredictorOptions(proj_steps=2),
                     ensemble=ck.ensemble, max_projection_slices=8)
     update_metadata(p, **upd)
     return p

@@ -128,7 +128,8 @@ class Checkpoint:
                 else:
                     z = PredictorOptions.from_dict({"smooth_z_mm": 0.0, **o}).for_map("rec-grad").smooth_z_mm
                     lines.append(f"  hold for: smoothing {'on' if o.get('smooth') else 'off'} (rec-grad across "
-                                 f"slices {z:g} mm), projection {o.get('proj_steps')} steps, lambda {o.get('proj_lambda')}")
+                                 f"slices {z:g} mm), projection {o.get('proj_steps')} steps, "
+                                 f"lambda {o.get('proj_lambda')}")
             else:
                 lines.append("  (older calibration: no ensemble threshold, no Combi constants; re-calibrate with "
                              "training/calibrate.py)")
