@@ -99,12 +99,16 @@ def load_state(path: Path, model, opt) -> int:
     return epoch
 
 
-def calibrate(model, beta, cache, case_ids, device) -> dict:
+def calibrate(model, beta, cache, case_ids, device, folder=None) -> dict:
     """Metadata updates from the held-out healthy subjects: thresholds (99th percentile inside the brain)
     for every predictor, Combi's constants and the options they hold for (the inference defaults).
+    folder: the cohort folder of the cache, for the slice spacings (maps smoothed across slices).
     One implementation: vaeanomaly.calibration.calibrate (also used by training/calibrate.py)."""
     from vaeanomaly.calibration import calibrate as calibrate_checkpoint, cases_from_cache
-    return calibrate_checkpoint(model, beta, cases_from_cache(cache, sorted(case_ids)), PredictorOptions(),
+    from vaeanomaly.data import slice_spacings
+    ids = sorted(case_ids)
+    spacing = slice_spacings(folder, [cache.names[i] for i in ids]) if folder else {}
+    return calibrate_checkpoint(model, beta, cases_from_cache(cache, ids, spacing), PredictorOptions(),
                                 device=device)
 
 
@@ -204,7 +208,9 @@ def main(argv=None):
     val_sel = np.isin(cache.case, list(val_ids))
     calib = {}
     if val_sel.any():
-        calib = calibrate(model.eval(), a.beta, cache, val_ids, a.device)
+        from calibrate import cache_folder
+        folder = cache_folder(a.cache, a.data) if (a.cache or a.data) else None
+        calib = calibrate(model.eval(), a.beta, cache, val_ids, a.device, folder)
     thresholds = calib.get("thresholds", {})
     meta = {
         "name": a.name or out.name.replace(".safetensors", ""),
