@@ -220,15 +220,19 @@ def ens_checkpoint(cohort, tiny_checkpoint, tmp_path_factory):
 
 def test_calibration_uses_the_inference_defaults(cohort, tiny_checkpoint):
     from vaeanomaly.calibration import held_out_cases, option_subset
-    from vaeanomaly.data import SliceCache
+    from vaeanomaly.data import SliceCache, slice_spacings
     ck = load_checkpoint(tiny_checkpoint)
     assert ck.meta["thresholds_options"] == option_subset(PredictorOptions())  # before: 50 projection steps
     cache = SliceCache.load(cohort / "healthy.npz")
     held = ck.meta["calibration"]["cases"]
     assert held == [cache.names[i] for i in held_out_cases(len(cache.names), 0.1, 0)]  # calibrate.py's fallback rule
     (name, slices, brain, _), = cache.cases_in([cache.names.index(held[0])])
+    # train.py reads the held-out case's slice spacing from the cohort folder (the maps are smoothed across slices)
+    slice_mm = slice_spacings(cohort / "healthy", [name])[name]
+    assert slice_mm != pytest.approx(240.0 / ck.model.image_size)  # else the spacing would not be tested
     maps = compute_maps(ck.model, slices, ["rec-grad", "kl-grad", "combi"], ck.beta, PredictorOptions(),
-                        combi_norm=(ck.combi_normalisation["min"], ck.combi_normalisation["max"]))
+                        combi_norm=(ck.combi_normalisation["min"], ck.combi_normalisation["max"]), brain=brain,
+                        slice_mm=slice_mm)
     for p in ("rec-grad", "kl-grad", "combi"):
         assert ck.thresholds[p] == pytest.approx(float(np.percentile(maps[p][brain], 99)), rel=1e-4)
 
