@@ -18,14 +18,17 @@ torch.set_num_threads(2)
 
 @pytest.fixture(scope="session")
 def cohort(tmp_path_factory):
-    """3 healthy (HCP layout) + 2 lesion (BraTS layout) generated subjects and their caches."""
+    """3 healthy (HCP layout) + 2 lesion (BraTS layout) generated subjects and their caches (the lesion cases'
+    anatomy sampled every 2 mm: about 15x faster to generate; the acquisition grid is the same)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
     from vaeanomaly.data import brats_items, build_cache, healthy_items
     from vaeanomaly.synth import write_one
     d = tmp_path_factory.mktemp("cohort")
-    for i in range(3):
-        write_one(d / "healthy", i, False, seed=0)
-    for i in range(2):
-        write_one(d / "lesion", i, True, seed=1)
+    jobs = [(d / "healthy", i, False, 0, 1) for i in range(3)] + [(d / "lesion", i, True, 1, 2) for i in range(2)]
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:  # numpy: one core each
+        list(pool.map(write_one, *zip(*jobs)))
     build_cache(healthy_items(d / "healthy"), min_brain_fraction=0.05).save(d / "healthy.npz")
     build_cache(brats_items(d / "lesion")).save(d / "lesion.npz")
     return d

@@ -94,6 +94,7 @@ def adapt_base(cohort, tmp_path_factory):
     return p
 
 
+@pytest.mark.slow
 def test_adapt_improves_flagged_percent_on_held_out_scans(epi, adapt_base, tmp_path, capsys):
     scans, masks = epi
     before_sha = sha(adapt_base)
@@ -201,6 +202,7 @@ def test_lesion_scan_among_healthy_is_refused(site, tmp_path):
               options=AdaptOptions(minutes=0.1, max_epochs=1))
 
 
+@pytest.mark.slow
 def test_progress_only_moves_forward(epi, tmp_path):
     """The progress bar never runs past a stage and back: a fine-tuning budget overrun (here: after the
     first epoch) reports the stage's end, not more."""

@@ -140,6 +140,7 @@ def test_cancel_stops_the_process_tree_and_writes_nothing(scene, site_images, mo
     ctl.close()
 
 
+@pytest.mark.slow  # two adapt processes: CI runs it (RUN_SLOW=1)
 def test_bad_sets_show_the_commands_own_message(scene, site_images, models_dir):
     user = ScriptedUser()
     ctl = PanelController(scene, PanelParams(), user)

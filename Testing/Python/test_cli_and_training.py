@@ -78,6 +78,7 @@ def test_bundled_checkpoints_load_and_carry_cards():
     assert load_checkpoint("bvae-l64-b10").beta == 10.0
 
 
+@pytest.mark.slow
 def test_train_resume_and_scripts(cohort, tmp_path):
     import evaluate
     import fit_ensemble
@@ -107,6 +108,7 @@ def test_train_resume_and_scripts(cohort, tmp_path):
     assert "auroc_brain" in load_checkpoint(out).meta["evaluation"]
 
 
+@pytest.mark.slow  # a fresh process training and calibrating: CI runs it; the fixtures run train.main in-process
 def test_training_script_runs_as_a_command(cohort, tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "training" / "train.py"), "--cache", str(cohort / "healthy.npz"),
                         "--out", str(tmp_path / "c.safetensors"), "--epochs", "1", "--latent", "8", "--device", "cpu"],

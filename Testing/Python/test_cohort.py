@@ -124,6 +124,7 @@ def free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_torchrun_ranks_share_the_list(volumes, tmp_path):
     """Two CPU ranks (gloo): each scores its share, rank 0 writes the one summary."""
     d, _ = volumes

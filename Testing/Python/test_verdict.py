@@ -207,10 +207,16 @@ def test_generated_foreign_contrasts_are_flagged(calibrated, domain):
     assert any("does not look T2-weighted" in w for w in r["warnings"]), r["warnings"]
 
 
-def test_generated_head_without_mask_is_refused(calibrated):
-    """The generator's unstripped head (skull, scalp, background noise): refused without a mask."""
+@pytest.fixture(scope="module")
+def generated_head():
+    """The generator's unstripped head (skull, scalp, noisy air) with its brain mask."""
     from vaeanomaly.synth import make_subject
-    sub = make_subject(1_800_001, domain="tse", head=True, step=2, off=("partial",))
+    return make_subject(1_800_001, domain="tse", head=True, step=2, off=("partial",))
+
+
+def test_generated_head_without_mask_is_refused(calibrated, generated_head):
+    """The generator's unstripped head (skull, scalp, background noise): refused without a mask."""
+    sub = generated_head
     r = verdict.assess(calibrated, sub.t2, None)
     assert r["in_distribution"] is False and r["fit"] is None and "--mask" in r["warnings"][0]
     with pytest.raises(VolumeError, match="not look skull-stripped"):
@@ -257,7 +263,8 @@ def _rotated(img, interpolator):
     return sitk.Resample(img, img, t, interpolator, 0.0, sitk.sitkFloat32), t
 
 
-@pytest.mark.parametrize("interpolator", [sitk.sitkWelchWindowedSinc, sitk.sitkBSpline])
+@pytest.mark.parametrize("interpolator", [pytest.param(sitk.sitkWelchWindowedSinc, marks=pytest.mark.slow),
+                                          sitk.sitkBSpline])
 def test_skull_stripped_volume_with_interpolation_ringing_is_masked(interpolator):
     """The automatic mask starts from the background level, not the minimum: the bundled skull-stripped sample,
     resampled with ringing (negative voxels next to the brain, down to a quarter of its range), gets the brain --
@@ -279,13 +286,12 @@ def test_skull_stripped_volume_with_interpolation_ringing_is_masked(interpolator
     assert automatic_mask_problems(ringing, mask) == []
 
 
-def test_unstripped_head_is_still_refused_with_ringing():
+def test_unstripped_head_is_still_refused_with_ringing(generated_head):
     """The generator's head (skull, scalp, noisy air), as generated and resampled with ringing: refused
     without a mask, for the reasons that say it is a head."""
     from vaeanomaly.brainmask import automatic_mask_problems
-    from vaeanomaly.synth import make_subject
     from vaeanomaly.volume import auto_mask, mask_for
-    sub = make_subject(1_800_001, domain="tse", head=True, step=2, off=("partial",))
+    sub = generated_head
     head = sitk.Cast(sub.t2, sitk.sitkFloat32)
     for img in (head, _rotated(head, sitk.sitkBSpline)[0]):
         with pytest.raises(VolumeError, match="not look skull-stripped"):

@@ -144,6 +144,7 @@ def test_results_equal_the_command_line(scene, sample_small, tmp_path):
     assert result.warnings == report["warnings"]
 
 
+@pytest.mark.slow
 def test_cancel_kills_the_tree_and_the_next_job_starts_a_fresh_worker(scene, sample_small, tmp_path):
     logic = VAEAnomalyLogic(scene)
     node = add_volume(scene, sample_small, "T2")
@@ -169,6 +170,7 @@ def test_cancel_kills_the_tree_and_the_next_job_starts_a_fresh_worker(scene, sam
     assert nxt.finish().heatmap is not None
 
 
+@pytest.mark.slow
 def test_a_worker_killed_from_outside_fails_its_job_and_is_replaced(scene, sample_small, tmp_path):
     logic = VAEAnomalyLogic(scene)
     node = add_volume(scene, sample_small, "T2")
@@ -228,6 +230,7 @@ def test_a_launcher_that_fails_reports_its_message(scene, sample_small, tmp_path
     job.cleanup()
 
 
+@pytest.mark.slow
 def test_shutdown_leaves_no_process(scene, sample_small, tmp_path):
     logic = VAEAnomalyLogic(scene)
     node = add_volume(scene, sample_small, "T2")
@@ -247,6 +250,7 @@ def test_shutdown_leaves_no_process(scene, sample_small, tmp_path):
     busy.cleanup()
 
 
+@pytest.mark.slow
 def test_workers_stop_when_the_application_exits(tmp_path):
     """atexit, and the worker's own end when its parent vanishes without running atexit (stdin closes)."""
     code = ("import sys, os; sys.path.insert(0, {lib!r}); from VAEAnomalyLib import worker; "

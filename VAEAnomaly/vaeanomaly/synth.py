@@ -21,9 +21,9 @@ from scipy import ndimage
 
 
 @functools.lru_cache(maxsize=2)
-def _anatomy(step: int = 1):
+def _template(step: int = 1):
     """Template maps cropped to the brain (+6 mm); step > 1 subsamples them (fast generated data for tests).
-    Returns gm, wm, brain, depth (mm inside the brain), affine (RAS mm of the array's voxels)."""
+    Returns gm, wm, brain, affine (RAS mm of the array's voxels)."""
     from nilearn import datasets
     gm = datasets.load_mni152_gm_template(resolution=1)
     wm = np.asarray(datasets.load_mni152_wm_template(resolution=1).get_fdata(), np.float32)
@@ -31,16 +31,19 @@ def _anatomy(step: int = 1):
     gmv = np.asarray(gm.get_fdata(), np.float32)
     idx = np.argwhere(brain > 0)
     lo, hi = np.maximum(idx.min(0) - 6, 0), np.minimum(idx.max(0) + 7, brain.shape)
-    crop = tuple(slice(a, b) for a, b in zip(lo, hi))
     affine = gm.affine.copy()
     affine[:3, 3] += affine[:3, :3] @ lo  # RAS mm of the cropped array's voxel 0
-    if step != 1:
-        crop = tuple(slice(a, b, step) for a, b in zip(lo, hi))
-        affine[:3, :3] *= step
-        return (gmv[crop], wm[crop], brain[crop],
-                ndimage.distance_transform_edt(brain[crop] > 0.5, sampling=step).astype(np.float32), affine)
-    depth = ndimage.distance_transform_edt(brain[crop] > 0.5).astype(np.float32)
-    return gmv[crop], wm[crop], brain[crop], depth, affine
+    crop = tuple(slice(a, b, step) for a, b in zip(lo, hi))
+    affine[:3, :3] *= step
+    return gmv[crop], wm[crop], brain[crop], affine
+
+
+@functools.lru_cache(maxsize=2)
+def _anatomy(step: int = 1):
+    """_template's maps and the depth (mm inside the brain): gm, wm, brain, depth, affine."""
+    gm, wm, brain, affine = _template(step)
+    kw = {"sampling": step} if step != 1 else {}
+    return gm, wm, brain, ndimage.distance_transform_edt(brain > 0.5, **kw).astype(np.float32), affine
 
 
 def _smooth_noise(rng, shape, coarse, amp):
@@ -58,24 +61,26 @@ class Subject:
 
 
 def make_subject(seed: int, lesion=False, brats_geometry: Optional[bool] = None, domain: Optional[str] = None,
-                 head: bool = False, **switches) -> Subject:
+                 head: bool = False, step: int = 1, **switches) -> Subject:
     """One generated subject. domain=None: the original generator ("legacy", which trained the first
     bundled models and made the paper-grid tables). Any other domain (see DOMAINS): the varied generator,
     where `lesion` is False, True ("glioma") or a family name (see LESION_FAMILIES) and head=True adds
-    skull, scalp and background (the mask stays the brain)."""
+    skull, scalp and background (the mask stays the brain). step: the anatomy sampled every `step` mm before
+    acquisition (2 is about 8x faster and coarser: for tests); the acquisition grid is the same."""
     if domain is not None and domain != "legacy":
-        return make_varied(seed, domain, lesion, head=head, **switches)
+        return make_varied(seed, domain, lesion, head=head, step=step, **switches)
     if head or switches:
         raise ValueError("head and generator switches need a domain other than 'legacy'")
-    return _legacy_subject(seed, bool(lesion), brats_geometry)
+    return _legacy_subject(seed, bool(lesion), brats_geometry, step)
 
 
-def _legacy_subject(seed: int, lesion: bool, brats_geometry: Optional[bool]) -> Subject:
+def _legacy_subject(seed: int, lesion: bool, brats_geometry: Optional[bool], step: int = 1) -> Subject:
     rng = np.random.default_rng(seed)
-    gm, wm, brain, depth, affine = _anatomy()
+    gm, wm, brain, affine = _template(step)  # the depth only where a lesion is placed
     shape = gm.shape
-    grid = np.stack(np.meshgrid(*[np.arange(s, dtype=np.float32) for s in shape], indexing="ij"))
-    centre = (np.array(shape, np.float32) - 1) / 2
+    # grid, centre, deformation and lesion geometry in mm (voxels of `step` mm)
+    grid = np.stack(np.meshgrid(*[np.arange(s, dtype=np.float32) * step for s in shape], indexing="ij"))
+    centre = (np.array(shape, np.float32) - 1) / 2 * step
     # global affine: per-axis scale (head size/shape) and a small rotation about the vertical axis
     scale = rng.uniform(0.92, 1.06, 3) * rng.uniform(0.96, 1.03)
     th = np.deg2rad(rng.uniform(-6, 6))
@@ -88,9 +93,11 @@ def _legacy_subject(seed: int, lesion: bool, brats_geometry: Optional[bool]) -> 
     seg = None
     if lesion:
         # lesion centre inside deep tissue (at least ~12 mm from the brain surface), in output space
+        depth = _anatomy(step)[3]
         cand = np.argwhere((depth > 14) & (gm + wm > 0.6))
         c = cand[rng.integers(len(cand))].astype(np.float32)
         r_tumour = rng.uniform(7, min(20, depth[tuple(c.astype(int))] - 2))
+        c = c * step
         r_oedema = r_tumour * rng.uniform(1.4, 2.1)
         d = grid - c[:, None, None, None]
         r = np.sqrt((d ** 2).sum(0)) + 1e-3
@@ -101,6 +108,7 @@ def _legacy_subject(seed: int, lesion: bool, brats_geometry: Optional[bool]) -> 
         # irregular shapes: distance modulated by smooth noise
         r_irr = r * (1 + _smooth_noise(rng, shape, (8, 9, 8), 0.18))
         r_oed = r * (1 + _smooth_noise(rng, shape, (10, 11, 10), 0.3))
+    src = src if step == 1 else src / step
     warp = lambda v: ndimage.map_coordinates(v, src, order=1, mode="constant", cval=0.0)  # noqa: E731
     gm_w, wm_w, brain_w = warp(gm), warp(wm), warp(brain)
     csf_w = np.clip(brain_w - gm_w - wm_w, 0, 1)
@@ -165,12 +173,12 @@ def _geometry(t2, mask, seg, affine, rng, brats: bool) -> Subject:
     return Subject(t2_out, m_out, nn(seg) if seg is not None else None)
 
 
-def write_one(out_dir, i: int, lesion: bool, seed: int = 0) -> Path:
+def write_one(out_dir, i: int, lesion: bool, seed: int = 0, step: int = 1) -> Path:
     """Write subject i of a cohort. Healthy: HCP-like <id>/T1w/T2w_acpc_dc_restore_brain.nii.gz
     (+ brainmask_fs.nii.gz). Lesion: BraTS layout <case>/<case>_t2.nii.gz, <case>_seg.nii.gz
-    (+ <case>_brainmask.nii.gz)."""
+    (+ <case>_brainmask.nii.gz). step: see make_subject (2: fast, for tests)."""
     out = Path(out_dir)
-    sub = make_subject(seed * 100_003 + i + (50_000 if lesion else 0), lesion=lesion)
+    sub = make_subject(seed * 100_003 + i + (50_000 if lesion else 0), lesion=lesion, step=step)
     if lesion:
         case = f"SYN_{seed:02d}_{i:03d}"
         d = out / case
