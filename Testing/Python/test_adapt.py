@@ -196,10 +196,17 @@ def test_grossly_abnormal_scan_among_healthy_is_refused(site, tmp_path):
                           "abnormality only; this site-shifted generated glioma (2 % of the brain) flags 2-3 %, "
                           "healthy scans from an unknown scanner up to 7.4 %", strict=False)
 def test_lesion_scan_among_healthy_is_refused(site, tmp_path):
+    """The lesion case at the healthy scans' anatomical resolution (the cohort's lesion cases are generated
+    coarser, which alone would make one stand out among them)."""
+    from vaeanomaly.synth import write_one
     d, scans, masks = site
+    t2 = write_one(tmp_path / "gen", 0, True, seed=1)
+    img, m = site_scan(sitk.ReadImage(str(t2)), sitk.ReadImage(str(t2.parent / t2.name.replace("_t2", "_brainmask"))))
+    sitk.WriteImage(img, str(tmp_path / "lesion.nii.gz"))
+    sitk.WriteImage(m, str(tmp_path / "lesion_mask.nii.gz"))
     with pytest.raises(AdaptError, match="lesion.nii.gz .* stand out"):
-        adapt([*scans, d / "lesion.nii.gz"], tmp_path / "a.safetensors", masks=[*masks, d / "lesion_mask.nii.gz"],
-              options=AdaptOptions(minutes=0.1, max_epochs=1))
+        adapt([*scans, tmp_path / "lesion.nii.gz"], tmp_path / "a.safetensors",
+              masks=[*masks, tmp_path / "lesion_mask.nii.gz"], options=AdaptOptions(minutes=0.1, max_epochs=1))
 
 
 @pytest.mark.slow
