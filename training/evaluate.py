@@ -90,7 +90,7 @@ def run_benchmark(a, device) -> None:
     from common import command_line, hardware
     from vaeanomaly.data import SliceCache
     from vaeanomaly.evaluation import INTENSITY, benchmark, format_benchmark, healthy_threshold
-    from vaeanomaly.calibration import calibrated_threshold, inference_kwargs
+    from vaeanomaly.calibration import PEAK_QUANTILE, calibrated_threshold, inference_kwargs, region_peak
     from vaeanomaly.predictors import compute_maps
     from vaeanomaly.registry import DEFAULT_PREDICTORS
     from vaeanomaly.synth import DOMAINS, read_manifest
@@ -128,7 +128,7 @@ def run_benchmark(a, device) -> None:
                         ck.model, x, [p], ck.beta, opts, device, brain=b, slice_mm=sp[2] if sp else None, **kw)[p]
         # the checkpoint's calibrated threshold where it holds for the variant's options (what a clinician gets with
         # --threshold auto); else, computed as calibration does: the 99th percentile on the healthy calibration split
-        thr = {}
+        thr, peaks = {}, {}
         for v, opts in variants.items():
             for p in preds:
                 key = f"{ck.name} {p}" + (f" [{v}]" if v != "default" else "")
@@ -136,9 +136,16 @@ def run_benchmark(a, device) -> None:
                     thr[key] = calibrated_threshold(ck, p, opts)
                 except ValueError:
                     thr[key] = healthy_threshold(fns[key], calib, spacings=calib_spacings)
+                # the region peak the label keeps regions by (hysteresis); computed as calibration does where the
+                # checkpoint has none for these options
+                peaks[key] = region_peak(ck, p, opts)
+                if peaks[key] is None and not a.all_regions:
+                    peaks[key] = healthy_threshold(fns[key], calib, PEAK_QUANTILE, spacings=calib_spacings)
+                if a.all_regions:
+                    peaks[key] = None
         bar = tqdm(total=len(bench.names), desc=f"{a.split} {ck.name}", file=sys.stderr)
         rows += benchmark(fns, bench.cases(), groups, thr, spacings=spacings, min_region_mm3=a.min_region_mm3,
-                          progress=lambda f: bar.update(round(f * len(bench.names)) - bar.n))
+                          progress=lambda f: bar.update(round(f * len(bench.names)) - bar.n), peaks=peaks)
         bar.close()
         if not a.no_verdicts:
             verdicts += case_verdicts(ck, bench, groups, variants[a.variants[0]], device)
@@ -147,7 +154,9 @@ def run_benchmark(a, device) -> None:
         name = f"{INTENSITY} ({size}x{size})"
         rows += benchmark({name: lambda x, b, sp: x}, bench.cases(), groups,
                           {name: healthy_threshold(lambda x, b, sp: x, calib)},
-                          spacings=spacings, min_region_mm3=a.min_region_mm3)
+                          spacings=spacings, min_region_mm3=a.min_region_mm3,
+                          peaks={name: None if a.all_regions else healthy_threshold(lambda x, b, sp: x, calib,
+                                                                                     PEAK_QUANTILE)})
     elapsed = time.time() - t0
     rows.sort(key=lambda r: (list(dict.fromkeys(c["family"] for c in manifest.values() if c["family"])).index(r["family"]),
                              r["domain"], r["scorer"]))
@@ -213,6 +222,9 @@ def main(argv=None):
                          "'[preset,]key=value,...' (e.g. polarity=bright,smooth_mm=4)")
     ap.add_argument("--min-region-mm3", type=float, default=None,
                     help="--benchmark: regions above the threshold smaller than this are dropped (lesion-wise counts)")
+    ap.add_argument("--all-regions", action="store_true",
+                    help="--benchmark: count every region above the threshold (by default a region counts only when "
+                         "its peak reaches the region peak, as the label keeps regions)")
     ap.add_argument("--lead", help="--benchmark: the scorer of the headline table (default: the default model's)")
     ap.add_argument("--no-verdicts", action="store_true", help="--benchmark: skip the per-case verdict table")
     a = ap.parse_args(argv)

@@ -77,11 +77,13 @@ def main(argv=None):
         from vaeanomaly.calibration import option_subset
         if ck.meta.get("thresholds_options") == option_subset(opts):  # current calibration: add the ensemble's
             new = recalibrate(ck, a.healthy_cache, device=device, ensemble=ens, options=opts, only=["ensemble"])
-            calib = {"thresholds": {**ck.thresholds, **new["thresholds"]}}
+            calib = {"thresholds": {**ck.thresholds, **new["thresholds"]},
+                     "region_peaks": {**(ck.meta.get("region_peaks") or {}), **new["region_peaks"]}}
         else:  # an older calibration: everything again, with the inference defaults
             calib = recalibrate(ck, a.healthy_cache, device=device, ensemble=ens, options=opts)
     elif "ensemble" in ck.thresholds:  # a threshold of an earlier ensemble would not hold for this one
-        calib = {"thresholds": {k: v for k, v in ck.thresholds.items() if k != "ensemble"}}
+        calib = {"thresholds": {k: v for k, v in ck.thresholds.items() if k != "ensemble"},
+                 "region_peaks": {k: v for k, v in (ck.meta.get("region_peaks") or {}).items() if k != "ensemble"}}
     update_metadata(a.checkpoint, ensemble=ens.to_dict(), ensemble_evaluation=report, **calib)
     if not a.healthy_cache:
         print("note: the ensemble has no calibrated threshold yet (--threshold auto will refuse it); add one with "

@@ -171,6 +171,29 @@ def test_min_region_size_in_mm3_drops_small_regions_only():
     assert d == {"n_lesions": 2, "found": 0, "false_regions": 1}
 
 
+def test_a_region_is_kept_only_when_its_peak_reaches_the_region_peak():
+    """Hysteresis: of two regions above the threshold, the one whose highest score stays below the region peak is
+    dropped (size alone would keep it); without a peak both stay; lesion-wise it stops counting as a false region."""
+    from vaeanomaly.regions import keep_large, lesion_detection
+    score = np.zeros((10, 20, 20))
+    score[1:4, 1:5, 1:5] = 1.2                 # 48 voxels, peak 1.2: noise just above the threshold
+    score[5:9, 10:15, 10:15] = 1.5
+    score[7, 12, 12] = 3.0                     # 100 voxels, peak 3.0: a lesion's core
+    above = score > 1.0
+    assert keep_large(above, (1, 1, 1), 10).sum() == 148
+    kept = keep_large(above, (1, 1, 1), 10, score, 2.0)
+    assert kept.sum() == 100 and not kept[2, 2, 2] and kept[5, 10, 10]  # the whole region, not only its core
+    assert keep_large(above, (1, 1, 1), 0, score, 2.0).sum() == 100     # the peak acts without a minimum size
+    assert keep_large(above, (1, 1, 1), 10, score, 3.0).sum() == 100    # reaching it exactly is enough
+    label = np.zeros(score.shape, bool)
+    label[6, 12, 12] = True
+    brain = np.ones(score.shape, bool)
+    assert lesion_detection(score, label, brain, 1.0, (1, 1, 1), 10) == {"n_lesions": 1, "found": 1,
+                                                                         "false_regions": 1}
+    assert lesion_detection(score, label, brain, 1.0, (1, 1, 1), 10, 2.0) == {"n_lesions": 1, "found": 1,
+                                                                              "false_regions": 0}
+
+
 def test_label_written_by_score_drops_small_regions(tmp_path):
     """`vaeanomaly score --label` at an absolute threshold: regions under --min-region-mm3 are not in the label."""
     import SimpleITK as sitk
@@ -263,6 +286,50 @@ def test_create_segment_drops_regions_below_the_minimum_size():
         scene.Clear(1)
 
 
+def test_create_segment_and_findings_use_the_heatmaps_region_peak(tmp_path):
+    """Apply stores the model's region peak on the heatmap node (add_results, from the checkpoint's calibration);
+    'Create segment' and the findings table then keep only the regions that reach it, as `score --label` does;
+    a heatmap without one keeps every region."""
+    import shutil
+
+    import SimpleITK as sitk
+    import slicer
+    from vaeanomaly.checkpoint import resolve_model, update_metadata
+    from VAEAnomalyLib.logic import REGION_PEAK, VAEAnomalyLogic, region_peak_of
+    arr = np.zeros((12, 30, 30), np.float32)
+    arr[2:5, 3:8, 3:8] = 1.2                   # 75 voxels x 8 mm3, peak 1.2
+    arr[6:9, 10:16, 10:16] = 1.5
+    arr[7, 12, 12] = 3.0                       # 108 voxels, peak 3.0
+    img = sitk.GetImageFromArray(arr)
+    img.SetSpacing((2.0, 2.0, 2.0))
+    p = tmp_path / "m.safetensors"
+    shutil.copy(resolve_model("bvae-l64-b10-v2"), p)
+    update_metadata(p, region_peaks={"rec-grad": 2.0})
+    ck = load_checkpoint(p)
+    scene = slicer.vtkMRMLScene()
+    try:
+        logic = VAEAnomalyLogic(scene)
+        vol = slicer.vtkMRMLScalarVolumeNode()
+        scene.AddNode(vol)
+        from VAEAnomalyLib.logic import set_node_from_image
+        set_node_from_image(vol, img)
+        heat = logic.add_results(vol, {"rec-grad": img}, ck, "rec-grad")
+        assert region_peak_of(heat) == 2.0
+        seg = logic.create_segment(heat, 1.0, min_region_mm3=20)
+        got = logic._segment_array(seg, seg.GetSegmentation().GetSegmentIdBySegmentName("Anomaly"), heat)
+        assert got.sum() == 108 and not got[3, 5, 5]
+        _, _, found = logic.update_findings(heat, 1.0, vol, min_region_mm3=20)
+        assert len(found) == 1 and found[0]["peak"] == pytest.approx(3.0)
+        _, _, found = logic.update_findings(heat, 1.0, vol, min_region_mm3=20, min_peak=0.0)
+        assert len(found) == 2
+        heat.RemoveAttribute(REGION_PEAK)  # a heatmap without one (loaded by hand, an older model)
+        assert len(logic.update_findings(heat, 1.0, vol, min_region_mm3=20)[2]) == 2
+        with pytest.raises(ValueError, match="reaches 9"):
+            logic.create_segment(heat, 1.0, seg, min_region_mm3=20, min_peak=9.0, overwrite=True)
+    finally:
+        scene.Clear(1)
+
+
 def test_each_map_has_its_own_defaults_and_old_thresholds_still_hold():
     """Unset options take the map's own defaults: the VAE maps keep the papers' settings (so thresholds calibrated
     before these options existed still hold), the DAE residual its measured ones; an explicit option overrides."""
@@ -350,6 +417,8 @@ def test_calibration_thresholds_are_percentiles_of_the_maps_scoring_gives():
     maps = compute_maps(vae, x, ["rec-grad", "ensemble"], 1.0, opts, brain=b, slice_mm=2.0, ensemble=ens)
     for p in ("rec-grad", "ensemble"):
         assert upd["thresholds"][p] == pytest.approx(float(np.percentile(maps[p][b], 99)), rel=1e-5)
+        assert upd["region_peaks"][p] == pytest.approx(float(np.percentile(maps[p][b], 99.9)), rel=1e-5)
+        assert upd["region_peaks"][p] >= upd["thresholds"][p]
     assert upd["thresholds_options"]["smooth_z_mm"] is None  # the map's own default, recorded as such
 
 
@@ -400,3 +469,27 @@ def test_the_bundled_sample_gives_one_finding_on_its_lesion():
     away = np.ones(len(flagged), bool)
     away[zs.min():zs.max() + 1] = False
     assert not flagged[away].any()
+
+
+def test_score_keeps_regions_by_the_calibrated_region_peak(tmp_path):
+    """`score --label/--findings`: the checkpoint's region peak for the predictor where its calibration holds for
+    the options asked for; none with --all-regions or other options (then every region is kept)."""
+    import shutil
+
+    from vaeanomaly.checkpoint import resolve_model, update_metadata
+    from vaeanomaly.cli import build_parser, plan_score
+    p = tmp_path / "m.safetensors"
+    shutil.copy(resolve_model("bvae-l64-b10-v2"), p)
+    update_metadata(p, region_peaks={"rec-grad": 2.5, "kl-grad": 0.5})
+    t2 = tmp_path / "t2.nii.gz"
+    t2.write_bytes(b"")  # not read: planning only checks paths
+
+    def plan(*extra):
+        a = build_parser().parse_args(["score", str(t2), "-o", str(tmp_path / "h.nii.gz"), "--model", str(p),
+                                       "--threshold", "auto", "--label", str(tmp_path / "l.nii.gz"), *extra])
+        a.input = a.input[0]  # one volume (cmd_score does this)
+        return plan_score(a)
+    assert plan().region_peaks == {"rec-grad": 2.5}
+    assert plan("--all-regions").region_peaks == {"rec-grad": None}
+    assert plan("--threshold", "p99", "--no-smooth").region_peaks == {"rec-grad": None}  # calibrated for smoothing
+    assert plan("--predictor", "kl-grad").region_peaks == {"kl-grad": 0.5}

@@ -235,6 +235,7 @@ def test_calibration_uses_the_inference_defaults(cohort, tiny_checkpoint):
                         slice_mm=slice_mm)
     for p in ("rec-grad", "kl-grad", "combi"):
         assert ck.thresholds[p] == pytest.approx(float(np.percentile(maps[p][brain], 99)), rel=1e-4)
+        assert ck.meta["region_peaks"][p] == pytest.approx(float(np.percentile(maps[p][brain], 99.9)), rel=1e-4)
 
 
 def test_ensemble_is_a_full_predictor(ens_checkpoint, t2, tmp_path, capsys):

@@ -229,6 +229,12 @@ class VAEAnomalyLogic:
         for k, v in {"VAEAnomaly.Model": checkpoint.name, "VAEAnomaly.Predictor": predictor,
                      "VAEAnomaly.Input": inputVolume.GetID(), "VAEAnomaly.Options": json.dumps(opts)}.items():
             node.SetAttribute(k, v)  # provenance only; nothing parses these back
+        from vaeanomaly.calibration import region_peak
+        peak = region_peak(checkpoint, predictor, options)  # read back by create_segment and update_findings
+        if peak is None:
+            node.RemoveAttribute(REGION_PEAK)
+        else:
+            node.SetAttribute(REGION_PEAK, repr(float(peak)))
         self.lastCalibratedThreshold, self.lastCalibrationNote = calibrated_threshold(checkpoint, predictor, options)
         self._display_heatmap(node)
         self.lastReconstruction = None
@@ -306,21 +312,26 @@ class VAEAnomalyLogic:
         return hashlib.sha1(np.packbits(mask.astype(bool)).tobytes() + str(mask.shape).encode()).hexdigest()
 
     def create_segment(self, heatmapNode, threshold: float, segmentationNode=None, referenceVolume=None,
-                       overwrite: bool = False, show3D: bool = False, min_region_mm3: Optional[float] = None):
+                       overwrite: bool = False, show3D: bool = False, min_region_mm3: Optional[float] = None,
+                       min_peak: Optional[float] = None):
         """Write voxels above `threshold` as segment 'Anomaly' (reference geometry = the input volume), without
         regions smaller than min_region_mm3 (default: vaeanomaly.regions.DEFAULT_MIN_REGION_MM3, as the command
-        line's --label). Refuses to replace an 'Anomaly' segment the user edited unless overwrite=True."""
+        line's --label) and regions whose peak stays below min_peak (default: the heatmap's calibrated region
+        peak, as the command line's --label; see region_peak_of). Refuses to replace an 'Anomaly' segment the user
+        edited unless overwrite=True."""
         import slicer
 
         from vaeanomaly.regions import DEFAULT_MIN_REGION_MM3, keep_large
         ref = referenceVolume or self.scene.GetNodeByID(heatmapNode.GetAttribute("VAEAnomaly.Input") or "") or heatmapNode
         above = self.heatmap_array(heatmapNode) > float(threshold)
         min_mm3 = DEFAULT_MIN_REGION_MM3 if min_region_mm3 is None else float(min_region_mm3)
-        mask = keep_large(above, heatmapNode.GetSpacing(), min_mm3)
+        peak = region_peak_of(heatmapNode) if min_peak is None else float(min_peak)
+        mask = keep_large(above, heatmapNode.GetSpacing(), min_mm3, self.heatmap_array(heatmapNode), peak)
         if not mask.any():  # checked before anything in the scene changes
             raise ValueError(f"no voxel of '{heatmapNode.GetName()}' is above the threshold {float(threshold):.4g}"
                              + (f" in a region of at least {min_mm3:g} mm3" if above.any() else "")
-                             + "; lower the threshold")
+                             + (f" that reaches {peak:.4g} (the model's region peak)" if above.any() and peak
+                                is not None else "") + "; lower the threshold")
         if segmentationNode is None:
             segmentationNode = slicer.vtkMRMLSegmentationNode()
             segmentationNode.SetName(self.scene.GenerateUniqueName(f"{ref.GetName()} anomaly segmentation"))
@@ -374,9 +385,11 @@ class VAEAnomalyLogic:
                     break
         return out["vtkMRMLTableNode"], out["vtkMRMLMarkupsFiducialNode"]
 
-    def update_findings(self, heatmapNode, threshold: float, inputVolume=None, min_region_mm3: Optional[float] = None):
+    def update_findings(self, heatmapNode, threshold: float, inputVolume=None, min_region_mm3: Optional[float] = None,
+                        min_peak: Optional[float] = None):
         """The findings of the heatmap above `threshold` (vaeanomaly.findings.find: regions of at least
-        min_region_mm3, default vaeanomaly.regions.DEFAULT_MIN_REGION_MM3 as for Create segment, ranked by
+        min_region_mm3, default vaeanomaly.regions.DEFAULT_MIN_REGION_MM3 as for Create segment, reaching min_peak,
+        default the heatmap's calibrated region peak as for Create segment, ranked by
         score mass; the input volume gives their mean intensity) into the scene: a table node (one row per
         finding, saved with the scene) and one point list with a control point per finding at its centroid,
         labelled "A1 3.2 ml". Both are this heatmap's own (attribute VAEAnomaly.FindingsOf), updated in place on
@@ -398,7 +411,8 @@ class VAEAnomalyLogic:
         # are taken inside it, and a threshold at or below zero never makes the background a finding
         brain = sitk.Cast(heat > 0, sitk.sitkUInt8)
         min_mm3 = DEFAULT_MIN_REGION_MM3 if min_region_mm3 is None else float(min_region_mm3)
-        found = find(heat, float(threshold), image, brain, min_mm3)
+        found = find(heat, float(threshold), image, brain, min_mm3,
+                     region_peak_of(heatmapNode) if min_peak is None else float(min_peak))
         for f in found:
             x, y, z = f["centroid_lps_mm"]
             f["centroid_ras_mm"] = [-x, -y, z]
@@ -503,6 +517,19 @@ def cli_supports(option: str, command: str = "score") -> bool:
     from vaeanomaly.cli import build_parser
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     return option in sub.choices[command]._option_string_actions
+
+
+REGION_PEAK = "VAEAnomaly.RegionPeak"  # heatmap node attribute: the calibrated region peak (add_results)
+
+
+def region_peak_of(heatmapNode) -> Optional[float]:
+    """The calibrated region peak that add_results stored on a heatmap node (None: keep every region, e.g. a
+    heatmap loaded by hand or a model without one)."""
+    v = heatmapNode.GetAttribute(REGION_PEAK) if heatmapNode is not None else None
+    try:
+        return float(v) if v else None
+    except ValueError:
+        return None
 
 
 @dataclass

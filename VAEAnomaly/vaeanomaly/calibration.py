@@ -31,6 +31,10 @@ from .predictors import PredictorOptions, combi_map, compute_maps, finish_maps
 from .registry import ENSEMBLE, PAPER_PREDICTORS, predictors_for
 
 QUANTILE = 99.0
+# a region above the threshold is kept only when its peak reaches this percentile of healthy brain (hysteresis):
+# chosen on the validation split (docs/validation.md), where it cut false regions on healthy scans 3-5x and kept
+# every lesion the default model found
+PEAK_QUANTILE = 99.9
 OPTION_KEYS = ("smooth", "smooth_sigma", "smooth_kernel", "smooth_mm", "smooth_z_mm", "polarity", "evidence", "rim_mm",
                "proj_steps", "proj_lambda", "proj_lr", "proj_weighted")
 # training/train.py calibrated with PredictorOptions(proj_steps=50) before the options were recorded
@@ -147,21 +151,26 @@ def calibrate(model, beta: float, healthy_cases: Iterable, options: Optional[Pre
         proj = compute_maps(model, x, ["proj-rec-error"], beta, opts, device, progress=proj_progress)["proj-rec-error"]
         data.brain_values["proj-rec-error"] = [proj[b]]
     thresholds = {p: float(np.percentile(np.concatenate(v), q)) for p, v in data.brain_values.items() if v}
+    peaks = {p: float(np.percentile(np.concatenate(v), PEAK_QUANTILE)) for p, v in data.brain_values.items() if v}
     wanted = list(every) + ([ENSEMBLE] if ensemble else [])
     out = {
         "thresholds": {p: thresholds[p] for p in wanted if only is None or p in only},
+        "region_peaks": {p: peaks[p] for p in wanted if only is None or p in only},
+        "region_peaks_note": f"{PEAK_QUANTILE:g}th percentile inside the brain on the same healthy subjects: a region "
+                             f"above the threshold is kept only when its peak reaches it",
         "thresholds_options": option_subset(opts),
         "thresholds_note": f"{q:g}th percentile inside the brain on held-out healthy subjects",
         "combi_normalisation": {"min": lo, "max": hi, "options": {k: option_subset(opts)[k] for k in relevant_keys(["kl-grad"])},
                                 "note": "KL-grad min-max constants: median over the healthy calibration cases of "
                                         "each whole volume's minimum and maximum (model grid)"},
-        "calibration": {"quantile": q, "cases": data.case_names, "n_slices": int(n_total),
+        "calibration": {"quantile": q, "peak_quantile": PEAK_QUANTILE, "cases": data.case_names,
+                        "n_slices": int(n_total),
                         "n_projection_slices": int(len(pooled_sel)) if project else 0, "ensemble": ensemble is not None},
     }
     if dae:
         del out["combi_normalisation"]
     if only is not None:  # a partial calibration: thresholds only (the rest stays as the checkpoint has it)
-        out = {"thresholds": out["thresholds"]}
+        out = {"thresholds": out["thresholds"], "region_peaks": out["region_peaks"]}
     from .verdict import calibration_hook  # the out-of-distribution verdict's limits (issue 8)
     for hook in [calibration_hook] + list(HOOKS) + list(hooks or []):
         out.update(hook(data) or {})
@@ -195,3 +204,23 @@ def calibrated_threshold(checkpoint, predictor: str, options: Optional[Predictor
                          + "; ".join(diff) + f". Use those options, give a percentile such as p99, or {RECALIBRATE} "
                          "with your options (--proj-steps ..., --no-smooth)")
     return float(thr[predictor])
+
+
+def region_peak(checkpoint, predictor: str, options: Optional[PredictorOptions] = None) -> Optional[float]:
+    """The level a region above the threshold must reach to be kept (the checkpoint's calibrated
+    PEAK_QUANTILE-th percentile of healthy brain for `predictor`), or None where the checkpoint has none or its
+    calibration does not hold for these options (then every region is kept, as before)."""
+    peaks = (checkpoint.meta.get("region_peaks") or {}) if checkpoint is not None else {}
+    if predictor not in peaks:
+        return None
+    try:
+        calibrated_threshold(checkpoint, predictor, options)
+    except ValueError:
+        return None
+    return float(peaks[predictor])
+
+
+def region_peaks(checkpoint, predictors, options: Optional[PredictorOptions] = None, keep_all: bool = False) -> dict:
+    """{predictor: region_peak(...)} for the label and findings of `predictors`; all None with keep_all (every
+    region above the threshold kept: `--all-regions`)."""
+    return {p: None if keep_all else region_peak(checkpoint, p, options) for p in predictors}

@@ -137,6 +137,13 @@ class Checkpoint:
             lines.append("ensemble: " + ", ".join(m["ensemble"]["features"]))
         if (m.get("label") or {}).get("min_region_mm3") is not None:
             lines.append(f"label and findings: regions under {m['label']['min_region_mm3']:g} mm3 dropped")
+        if m.get("region_peaks"):
+            from .registry import DEFAULT_PREDICTORS
+            d = DEFAULT_PREDICTORS[self.kind]
+            shown = f" ({d}: {m['region_peaks'][d]:.4g})" if d in m["region_peaks"] else ""
+            lines.append(f"label and findings: a region is kept when its peak reaches the "
+                         f"{(m.get('calibration') or {}).get('peak_quantile', 99.9):g}th percentile of healthy "
+                         f"brain{shown}")
         if t.get("command"):
             lines.append(f"command: {t['command']}")
         return "\n".join(lines)

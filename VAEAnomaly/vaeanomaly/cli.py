@@ -130,12 +130,13 @@ class ScorePlan:
     findings: Optional[Path] = None                     # --findings F.json / F.csv (the one heatmap predictor)
     report_html: Optional[Path] = None                  # --report-html R.html
     verdict: Optional[Path] = None                      # --report R.json (read back for the HTML report)
+    region_peaks: dict = field(default_factory=dict)    # {predictor: level a kept region reaches, or None}
 
 
 def plan_score(a) -> ScorePlan:
     """Check every option, the predictors, the thresholds and the output paths; nothing is computed
     or written. Raises ValueError (and subclasses) with a message that says what to do."""
-    from .calibration import calibrated_threshold
+    from .calibration import calibrated_threshold, region_peaks
     from .checkpoint import load_checkpoint
     from .io import OutputError, check_outputs
     opts = _options(a)
@@ -210,7 +211,13 @@ def plan_score(a) -> ScorePlan:
         raise ValueError(f"--min-region-mm3 must be a number >= 0 (got {min_mm3:g})")
     return ScorePlan(ck, names, opts, outputs, labels, a.threshold, calibrated,
                      min_region_mm3(ck) if min_mm3 is None else float(min_mm3), findings_path, report_path,
-                     Path(a.report) if getattr(a, "report", None) else None)
+                     Path(a.report) if getattr(a, "report", None) else None,
+                     region_peaks(ck, heat, opts, keep_all=getattr(a, "all_regions", False)))
+
+
+def describe_regions(min_mm3: float, peak) -> str:
+    """The regions a label or findings list keeps, in words."""
+    return f"regions of at least {min_mm3:g} mm3" + (f" reaching {peak:.4g}" if peak is not None else "")
 
 
 def _check_dicom_outputs(a, out: Path) -> dict:
@@ -239,10 +246,12 @@ def write_score_outputs(plan: ScorePlan, maps: dict, img=None, mask=None, source
         print(f"wrote {path}", file=sys.stderr)
     from .regions import label_image
     for name, path in plan.labels.items():
-        lab, t, kept, dropped = label_image(maps[name], plan.threshold, plan.calibrated, name, plan.min_region_mm3)
+        peak = plan.region_peaks.get(name)
+        lab, t, kept, dropped = label_image(maps[name], plan.threshold, plan.calibrated, name, plan.min_region_mm3,
+                                            peak)
         write_image(lab, path, name, label=True)
-        print(f"wrote {path}: {name} > {t:.4g}, {kept} voxels in regions of at least {plan.min_region_mm3:g} mm3 "
-              f"({dropped} voxels in smaller ones dropped)", file=sys.stderr)
+        print(f"wrote {path}: {name} > {t:.4g}, {kept} voxels in {describe_regions(plan.min_region_mm3, peak)} "
+              f"({dropped} voxels in other regions dropped)", file=sys.stderr)
     if plan.findings or plan.report_html:
         write_findings_and_report(plan, maps, img, mask, source)
 
@@ -282,9 +291,10 @@ def write_findings_and_report(plan: ScorePlan, maps: dict, img, mask, source: st
     arr = sitk.GetArrayFromImage(heat)
     t = resolve_threshold(plan.threshold, arr, arr > 0, plan.calibrated, name)
     brain = mask_for(img, mask) if img is not None else None
-    found = fnd.find(heat, t, img, brain, plan.min_region_mm3)
+    found = fnd.find(heat, t, img, brain, plan.min_region_mm3, plan.region_peaks.get(name))
     meta = {"predictor": name, "threshold": t, "threshold_source": threshold_source(plan.threshold),
-            "min_region_mm3": plan.min_region_mm3, "model": plan.checkpoint.name, "input": source}
+            "min_region_mm3": plan.min_region_mm3, "region_peak": plan.region_peaks.get(name),
+            "model": plan.checkpoint.name, "input": source}
     if plan.findings:
         fnd.write(plan.findings, found, meta)
         print(f"wrote {plan.findings}: {len(found)} finding(s)", file=sys.stderr)
@@ -448,6 +458,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-region-mm3", type=float, default=None, metavar="MM3",
                    help="label regions smaller than this are dropped (default: the checkpoint's recorded size, else "
                         "the library's; 0 keeps every voxel above the threshold)")
+    p.add_argument("--all-regions", action="store_true",
+                   help="keep every region above the threshold; by default (hysteresis) a label or findings region "
+                        "is kept only when its peak reaches the checkpoint's calibrated region peak (99.9th "
+                        "percentile of healthy brain), where the checkpoint has one for these options")
     p.add_argument("--report", help="R.json: the out-of-distribution verdict for this scan (in_distribution, fit, "
                                     "brain_volume_ml, mask, flagged_percent, warnings); see vaeanomaly/verdict.py")
     p.add_argument("--findings", metavar="F.json|F.csv",

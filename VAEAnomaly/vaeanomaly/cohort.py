@@ -195,10 +195,11 @@ def score_many(checkpoint, items: list[Item], names: list[str], out: Path, optio
                     if labels and n != "reconstruction":
                         from .regions import label_image
                         lab, t = label_image(img, labels["threshold"], labels["calibrated"], n,
-                                             labels["min_region_mm3"])[:2]
+                                             labels["min_region_mm3"], labels["region_peaks"].get(n))[:2]
                         if "findings" not in row:  # the first heatmap's findings (vaeanomaly/findings.py)
                             from .findings import find, summary
-                            row.update(summary(find(img, t, p.image, p.mask, labels["min_region_mm3"])))
+                            row.update(summary(find(img, t, p.image, p.mask, labels["min_region_mm3"],
+                                                    labels["region_peaks"].get(n))))
                         lp = Path(labels["folder"]) / (f"{mine[row['_k']].name}_label.nii.gz" if len(names) == 1
                                                        else f"{mine[row['_k']].name}/{n}_label.nii.gz")
                         write_image(lab, lp)
@@ -295,10 +296,12 @@ def cmd_score_many(a, opts) -> int:
     if threshold:
         heat = [n for n in names if n != RECONSTRUCTION]
         calibrated = {n: calibrated_threshold(ck, n, opts) for n in heat} if threshold[0] == "auto" else {}
+        from .calibration import region_peaks
         from .regions import min_region_mm3
         labels = {"threshold": a.threshold, "calibrated": calibrated, "folder": Path(a.label),
                   "min_region_mm3": min_region_mm3(ck) if getattr(a, "min_region_mm3", None) is None
-                  else float(a.min_region_mm3)}
+                  else float(a.min_region_mm3),
+                  "region_peaks": region_peaks(ck, heat, opts, keep_all=getattr(a, "all_regions", False))}
     inputs = {str(Path(x).resolve()) for it in items for x in (it.volume, it.mask) if x}
     for it in items:
         for p in outputs_for(it, names, out).values():

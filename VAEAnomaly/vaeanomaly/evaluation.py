@@ -68,13 +68,14 @@ def intensity_threshold(healthy_cases, q: float = 99.0) -> float:
 
 
 def benchmark(score_fns: dict, cases, groups: dict, thresholds: dict, progress=None, spacings=None,
-              min_region_mm3: float = None) -> list[dict]:
+              min_region_mm3: float = None, peaks: dict | None = None) -> list[dict]:
     """Per (family, domain) and scorer: what a clinician gets beside the oracle metrics.
 
     score_fns: {scorer: f(slices, brain, spacing or None) -> maps (N, S, S)}; cases: iterable of (name, slices, brain, label);
     groups: {case name: (domain, family or None for healthy)}; thresholds: {scorer: calibrated threshold}.
     spacings: {case name: (x, y, z) mm of its model grid} for the lesion-wise counts (default: 3.75 mm cubes);
-    min_region_mm3: regions above the threshold smaller than this are dropped (regions.DEFAULT_MIN_REGION_MM3).
+    min_region_mm3: regions above the threshold smaller than this are dropped (regions.DEFAULT_MIN_REGION_MM3);
+    peaks: {scorer: region peak}: regions whose highest score stays below it are dropped too (as the label does).
     Returns rows {scorer, family, domain, n_cases, auroc, ap, dice_oracle, dice_calibrated,
     lesion_flagged_pct, healthy_flagged_pct, n_lesions, lesions_found_pct, false_regions_per_healthy_scan}
     (healthy_flagged_pct: % of healthy brain pixels above the calibrated threshold in healthy cases of that domain;
@@ -96,7 +97,8 @@ def benchmark(score_fns: dict, cases, groups: dict, thresholds: dict, progress=N
             pooled[(scorer, dom, fam)][0].append(s.astype(np.float32))
             pooled[(scorer, dom, fam)][1].append(label[brain])
             if thresholds.get(scorer) is not None:
-                d = lesion_detection(full, label, brain, thresholds[scorer], spacing, min_region_mm3)
+                d = lesion_detection(full, label, brain, thresholds[scorer], spacing, min_region_mm3,
+                                     (peaks or {}).get(scorer))
                 c = counts.setdefault((scorer, dom, fam), [0, 0, 0, 0])
                 c[0], c[1], c[2], c[3] = c[0] + d["n_lesions"], c[1] + d["found"], c[2] + d["false_regions"], c[3] + 1
         if progress:

@@ -25,14 +25,15 @@ FIELDS = ("id", "volume_ml", "peak", "mean", "score_mass", "centroid_lps_mm", "b
 
 
 def find(heat: sitk.Image, threshold: float, image: Optional[sitk.Image] = None, mask: Optional[sitk.Image] = None,
-         min_mm3: float = 0.0) -> list[dict]:
+         min_mm3: float = 0.0, min_peak: Optional[float] = None) -> list[dict]:
     """The findings of one heatmap (on the input grid): regions of voxels > threshold (inside `mask` when given),
-    without those under min_mm3, ranked by score mass. image: the scan, for each region's mean intensity in
+    without those under min_mm3 and those whose peak stays below min_peak (calibration.region_peak), ranked by
+    score mass. image: the scan, for each region's mean intensity in
     z-score units (the scan standardised by the mean and SD of its brain, as the model's input); slice_first/last
     are indices along the volume's third axis (k), as viewers count slices."""
     h = sitk.GetArrayFromImage(heat).astype(np.float64)
     brain = sitk.GetArrayFromImage(mask) > 0 if mask is not None else np.ones(h.shape, bool)
-    above = keep_large((h > threshold) & brain, heat.GetSpacing(), min_mm3)
+    above = keep_large((h > threshold) & brain, heat.GetSpacing(), min_mm3, h, min_peak)
     if not above.any():
         return []
     lab, n = label_regions(above)

@@ -2,12 +2,16 @@
 
 One implementation, used by `vaeanomaly score --label`, the Slicer panel's "Create segment" and the
 benchmark's lesion-wise metrics:
-- `keep_large(mask, spacing, min_mm3)`: regions (3D, 26-connected) smaller than min_mm3 dropped;
+- `keep_large(mask, spacing, min_mm3, score, min_peak)`: regions (3D, 26-connected) smaller than min_mm3 dropped, and
+  (hysteresis) those whose highest score stays below `min_peak` (the checkpoint's calibrated region peak,
+  calibration.region_peak);
 - `lesion_detection(...)`: lesions found (a lesion counts as found when at least one of its voxels lies in a
   region above the threshold that is kept) and false regions (kept regions that touch no lesion).
 Arrays are (z, y, x) as SimpleITK gives them; spacing is (x, y, z) in mm, as SimpleITK gives it.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import numpy as np
 from scipy import ndimage
@@ -32,39 +36,49 @@ def label_regions(mask: np.ndarray) -> tuple[np.ndarray, int]:
     return lab, int(n)
 
 
-def keep_large(mask: np.ndarray, spacing, min_mm3: float) -> np.ndarray:
-    """The mask without its regions smaller than min_mm3 (0 keeps everything)."""
+def keep_large(mask: np.ndarray, spacing, min_mm3: float, score: Optional[np.ndarray] = None,
+               min_peak: Optional[float] = None) -> np.ndarray:
+    """The mask without its regions smaller than min_mm3 (0 keeps every size) and, given `score` (same shape) and
+    `min_peak`, without the regions whose highest score is below min_peak."""
     mask = np.asarray(mask, bool)
-    if not min_mm3 or min_mm3 <= 0 or not mask.any():
+    use_peak = score is not None and min_peak is not None
+    if (not min_mm3 or min_mm3 <= 0) and not use_peak or not mask.any():
         return mask.copy()
     lab, n = label_regions(mask)
-    sizes = np.bincount(lab.ravel(), minlength=n + 1) * voxel_mm3(spacing)
-    keep = sizes >= min_mm3
+    keep = np.ones(n + 1, bool)
+    if min_mm3 and min_mm3 > 0:
+        keep &= np.bincount(lab.ravel(), minlength=n + 1) * voxel_mm3(spacing) >= min_mm3
+    if use_peak:
+        top = np.full(n + 1, -np.inf)
+        np.maximum.at(top, lab[mask], np.asarray(score, np.float64)[mask])
+        keep &= top >= min_peak
     keep[0] = False
     return keep[lab]
 
 
-def label_image(heat, spec, calibrated: dict, predictor: str, min_mm3: float):
+def label_image(heat, spec, calibrated: dict, predictor: str, min_mm3: float, min_peak: Optional[float] = None):
     """The label map a clinician gets from a heatmap (SimpleITK image): voxels above the threshold `spec`
-    (threshold.resolve_threshold: a number, 'p99', 'auto'), regions below min_mm3 dropped. Returns
-    (label image uint8 on the heatmap's grid, threshold, voxels kept, voxels dropped)."""
+    (threshold.resolve_threshold: a number, 'p99', 'auto'), regions below min_mm3 dropped and, given `min_peak`, the
+    regions that never reach it. Returns (label image uint8 on the heatmap's grid, threshold, voxels kept,
+    voxels dropped)."""
     import SimpleITK as sitk
 
     from .threshold import resolve_threshold
     arr = sitk.GetArrayFromImage(heat)
     t = resolve_threshold(spec, arr, arr > 0, calibrated, predictor)
     above = arr > t
-    kept = keep_large(above, heat.GetSpacing(), min_mm3)
+    kept = keep_large(above, heat.GetSpacing(), min_mm3, arr, min_peak)
     lab = sitk.GetImageFromArray(kept.astype(np.uint8))
     lab.CopyInformation(heat)
     return lab, t, int(kept.sum()), int(above.sum() - kept.sum())
 
 
 def lesion_detection(score: np.ndarray, label: np.ndarray, brain: np.ndarray, threshold: float, spacing,
-                     min_mm3: float = DEFAULT_MIN_REGION_MM3) -> dict:
+                     min_mm3: float = DEFAULT_MIN_REGION_MM3, min_peak: Optional[float] = None) -> dict:
     """Lesion-wise counts for one case: n_lesions (26-connected lesion regions), found, false_regions
-    (regions above the threshold, inside the brain, at least min_mm3, touching no lesion voxel)."""
-    above = keep_large((np.asarray(score) > threshold) & np.asarray(brain, bool), spacing, min_mm3)
+    (regions above the threshold, inside the brain, at least min_mm3, reaching `min_peak` where given, touching no
+    lesion voxel)."""
+    above = keep_large((np.asarray(score) > threshold) & np.asarray(brain, bool), spacing, min_mm3, score, min_peak)
     lesions, n_les = label_regions(np.asarray(label, bool) & np.asarray(brain, bool))
     found = len(np.setdiff1d(np.unique(lesions[above]), [0])) if n_les else 0
     regions, n_reg = label_regions(above)
