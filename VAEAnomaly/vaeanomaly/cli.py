@@ -57,11 +57,15 @@ def _options(a) -> PredictorOptions:
     return check_options(opts)  # (scoring.py: the one place options are checked)
 
 
-def _own_defaults(option: str) -> str:
-    """'rec-grad 0, ..., dae-residual 2' for --help: each signed map's default of an option (others: the base one)."""
+def _own_defaults(option: str, zero: str = "") -> str:
+    """'rec-grad 0, ..., dae-residual 2' for --help: each signed map's default of an option (others: the base one);
+    zero: what 0 means there, said in its place (e.g. 'the pixel kernel')."""
     from .registry import BASE_DEFAULTS, option_defaults
-    return ", ".join(f"{n} {option_defaults(n)[option]}" for n, i in PREDICTOR_INFO.items() if i.signed) + \
-        f", others {BASE_DEFAULTS[option]}"
+
+    def word(v):
+        return zero if zero and not v else f"{v:g}" if isinstance(v, float) else str(v)
+    return ", ".join(f"{n} {word(option_defaults(n)[option])}" for n, i in PREDICTOR_INFO.items() if i.signed) + \
+        f", others {word(BASE_DEFAULTS[option])}"
 
 
 def _add_model_args(p, predictor_default: Optional[str] = None):
@@ -80,12 +84,12 @@ def _add_model_args(p, predictor_default: Optional[str] = None):
                         "ensemble hold only with the smoothing they were computed with")
     p.add_argument("--smooth-mm", type=float, default=None, metavar="SIGMA_MM",
                    help=f"Gaussian smoothing sigma in millimetres, for every smoothed map (default: each map's own: "
-                        f"{_own_defaults('smooth_mm')}); 0: the reference code's pixel kernel (sigma "
+                        f"{_own_defaults('smooth_mm', 'the pixel kernel')}); 0: the reference code's pixel kernel (sigma "
                         f"{d.smooth_sigma:g}, kernel {d.smooth_kernel} pixels)")
     p.add_argument("--smooth-z-mm", type=float, default=None, metavar="SIGMA_MM",
                    help=f"Gaussian smoothing sigma in millimetres across slices, on the finished map of the volume "
                         f"(a 2D model's slice-to-slice errors average out, a lesion spans slices; default: each "
-                        f"map's own: {_own_defaults('smooth_z_mm')}); 0: none (the papers)")
+                        f"map's own: {_own_defaults('smooth_z_mm', 'none')}); 0: none (the papers)")
     p.add_argument("--polarity", choices=POLARITIES, default=None,
                    help=f"signed maps (rec-grad, elbo-grad, dae-residual): 'bright' scores only where the "
                         f"scan is brighter than the model expects, 'dark' only darker, 'both' either (default: each "
@@ -451,7 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask", help="brain mask on the input grid (default: automatic foreground mask, "
                                   "for skull-stripped input)")
     p.add_argument("--threshold", help="number, percentile inside the brain (p99), or 'auto' (the checkpoint's "
-                                       "calibrated 99th percentile on healthy brains); needs --label")
+                                       "calibrated 99th percentile on healthy brains); needs --label, --findings or --report-html")
     p.add_argument("--label", help="with --threshold: the label map (one predictor), or a folder: one "
                                    "<predictor>_label.nii.gz per predictor; LABEL.dcm (a DICOM series folder input, "
                                    "one predictor): a DICOM Segmentation of the series")
