@@ -17,6 +17,7 @@ import SimpleITK as sitk
 
 slicer = pytest.importorskip("slicer")
 
+from vaeanomaly.checkpoint import load_checkpoint  # noqa: E402
 from conftest import make_phantom  # noqa: E402
 from test_logic import add_label, add_volume, snapshot  # noqa: E402
 from VAEAnomalyLib.controller import Dialogs, PanelController, PanelParams, verdict_text  # noqa: E402
@@ -142,13 +143,16 @@ def test_clinician_workflow(scene, tiny_checkpoint, tmp_path):
         assert ctl.verdict is None and st.verdict_text == "" and st.warnings == []
     # threshold: calibrated, percentile, then a drag turns the mode to absolute; preview follows
     assert params.thresholdMode == "calibrated" and params.threshold == pytest.approx(params.calibratedThreshold)
+    # at the calibrated threshold the segment and the findings keep the regions reaching the model's region peak
+    peak = load_checkpoint(tiny_checkpoint).meta["region_peaks"]["rec-grad"]
+    assert ctl.region_peak() == pytest.approx(peak) and peak > params.threshold
     disp = heat.GetDisplayNode()
     assert disp.GetApplyThreshold() and disp.GetLowerThreshold() == pytest.approx(params.threshold)
     arr = VAEAnomalyLogic.heatmap_array(heat)
     ctl.set_threshold_mode("percentile")
     assert (arr[arr > 0] > params.threshold).mean() == pytest.approx(0.01, abs=0.005)
     ctl.set_threshold(params.threshold)  # the Widget writing the value back: no change of mode
-    assert params.thresholdMode == "percentile"
+    assert params.thresholdMode == "percentile" and ctl.region_peak() is None  # every region, as `--threshold p99`
     hi, step, _ = ctl.threshold_range()
     assert hi == pytest.approx(float(arr.max()))
     ctl.set_threshold(0.5 * hi)

@@ -288,8 +288,9 @@ def test_create_segment_drops_regions_below_the_minimum_size():
 
 def test_create_segment_and_findings_use_the_heatmaps_region_peak(tmp_path):
     """Apply stores the model's region peak on the heatmap node (add_results, from the checkpoint's calibration);
-    'Create segment' and the findings table then keep only the regions that reach it, as `score --label` does;
-    a heatmap without one keeps every region."""
+    given it (the panel does at the calibrated threshold, PanelController.region_peak), 'Create segment' and the
+    findings table keep only the regions that reach it, as `score --label --threshold auto` does; without it
+    every region stays."""
     import shutil
 
     import SimpleITK as sitk
@@ -315,15 +316,15 @@ def test_create_segment_and_findings_use_the_heatmaps_region_peak(tmp_path):
         set_node_from_image(vol, img)
         heat = logic.add_results(vol, {"rec-grad": img}, ck, "rec-grad")
         assert region_peak_of(heat) == 2.0
-        seg = logic.create_segment(heat, 1.0, min_region_mm3=20)
+        seg = logic.create_segment(heat, 1.0, min_region_mm3=20, min_peak=region_peak_of(heat))
         got = logic._segment_array(seg, seg.GetSegmentation().GetSegmentIdBySegmentName("Anomaly"), heat)
         assert got.sum() == 108 and not got[3, 5, 5]
-        _, _, found = logic.update_findings(heat, 1.0, vol, min_region_mm3=20)
+        _, _, found = logic.update_findings(heat, 1.0, vol, min_region_mm3=20, min_peak=region_peak_of(heat))
         assert len(found) == 1 and found[0]["peak"] == pytest.approx(3.0)
-        _, _, found = logic.update_findings(heat, 1.0, vol, min_region_mm3=20, min_peak=0.0)
+        _, _, found = logic.update_findings(heat, 1.0, vol, min_region_mm3=20)
         assert len(found) == 2
         heat.RemoveAttribute(REGION_PEAK)  # a heatmap without one (loaded by hand, an older model)
-        assert len(logic.update_findings(heat, 1.0, vol, min_region_mm3=20)[2]) == 2
+        assert region_peak_of(heat) is None
         with pytest.raises(ValueError, match="reaches 9"):
             logic.create_segment(heat, 1.0, seg, min_region_mm3=20, min_peak=9.0, overwrite=True)
     finally:
@@ -472,8 +473,8 @@ def test_the_bundled_sample_gives_one_finding_on_its_lesion():
 
 
 def test_score_keeps_regions_by_the_calibrated_region_peak(tmp_path):
-    """`score --label/--findings`: the checkpoint's region peak for the predictor where its calibration holds for
-    the options asked for; none with --all-regions or other options (then every region is kept)."""
+    """`score --label/--findings --threshold auto`: the checkpoint's region peak for the predictor; none with
+    --all-regions or another threshold (then every region is kept)."""
     import shutil
 
     from vaeanomaly.checkpoint import resolve_model, update_metadata
@@ -491,5 +492,6 @@ def test_score_keeps_regions_by_the_calibrated_region_peak(tmp_path):
         return plan_score(a)
     assert plan().region_peaks == {"rec-grad": 2.5}
     assert plan("--all-regions").region_peaks == {"rec-grad": None}
-    assert plan("--threshold", "p99", "--no-smooth").region_peaks == {"rec-grad": None}  # calibrated for smoothing
+    assert plan("--threshold", "p99").region_peaks == {"rec-grad": None}  # a percentile: every region
+    assert plan("--threshold", "0.5").region_peaks == {"rec-grad": None}
     assert plan("--predictor", "kl-grad").region_peaks == {"kl-grad": 0.5}

@@ -643,6 +643,17 @@ class PanelController:
         self.findings_pending = True
 
     # ------------------------------------------------------------------ segment
+    def region_peak(self) -> Optional[float]:
+        """The level a region must reach to be kept in the segment and the findings: the heatmap's calibrated
+        region peak while the threshold is the calibrated one (as `score --threshold auto`); None (every region)
+        at a percentile or a threshold the user set."""
+        from .logic import region_peak_of
+        p = self.params
+        heat = self.heatmap()
+        if heat is None or p.thresholdMode != CALIBRATED or p.calibratedThreshold is None:
+            return None
+        return region_peak_of(heat)
+
     def create_segment(self) -> bool:
         p = self.params
         heat = self.heatmap()
@@ -652,7 +663,7 @@ class PanelController:
         if self.running:
             self.status = "Wait for the computation to finish."
             return False
-        kw = dict(show3D=bool(p.show3D))
+        kw = dict(show3D=bool(p.show3D), min_peak=self.region_peak())
         try:
             try:
                 seg = self.logic.create_segment(heat, float(p.threshold), p.segmentation, p.inputVolume, **kw)
@@ -683,7 +694,8 @@ class PanelController:
             self.findings, self._findings_for = [], None
             return False
         try:
-            _, _, found = self.logic.update_findings(heat, float(p.threshold), p.inputVolume)
+            _, _, found = self.logic.update_findings(heat, float(p.threshold), p.inputVolume,
+                                                     min_peak=self.region_peak())
         except Exception as err:
             self.findings, self._findings_for = [], None
             self.status = f"Could not list the findings: {err}"

@@ -316,16 +316,16 @@ class VAEAnomalyLogic:
                        min_peak: Optional[float] = None):
         """Write voxels above `threshold` as segment 'Anomaly' (reference geometry = the input volume), without
         regions smaller than min_region_mm3 (default: vaeanomaly.regions.DEFAULT_MIN_REGION_MM3, as the command
-        line's --label) and regions whose peak stays below min_peak (default: the heatmap's calibrated region
-        peak, as the command line's --label; see region_peak_of). Refuses to replace an 'Anomaly' segment the user
-        edited unless overwrite=True."""
+        line's --label) and, given min_peak (at the calibrated threshold the panel passes the heatmap's region
+        peak, region_peak_of, as `--threshold auto` does), regions whose peak stays below it. Refuses to replace an
+        'Anomaly' segment the user edited unless overwrite=True."""
         import slicer
 
         from vaeanomaly.regions import DEFAULT_MIN_REGION_MM3, keep_large
         ref = referenceVolume or self.scene.GetNodeByID(heatmapNode.GetAttribute("VAEAnomaly.Input") or "") or heatmapNode
         above = self.heatmap_array(heatmapNode) > float(threshold)
         min_mm3 = DEFAULT_MIN_REGION_MM3 if min_region_mm3 is None else float(min_region_mm3)
-        peak = region_peak_of(heatmapNode) if min_peak is None else float(min_peak)
+        peak = None if min_peak is None else float(min_peak)
         mask = keep_large(above, heatmapNode.GetSpacing(), min_mm3, self.heatmap_array(heatmapNode), peak)
         if not mask.any():  # checked before anything in the scene changes
             raise ValueError(f"no voxel of '{heatmapNode.GetName()}' is above the threshold {float(threshold):.4g}"
@@ -388,8 +388,8 @@ class VAEAnomalyLogic:
     def update_findings(self, heatmapNode, threshold: float, inputVolume=None, min_region_mm3: Optional[float] = None,
                         min_peak: Optional[float] = None):
         """The findings of the heatmap above `threshold` (vaeanomaly.findings.find: regions of at least
-        min_region_mm3, default vaeanomaly.regions.DEFAULT_MIN_REGION_MM3 as for Create segment, reaching min_peak,
-        default the heatmap's calibrated region peak as for Create segment, ranked by
+        min_region_mm3, default vaeanomaly.regions.DEFAULT_MIN_REGION_MM3 as for Create segment, reaching min_peak
+        where given as for Create segment, ranked by
         score mass; the input volume gives their mean intensity) into the scene: a table node (one row per
         finding, saved with the scene) and one point list with a control point per finding at its centroid,
         labelled "A1 3.2 ml". Both are this heatmap's own (attribute VAEAnomaly.FindingsOf), updated in place on
@@ -411,8 +411,7 @@ class VAEAnomalyLogic:
         # are taken inside it, and a threshold at or below zero never makes the background a finding
         brain = sitk.Cast(heat > 0, sitk.sitkUInt8)
         min_mm3 = DEFAULT_MIN_REGION_MM3 if min_region_mm3 is None else float(min_region_mm3)
-        found = find(heat, float(threshold), image, brain, min_mm3,
-                     region_peak_of(heatmapNode) if min_peak is None else float(min_peak))
+        found = find(heat, float(threshold), image, brain, min_mm3, None if min_peak is None else float(min_peak))
         for f in found:
             x, y, z = f["centroid_lps_mm"]
             f["centroid_ras_mm"] = [-x, -y, z]

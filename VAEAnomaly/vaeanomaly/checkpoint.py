@@ -141,7 +141,7 @@ class Checkpoint:
             from .registry import DEFAULT_PREDICTORS
             d = DEFAULT_PREDICTORS[self.kind]
             shown = f" ({d}: {m['region_peaks'][d]:.4g})" if d in m["region_peaks"] else ""
-            lines.append(f"label and findings: a region is kept when its peak reaches the "
+            lines.append(f"label and findings at the calibrated threshold: a region is kept when its peak reaches the "
                          f"{(m.get('calibration') or {}).get('peak_quantile', 99.9):g}th percentile of healthy "
                          f"brain{shown}")
         if t.get("command"):

@@ -216,7 +216,8 @@ def plan_score(a) -> ScorePlan:
     return ScorePlan(ck, names, opts, outputs, labels, a.threshold, calibrated,
                      min_region_mm3(ck) if min_mm3 is None else float(min_mm3), findings_path, report_path,
                      Path(a.report) if getattr(a, "report", None) else None,
-                     region_peaks(ck, heat, opts, keep_all=getattr(a, "all_regions", False)))
+                     region_peaks(ck, heat, opts, keep_all=getattr(a, "all_regions", False)
+                                  or not threshold or threshold[0] != "auto"))
 
 
 def describe_regions(min_mm3: float, peak) -> str:
@@ -463,9 +464,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="label regions smaller than this are dropped (default: the checkpoint's recorded size, else "
                         "the library's; 0 keeps every voxel above the threshold)")
     p.add_argument("--all-regions", action="store_true",
-                   help="keep every region above the threshold; by default (hysteresis) a label or findings region "
-                        "is kept only when its peak reaches the checkpoint's calibrated region peak (99.9th "
-                        "percentile of healthy brain), where the checkpoint has one for these options")
+                   help="keep every region above the threshold; by default, with --threshold auto (hysteresis), a "
+                        "label or findings region is kept only when its peak reaches the checkpoint's calibrated "
+                        "region peak (99.9th percentile of healthy brain), where the checkpoint has one for these "
+                        "options; a number or a percentile keeps every region")
     p.add_argument("--report", help="R.json: the out-of-distribution verdict for this scan (in_distribution, fit, "
                                     "brain_volume_ml, mask, flagged_percent, warnings); see vaeanomaly/verdict.py")
     p.add_argument("--findings", metavar="F.json|F.csv",
