@@ -138,11 +138,9 @@ def run_benchmark(a, device) -> None:
                     thr[key] = healthy_threshold(fns[key], calib, spacings=calib_spacings)
                 # the region peak the label keeps regions by (hysteresis); computed as calibration does where the
                 # checkpoint has none for these options
-                peaks[key] = region_peak(ck, p, opts)
+                peaks[key] = None if a.all_regions else region_peak(ck, p, opts)
                 if peaks[key] is None and not a.all_regions:
                     peaks[key] = healthy_threshold(fns[key], calib, PEAK_QUANTILE, spacings=calib_spacings)
-                if a.all_regions:
-                    peaks[key] = None
         bar = tqdm(total=len(bench.names), desc=f"{a.split} {ck.name}", file=sys.stderr)
         rows += benchmark(fns, bench.cases(), groups, thr, spacings=spacings, min_region_mm3=a.min_region_mm3,
                           progress=lambda f: bar.update(round(f * len(bench.names)) - bar.n), peaks=peaks)

@@ -128,3 +128,28 @@ def test_distributed_training_on_cpu(cohort, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     ck = load_checkpoint(out)
     assert ck.meta["training"]["hardware"].endswith("x2") and ck.meta["training"]["epochs"] == 2
+
+
+@pytest.mark.slow  # generates four varied-generator subjects: CI runs it (RUN_SLOW=1)
+def test_benchmark_counts_regions_by_the_region_peak(tmp_path):
+    """`evaluate.py --benchmark` on a tiny generated cohort (make_data.py varied): the lesion-wise counts keep a
+    region only when it reaches the region peak, so there are never more false regions than with --all-regions,
+    and the intensity row is there."""
+    import csv
+
+    import evaluate
+    import make_data
+    d = tmp_path / "v"
+    make_data.main(["varied", "--out", str(d), "--train", "0", "--calibration", "2", "--benchmark", "1",
+                    "--train-domains", "tse", "--benchmark-domains", "tse", "--families", "glioma",
+                    "--splits", "calibration,benchmark", "--workers", "2"])
+    rows = {}
+    for v, extra in (("peak", []), ("all", ["--all-regions"])):
+        evaluate.main(["--benchmark", str(d), "--predictors", "default", "--checkpoints", "bvae-l64-b10-v2",
+                       "--out", str(tmp_path / v), "--no-verdicts", "--device", "cpu", *extra])
+        rows[v] = {r["scorer"]: r for r in csv.DictReader(open(tmp_path / f"{v}.csv"))}
+    assert set(rows["peak"]) == {"bvae-l64-b10-v2 rec-grad", "intensity (64x64)"}
+    for s in rows["peak"]:
+        fr = {v: float(rows[v][s]["false_regions_per_healthy_scan"]) for v in rows}
+        assert fr["peak"] <= fr["all"]
+        assert float(rows["peak"][s]["auroc"]) == float(rows["all"][s]["auroc"])  # the maps are the same

@@ -323,10 +323,11 @@ class VAEAnomalyLogic:
 
         from vaeanomaly.regions import DEFAULT_MIN_REGION_MM3, keep_large
         ref = referenceVolume or self.scene.GetNodeByID(heatmapNode.GetAttribute("VAEAnomaly.Input") or "") or heatmapNode
-        above = self.heatmap_array(heatmapNode) > float(threshold)
+        heat = self.heatmap_array(heatmapNode)
+        above = heat > float(threshold)
         min_mm3 = DEFAULT_MIN_REGION_MM3 if min_region_mm3 is None else float(min_region_mm3)
         peak = None if min_peak is None else float(min_peak)
-        mask = keep_large(above, heatmapNode.GetSpacing(), min_mm3, self.heatmap_array(heatmapNode), peak)
+        mask = keep_large(above, heatmapNode.GetSpacing(), min_mm3, heat, peak)
         if not mask.any():  # checked before anything in the scene changes
             raise ValueError(f"no voxel of '{heatmapNode.GetName()}' is above the threshold {float(threshold):.4g}"
                              + (f" in a region of at least {min_mm3:g} mm3" if above.any() else "")
