@@ -87,6 +87,9 @@ def test_score_writes_findings_and_report_that_match_the_label(tmp_path, capsys)
     lab = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "l.nii.gz")))
     assert doc["coordinates"] == "LPS" and doc["threshold_source"].startswith("calibrated")
     assert sum(f["voxels"] for f in doc["findings"]) == int(lab.sum()) > 0
+    # at the calibrated threshold every kept region reaches the model's region peak, and the outputs say so
+    assert doc["region_peak"] is not None and all(f["peak"] >= doc["region_peak"] for f in doc["findings"])
     page = (tmp_path / "r.html").read_text(encoding="utf-8")
+    assert f"whose peak reaches {doc['region_peak']:.4g}" in page
     assert "Verdict" in page and ("In distribution" in page or "Out of distribution" in page)
     assert page.count('<img class="thumb"') == min(3, len(doc["findings"]))

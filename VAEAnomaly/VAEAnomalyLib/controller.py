@@ -780,8 +780,10 @@ class PanelController:
             model_line = heat.GetAttribute(MODEL_LINE) or heat.GetAttribute("VAEAnomaly.Model") or "unknown model"
             verdict = self.verdict if self._verdict_for == heat.GetID() else None
             source = f"{src.GetName() if src is not None else 'unknown scan'}: heatmap '{heat.GetName()}'"
-            written = report.write(path, image, heat_img, float(p.threshold), self.threshold_source(), found,
-                                   title, model_line, verdict, source)
+            from vaeanomaly.regions import DEFAULT_MIN_REGION_MM3, describe_regions
+            kept = describe_regions(DEFAULT_MIN_REGION_MM3, self.region_peak())
+            written = report.write(path, image, heat_img, float(p.threshold), f"{self.threshold_source()}; {kept}",
+                                   found, title, model_line, verdict, source)
         except Exception as err:
             self.status = "Could not write the report."
             self.dialogs.error(f"Could not write the report:\n{err}")

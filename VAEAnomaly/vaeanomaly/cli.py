@@ -220,10 +220,6 @@ def plan_score(a) -> ScorePlan:
                                   or not threshold or threshold[0] != "auto"))
 
 
-def describe_regions(min_mm3: float, peak) -> str:
-    """The regions a label or findings list keeps, in words."""
-    return f"regions of at least {min_mm3:g} mm3" + (f" reaching {peak:.4g}" if peak is not None else "")
-
 
 def _check_dicom_outputs(a, out: Path) -> dict:
     """{'output'/'label': True} for the .dcm outputs asked for (each names one file: one map, one predictor):
@@ -249,7 +245,7 @@ def write_score_outputs(plan: ScorePlan, maps: dict, img=None, mask=None, source
     for name, path in plan.outputs.items():
         write_image(maps[name], path, name)
         print(f"wrote {path}", file=sys.stderr)
-    from .regions import label_image
+    from .regions import describe_regions, label_image
     for name, path in plan.labels.items():
         peak = plan.region_peaks.get(name)
         lab, t, kept, dropped = label_image(maps[name], plan.threshold, plan.calibrated, name, plan.min_region_mm3,
@@ -307,7 +303,9 @@ def write_findings_and_report(plan: ScorePlan, maps: dict, img, mask, source: st
         from . import report
         verdict = json.loads(plan.verdict.read_text(encoding="utf-8")) if plan.verdict and plan.verdict.is_file() \
             else None
-        report.write(plan.report_html, img, heat, t, threshold_source(plan.threshold), found, name,
+        from .regions import describe_regions
+        kept = describe_regions(plan.min_region_mm3, plan.region_peaks.get(name))
+        report.write(plan.report_html, img, heat, t, f"{threshold_source(plan.threshold)}; {kept}", found, name,
                      plan.checkpoint.card().splitlines()[0], verdict, source)
         print(f"wrote {plan.report_html}", file=sys.stderr)
     return found

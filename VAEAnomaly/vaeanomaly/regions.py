@@ -26,6 +26,12 @@ def min_region_mm3(checkpoint) -> float:
     return float(DEFAULT_MIN_REGION_MM3 if v is None else v)
 
 
+def describe_regions(min_mm3: float, min_peak: Optional[float] = None) -> str:
+    """The regions a label, a findings list or a segment keeps, in words (the report and the command line say it)."""
+    return (f"regions of at least {min_mm3:g} mm3" +
+            (f" whose peak reaches {min_peak:.4g} (the model's region peak)" if min_peak is not None else ""))
+
+
 def voxel_mm3(spacing) -> float:
     return float(np.prod([float(s) for s in spacing]))
 
