@@ -146,6 +146,9 @@ def test_clinician_workflow(scene, tiny_checkpoint, tmp_path):
     # at the calibrated threshold the segment and the findings keep the regions reaching the model's region peak
     peak = load_checkpoint(tiny_checkpoint).meta["region_peaks"]["rec-grad"]
     assert ctl.region_peak() == pytest.approx(peak) and peak > params.threshold
+    ctl.refresh_findings()
+    assert f"region peak {peak:.4g}" in ctl.state().findings_text  # the panel says why a faint blob is no finding
+    assert all(f["peak"] >= peak for f in ctl.findings)
     disp = heat.GetDisplayNode()
     assert disp.GetApplyThreshold() and disp.GetLowerThreshold() == pytest.approx(params.threshold)
     arr = VAEAnomalyLogic.heatmap_array(heat)

@@ -816,7 +816,9 @@ class PanelController:
         if has_heat and self._findings_for is not None and self._findings_for[0] == self.heatmap().GetID():
             s.findings_rows = [finding_row(f) for f in self.findings]
             n = len(self.findings)
+            peak = self.region_peak()
             s.findings_text = (f"{n} finding{'s' if n != 1 else ''} above {self._findings_for[1]:.4g}"
+                               + (f", each reaching the model's region peak {peak:.4g}" if peak is not None else "")
                                + ("" if n else " (none of at least the minimum region size)"))
         if has_heat:
             s.threshold_maximum, s.threshold_step, s.threshold_decimals = self.threshold_range()
