@@ -138,9 +138,10 @@ def run_benchmark(a, device) -> None:
                     thr[key] = healthy_threshold(fns[key], calib, spacings=calib_spacings)
                 # the region peak the label keeps regions by (hysteresis); computed as calibration does where the
                 # checkpoint has none for these options
-                peaks[key] = None if a.all_regions else region_peak(ck, p, opts)
+                peaks[key] = None if a.all_regions or a.peak_quantile else region_peak(ck, p, opts)
                 if peaks[key] is None and not a.all_regions:
-                    peaks[key] = healthy_threshold(fns[key], calib, PEAK_QUANTILE, spacings=calib_spacings)
+                    peaks[key] = healthy_threshold(fns[key], calib, a.peak_quantile or PEAK_QUANTILE,
+                                                   spacings=calib_spacings)
         bar = tqdm(total=len(bench.names), desc=f"{a.split} {ck.name}", file=sys.stderr)
         rows += benchmark(fns, bench.cases(), groups, thr, spacings=spacings, min_region_mm3=a.min_region_mm3,
                           progress=lambda f: bar.update(round(f * len(bench.names)) - bar.n), peaks=peaks)
@@ -153,8 +154,8 @@ def run_benchmark(a, device) -> None:
         rows += benchmark({name: lambda x, b, sp: x}, bench.cases(), groups,
                           {name: healthy_threshold(lambda x, b, sp: x, calib)},
                           spacings=spacings, min_region_mm3=a.min_region_mm3,
-                          peaks={name: None if a.all_regions else healthy_threshold(lambda x, b, sp: x, calib,
-                                                                                     PEAK_QUANTILE)})
+                          peaks={name: None if a.all_regions else healthy_threshold(
+                              lambda x, b, sp: x, calib, a.peak_quantile or PEAK_QUANTILE)})
     elapsed = time.time() - t0
     rows.sort(key=lambda r: (list(dict.fromkeys(c["family"] for c in manifest.values() if c["family"])).index(r["family"]),
                              r["domain"], r["scorer"]))
@@ -223,6 +224,9 @@ def main(argv=None):
     ap.add_argument("--all-regions", action="store_true",
                     help="--benchmark: count every region above the threshold (by default a region counts only when "
                          "its peak reaches the region peak, as the label keeps regions)")
+    ap.add_argument("--peak-quantile", type=float, default=None,
+                    help="--benchmark: the region peak at this percentile of the calibration split's healthy brains "
+                         "instead of the checkpoint's (to choose it, on the validation split)")
     ap.add_argument("--lead", help="--benchmark: the scorer of the headline table (default: the default model's)")
     ap.add_argument("--no-verdicts", action="store_true", help="--benchmark: skip the per-case verdict table")
     a = ap.parse_args(argv)

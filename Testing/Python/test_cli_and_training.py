@@ -144,12 +144,13 @@ def test_benchmark_counts_regions_by_the_region_peak(tmp_path):
                     "--train-domains", "tse", "--benchmark-domains", "tse", "--families", "glioma",
                     "--splits", "calibration,benchmark", "--workers", "2"])
     rows = {}
-    for v, extra in (("peak", []), ("all", ["--all-regions"])):
+    for v, extra in (("peak", []), ("all", ["--all-regions"]), ("low", ["--peak-quantile", "99.5"]),
+                     ("high", ["--peak-quantile", "99.99"])):
         evaluate.main(["--benchmark", str(d), "--predictors", "default", "--checkpoints", "bvae-l64-b10-v2",
                        "--out", str(tmp_path / v), "--no-verdicts", "--device", "cpu", *extra])
         rows[v] = {r["scorer"]: r for r in csv.DictReader(open(tmp_path / f"{v}.csv"))}
     assert set(rows["peak"]) == {"bvae-l64-b10-v2 rec-grad", "intensity (64x64)"}
     for s in rows["peak"]:
         fr = {v: float(rows[v][s]["false_regions_per_healthy_scan"]) for v in rows}
-        assert fr["peak"] <= fr["all"]
+        assert fr["peak"] <= fr["all"] and fr["high"] <= fr["low"] <= fr["all"]  # a higher peak keeps fewer
         assert float(rows["peak"][s]["auroc"]) == float(rows["all"][s]["auroc"])  # the maps are the same
