@@ -220,7 +220,10 @@ def region_peak(checkpoint, predictor: str, options: Optional[PredictorOptions] 
     return float(peaks[predictor])
 
 
-def region_peaks(checkpoint, predictors, options: Optional[PredictorOptions] = None, keep_all: bool = False) -> dict:
-    """{predictor: region_peak(...)} for the label and findings of `predictors`; all None with keep_all (every
-    region above the threshold kept: `--all-regions`)."""
-    return {p: None if keep_all else region_peak(checkpoint, p, options) for p in predictors}
+def region_peaks(checkpoint, predictors, options: Optional[PredictorOptions] = None, threshold=None,
+                 keep_all: bool = False) -> dict:
+    """{predictor: region_peak(...)} for the label and findings of `predictors` at `threshold` (the parsed
+    --threshold, scoring.parse_threshold): the peaks hold for the calibrated threshold ('auto') only; all None
+    otherwise and with keep_all (every region above the threshold kept: `--all-regions`)."""
+    calibrated = threshold is not None and threshold[0] == "auto" and not keep_all
+    return {p: region_peak(checkpoint, p, options) if calibrated else None for p in predictors}

@@ -84,8 +84,8 @@ def _add_model_args(p, predictor_default: Optional[str] = None):
                         "ensemble hold only with the smoothing they were computed with")
     p.add_argument("--smooth-mm", type=float, default=None, metavar="SIGMA_MM",
                    help=f"Gaussian smoothing sigma in millimetres, for every smoothed map (default: each map's own: "
-                        f"{_own_defaults('smooth_mm', 'the pixel kernel')}); 0: the reference code's pixel kernel (sigma "
-                        f"{d.smooth_sigma:g}, kernel {d.smooth_kernel} pixels)")
+                        f"{_own_defaults('smooth_mm', 'the pixel kernel')}); 0: the reference code's pixel kernel "
+                        f"(sigma {d.smooth_sigma:g}, kernel {d.smooth_kernel} pixels)")
     p.add_argument("--smooth-z-mm", type=float, default=None, metavar="SIGMA_MM",
                    help=f"Gaussian smoothing sigma in millimetres across slices, on the finished map of the volume "
                         f"(a 2D model's slice-to-slice errors average out, a lesion spans slices; default: each "
@@ -216,9 +216,7 @@ def plan_score(a) -> ScorePlan:
     return ScorePlan(ck, names, opts, outputs, labels, a.threshold, calibrated,
                      min_region_mm3(ck) if min_mm3 is None else float(min_mm3), findings_path, report_path,
                      Path(a.report) if getattr(a, "report", None) else None,
-                     region_peaks(ck, heat, opts, keep_all=getattr(a, "all_regions", False)
-                                  or not threshold or threshold[0] != "auto"))
-
+                     region_peaks(ck, heat, opts, threshold, keep_all=getattr(a, "all_regions", False)))
 
 
 def _check_dicom_outputs(a, out: Path) -> dict:
@@ -454,7 +452,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask", help="brain mask on the input grid (default: automatic foreground mask, "
                                   "for skull-stripped input)")
     p.add_argument("--threshold", help="number, percentile inside the brain (p99), or 'auto' (the checkpoint's "
-                                       "calibrated 99th percentile on healthy brains); needs --label, --findings or --report-html")
+                                       "calibrated 99th percentile on healthy brains); needs --label, --findings "
+                                       "or --report-html")
     p.add_argument("--label", help="with --threshold: the label map (one predictor), or a folder: one "
                                    "<predictor>_label.nii.gz per predictor; LABEL.dcm (a DICOM series folder input, "
                                    "one predictor): a DICOM Segmentation of the series")

@@ -301,8 +301,7 @@ def cmd_score_many(a, opts) -> int:
         labels = {"threshold": a.threshold, "calibrated": calibrated, "folder": Path(a.label),
                   "min_region_mm3": min_region_mm3(ck) if getattr(a, "min_region_mm3", None) is None
                   else float(a.min_region_mm3),
-                  "region_peaks": region_peaks(ck, heat, opts, keep_all=getattr(a, "all_regions", False)
-                                               or threshold[0] != "auto")}
+                  "region_peaks": region_peaks(ck, heat, opts, threshold, keep_all=getattr(a, "all_regions", False))}
     inputs = {str(Path(x).resolve()) for it in items for x in (it.volume, it.mask) if x}
     for it in items:
         for p in outputs_for(it, names, out).values():

@@ -47,12 +47,13 @@ def keep_large(mask: np.ndarray, spacing, min_mm3: float, score: Optional[np.nda
     """The mask without its regions smaller than min_mm3 (0 keeps every size) and, given `score` (same shape) and
     `min_peak`, without the regions whose highest score is below min_peak."""
     mask = np.asarray(mask, bool)
+    use_size = bool(min_mm3) and min_mm3 > 0
     use_peak = score is not None and min_peak is not None
-    if (not min_mm3 or min_mm3 <= 0) and not use_peak or not mask.any():
+    if not (use_size or use_peak) or not mask.any():
         return mask.copy()
     lab, n = label_regions(mask)
     keep = np.ones(n + 1, bool)
-    if min_mm3 and min_mm3 > 0:
+    if use_size:
         keep &= np.bincount(lab.ravel(), minlength=n + 1) * voxel_mm3(spacing) >= min_mm3
     if use_peak:
         top = np.full(n + 1, -np.inf)
