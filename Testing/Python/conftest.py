@@ -86,3 +86,29 @@ def scene():
     colors.SetMRMLScene(s)
     yield s
     s.Clear(1)
+
+
+def write_dicom_series(folder, img, positions=None, uid="1.2.826.0.1.3680043.2.1125.1"):
+    """A DICOM series of `img` (int16, one file per slice; positions: the slices' z in mm, default the image's)."""
+    import locale
+    saved = locale.setlocale(locale.LC_ALL)  # GDCM's writer leaves the process in the "C" locale: restored below,
+    try:                                     # else later tests decode their subprocesses' UTF-8 output as ASCII
+        _write_dicom_series(folder, img, positions, uid)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
+def _write_dicom_series(folder, img, positions, uid):
+    folder.mkdir(parents=True, exist_ok=True)
+    w = sitk.ImageFileWriter()
+    w.KeepOriginalImageUIDOn()
+    img = sitk.Cast(img, sitk.sitkInt16)
+    for i in range(img.GetDepth()):
+        s = img[:, :, i]
+        for k, v in (("0020|000e", uid), ("0020|000d", "1.2.3"), ("0008|0060", "MR"),
+                     ("0020|0037", "1\\0\\0\\0\\1\\0"), ("0020|0013", str(i + 1))):
+            s.SetMetaData(k, v)
+        z = positions[i] if positions is not None else img.TransformIndexToPhysicalPoint((0, 0, i))[2]
+        s.SetMetaData("0020|0032", f"0\\0\\{z}")
+        w.SetFileName(str(folder / f"{uid[-1]}_{i:03d}.dcm"))
+        w.Execute(s)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import ROOT, make_phantom
+from conftest import ROOT, make_phantom, write_dicom_series
 from vaeanomaly.checkpoint import load_checkpoint, update_metadata
 from vaeanomaly.cli import main as cli
 from vaeanomaly.predictors import PredictorOptions, compute_maps
@@ -129,22 +129,6 @@ def test_truncated_corrupt_and_inconsistent_files_are_refused(t2, tmp_path, tiny
     with pytest.raises(VolumeError, match="truncated"):
         read_image(tmp_path / "cut.nrrd")
     assert read_image(t2).GetSize() == (60, 70, 40)  # an intact file still reads
-
-
-def write_dicom_series(folder, img, positions=None, uid="1.2.826.0.1.3680043.2.1125.1"):
-    folder.mkdir(parents=True, exist_ok=True)
-    w = sitk.ImageFileWriter()
-    w.KeepOriginalImageUIDOn()
-    img = sitk.Cast(img, sitk.sitkInt16)
-    for i in range(img.GetDepth()):
-        s = img[:, :, i]
-        for k, v in (("0020|000e", uid), ("0020|000d", "1.2.3"), ("0008|0060", "MR"),
-                     ("0020|0037", "1\\0\\0\\0\\1\\0"), ("0020|0013", str(i + 1))):
-            s.SetMetaData(k, v)
-        z = positions[i] if positions is not None else img.TransformIndexToPhysicalPoint((0, 0, i))[2]
-        s.SetMetaData("0020|0032", f"0\\0\\{z}")
-        w.SetFileName(str(folder / f"{uid[-1]}_{i:03d}.dcm"))
-        w.Execute(s)
 
 
 def test_dicom_series_gaps_uneven_spacing_and_mixed_series(tmp_path):

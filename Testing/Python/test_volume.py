@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import make_phantom, oblique_direction
+from conftest import make_phantom, oblique_direction, write_dicom_series
 from vaeanomaly.checkpoint import load_checkpoint
 from vaeanomaly.volume import Preprocessing, VolumeError, prepare, read_image, score_volume, to_input_grid
 
@@ -113,18 +113,7 @@ def test_mha_and_dicom_inputs(tmp_path):
     p = read_image(write(img, tmp_path / "x.mha"))
     assert p.GetSize() == img.GetSize()
     d = tmp_path / "series"
-    d.mkdir()
-    u16 = sitk.Cast(sitk.RescaleIntensity(img, 0, 1000), sitk.sitkUInt16)
-    w = sitk.ImageFileWriter()
-    w.KeepOriginalImageUIDOn()
-    for k in range(u16.GetDepth()):
-        s = u16[:, :, k]
-        s.SetMetaData("0020|000e", "1.2.826.0.1.3680043.2.1125.1")
-        s.SetMetaData("0020|0032", "\\".join(map(str, u16.TransformIndexToPhysicalPoint((0, 0, k)))))
-        s.SetMetaData("0020|0013", str(k))
-        s.SetMetaData("0020|0037", "1\\0\\0\\0\\1\\0")
-        w.SetFileName(str(d / f"{k:03d}.dcm"))
-        w.Execute(s)
+    write_dicom_series(d, sitk.RescaleIntensity(img, 0, 1000))
     dic = read_image(d)
     assert dic.GetSize() == img.GetSize()
     assert np.allclose(dic.GetSpacing(), img.GetSpacing(), atol=1e-3)
