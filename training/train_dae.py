@@ -6,7 +6,8 @@
 Adam with a cosine learning-rate decay over the run (by epochs, or by wall time with --max-minutes, so a
 CPU budget still ends at a small learning rate); each batch gets the VAE's rotation / intensity augmentation
 (white noise and a random blur only when asked: --noise, --blur), then coarse noise inside the brain
-(dae.dae_loss). Writes the core library's checkpoint (safetensors + JSON metadata with this exact command)
+(dae.dae_loss), plus sharp-edged blobs with --blobs (small-lesion-sized disturbances the U-Net learns to
+remove; coarse noise alone is smooth and teaches it to pass sharp small blobs through). Writes the core library's checkpoint (safetensors + JSON metadata with this exact command)
 and a CSV log (train loss, held-out healthy loss).
 Thresholds, the verdict and the rest come from training/calibrate.py on the calibration split.
 """
@@ -41,6 +42,11 @@ def parse(argv=None):
     ap.add_argument("--levels", type=int, default=4)
     ap.add_argument("--noise-std", type=float, default=0.5, help="coarse noise std (z-score units)")
     ap.add_argument("--noise-scale", type=int, default=8, help="noise grid = image size / this")
+    ap.add_argument("--blobs", type=int, default=0,
+                    help="also add up to this many sharp-edged blobs per slice (dae.blob_noise; 0: coarse noise only)")
+    ap.add_argument("--blob-radius-mm", type=float, nargs=2, default=(4.0, 15.0), metavar=("MIN", "MAX"),
+                    help="blob radii in mm (pixels: 240 mm field of view over --image-size)")
+    ap.add_argument("--init", help="start from this DAE checkpoint's weights (same architecture), e.g. to fine-tune")
     ap.add_argument("--epochs", type=int, default=50)
     ap.add_argument("--max-minutes", type=float, default=0, help="stop after this wall time (0: no limit)")
     ap.add_argument("--batch-size", type=int, default=32)
@@ -75,6 +81,14 @@ def main(argv=None):
     x_all, b_all = to_t(cache.slices[~val]), to_t(cache.brain[~val])
     x_val, b_val = to_t(cache.slices[val][::4]), to_t(cache.brain[val][::4])
     model = DAE(a.image_size, a.base, a.levels).to(a.device)
+    if a.init:
+        from vaeanomaly.checkpoint import load_checkpoint
+        init = load_checkpoint(a.init, "cpu")
+        if init.kind != "dae" or init.model.config() != model.config():
+            raise SystemExit(f"--init {a.init}: not a DAE with this architecture ({model.config()})")
+        model.load_state_dict({k: v.float() for k, v in init.model.state_dict().items()})
+    pixel_mm = Preprocessing(image_size=a.image_size).fov_mm / a.image_size
+    noise = dict(blobs=a.blobs, blob_radius_px=tuple(r / pixel_mm for r in a.blob_radius_mm))
     opt = torch.optim.Adam(model.parameters(), lr=a.lr)
     aug = SimpleNamespace(max_rotation=a.max_rotation, intensity=a.intensity, noise=a.noise, blur=a.blur)
     gen = torch.Generator(device=a.device).manual_seed(a.seed)
@@ -99,7 +113,7 @@ def main(argv=None):
                 g["lr"] = a.lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * progress)))
             idx = perm[i:i + a.batch_size]
             x = augment(x_all[idx], b_all[idx], aug, gen)
-            loss = dae_loss(model, x, b_all[idx], a.noise_std, a.noise_scale, gen)
+            loss = dae_loss(model, x, b_all[idx], a.noise_std, a.noise_scale, gen, **noise)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -107,7 +121,8 @@ def main(argv=None):
         model.eval()
         with torch.no_grad():
             vg = torch.Generator(device=a.device).manual_seed(val_gen_seed)
-            val_loss = float(dae_loss(model, x_val, b_val, a.noise_std, a.noise_scale, vg)) if len(x_val) else float("nan")
+            val_loss = (float(dae_loss(model, x_val, b_val, a.noise_std, a.noise_scale, vg, **noise))
+                        if len(x_val) else float("nan"))
         loss_mean = tot / max(nb, 1)
         writer.writerow([epoch, f"{loss_mean:.5f}", f"{val_loss:.5f}", f"{opt.param_groups[0]['lr']:.2e}",
                          f"{time.time() - t0:.0f}"])
@@ -121,14 +136,17 @@ def main(argv=None):
         "beta": 1.0,
         "preprocessing": Preprocessing(image_size=a.image_size).to_dict(),
         "predictor_defaults": PredictorOptions().to_dict(),
-        "denoising": {"noise_std": a.noise_std, "noise_scale": a.noise_scale},
+        "denoising": {"noise_std": a.noise_std, "noise_scale": a.noise_scale, "blobs": a.blobs,
+                      "blob_radius_mm": list(a.blob_radius_mm)},
         "training": {
             "command": command_line(), "code_version": code_version(),
             "data": a.data_description or f"{n_cases} healthy subjects, {len(x_all)} training slices",
             "epochs": epoch, "batch_size": a.batch_size, "lr": a.lr, "seed": a.seed,
             "augmentation": {"max_rotation_deg": a.max_rotation, "intensity": a.intensity,
                              "white_noise": a.noise, "blur_sigma_px": a.blur,
-                             "coarse_noise_std": a.noise_std, "coarse_noise_scale": a.noise_scale},
+                             "coarse_noise_std": a.noise_std, "coarse_noise_scale": a.noise_scale,
+                             "blobs": a.blobs, "blob_radius_mm": list(a.blob_radius_mm)},
+            "init": a.init or None,
             "time": f"{time.time() - t0:.0f} s", "hardware": hardware(a.device),
             "final_loss": {"loss": loss_mean},
         },

@@ -149,6 +149,45 @@ def test_coarse_noise_is_coarse_and_the_loss_counts_the_brain_only():
     assert float(dae_loss(m, x, brain, 0.5, 8, g).detach()) == 0.0  # no brain, nothing to learn
 
 
+def test_blob_noise_is_sharp_small_and_inside_the_brain():
+    from vaeanomaly.dae import blob_noise
+    g = torch.Generator().manual_seed(0)
+    brain = torch.zeros(40, 1, 64, 64)
+    brain[:39, :, 16:48, 16:48] = 1  # the last slice has no brain
+    n = blob_noise(brain, 4, (2.0, 5.0), 0.5, g)
+    assert n.shape == brain.shape and float(n[39].abs().max()) == 0.0
+    # centred on brain pixels: nothing beyond the largest radius (x 1.3) plus the edge from the brain
+    assert float(n[:, :, :8].abs().max()) == 0.0 and float(n[:, :, :, 56:].abs().max()) == 0.0
+    lit = n[:39] != 0
+    assert 0.01 < float(lit.float().mean()) < 0.2  # small blobs, not a field
+    # sharp edges: few pixels in a blob's 1-pixel rim compared with its plateau (coarse noise is all gradient)
+    steps = (n[..., 1:] - n[..., :-1]).abs()
+    assert float((steps > 0.05).float().mean()) < float(lit.float().mean())
+    # the loss with blobs differs from the loss without, from the same generator state
+    m = _dae(64)
+    x, b = torch.rand(2, 1, 64, 64), torch.ones(2, 1, 64, 64)
+    l0 = dae_loss(m, x, b, 0.5, 8, torch.Generator().manual_seed(1))
+    l1 = dae_loss(m, x, b, 0.5, 8, torch.Generator().manual_seed(1), blobs=6, blob_radius_px=(2, 6))
+    assert float(l0.detach()) != float(l1.detach())
+
+
+def test_train_dae_with_blobs_and_warm_start(cohort, tmp_path):
+    import train_dae
+    out, out2 = tmp_path / "d.safetensors", tmp_path / "d2.safetensors"
+    args = ["--cache", str(cohort / "healthy.npz"), "--epochs", "1", "--batch-size", "16", "--base", "4",
+            "--levels", "2", "--device", "cpu"]
+    train_dae.main(args + ["--out", str(out), "--blobs", "3", "--blob-radius-mm", "5", "10"])
+    ck = load_checkpoint(out)
+    assert ck.kind == "dae" and ck.meta["denoising"]["blobs"] == 3
+    assert ck.meta["denoising"]["blob_radius_mm"] == [5.0, 10.0]
+    train_dae.main(args + ["--out", str(out2), "--init", str(out), "--lr", "0"])  # no step: the weights it started from
+    a, b = load_checkpoint(out).model.state_dict(), load_checkpoint(out2).model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a if "running" not in k and "num_batches" not in k)
+    assert load_checkpoint(out2).meta["training"]["init"] == str(out)
+    with pytest.raises(SystemExit, match="not a DAE with this architecture"):
+        train_dae.main(args[:-4] + ["--levels", "3", "--out", str(tmp_path / "x.safetensors"), "--init", str(out)])
+
+
 def test_min_region_size_in_mm3_drops_small_regions_only():
     from vaeanomaly.regions import keep_large, lesion_detection
     m = np.zeros((10, 20, 20), bool)

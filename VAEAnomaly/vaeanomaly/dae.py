@@ -10,8 +10,15 @@ transposed 2x2 convolutions up, skip connections, a 1x1 linear head), trained on
 Coarse noise makes the network replace whole blob-sized regions that do not look healthy by what healthy
 tissue would look like there; at inference one forward pass gives f(x), and the anomaly map is the signed
 residual x - f(x) (positive: brighter than a healthy brain would be there).
+
+Optional blob noise (`blob_noise`, train_dae.py --blobs): a few sharp-edged ellipses of random size and
+contrast added inside the brain. Bilinear coarse noise is smooth, so a U-Net trained on it alone learns to
+remove smooth, bias-field-like changes and passes sharp-edged blobs (small lesions) through unchanged; blobs
+with lesion-like edges teach it to replace those too.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -60,9 +67,42 @@ def coarse_noise(shape, std: float, scale: int, gen: torch.Generator | None = No
     return F.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)
 
 
+def blob_noise(brain: torch.Tensor, count: int, radius_px: tuple[float, float], std: float,
+               gen: torch.Generator | None = None, edge_px: float = 1.0) -> torch.Tensor:
+    """Up to `count` ellipses per slice (brain: (n, 1, h, w) 0/1), centred on brain pixels, radii drawn in
+    radius_px (each axis 0.7-1.3 times it, random orientation), each with one contrast N(0, std^2) and a soft edge
+    edge_px wide; overlapping blobs add. Slices without brain get none. Returns (n, 1, h, w)."""
+    n, _, h, w = brain.shape
+    dev = brain.device
+    rand = lambda *shape: torch.rand(shape, generator=gen, device=dev)  # noqa: E731
+    flat = brain.reshape(n, h * w).float()
+    has = flat.sum(1) > 0
+    centres = torch.multinomial(torch.where(has[:, None], flat, torch.ones_like(flat)), count, replacement=True,
+                                generator=gen)                                       # (n, count)
+    cy, cx = (centres // w).float(), (centres % w).float()
+    rad = radius_px[0] + (radius_px[1] - radius_px[0]) * rand(n, count)
+    ax_y, ax_x = rad * (0.7 + 0.6 * rand(n, count)), rad * (0.7 + 0.6 * rand(n, count))
+    ang = math.pi * rand(n, count)
+    amp = torch.randn((n, count), generator=gen, device=dev) * std
+    amp = amp * (rand(n, count) < 0.5 + 0.5 * rand(n, 1))  # a random share of the blobs is used
+    yy = torch.arange(h, device=dev, dtype=torch.float32)[None, None, :, None] - cy[..., None, None]
+    xx = torch.arange(w, device=dev, dtype=torch.float32)[None, None, None, :] - cx[..., None, None]
+    c, s = torch.cos(ang)[..., None, None], torch.sin(ang)[..., None, None]
+    u, v = (c * yy + s * xx) / ax_y[..., None, None], (-s * yy + c * xx) / ax_x[..., None, None]
+    dist = (torch.sqrt(u * u + v * v) - 1) * rad[..., None, None]                    # ~ px outside the edge
+    inside = (0.5 - dist / edge_px).clamp(0, 1)
+    out = (inside * amp[..., None, None]).sum(1, keepdim=True)
+    return out * has[:, None, None, None]
+
+
 def dae_loss(model: nn.Module, x: torch.Tensor, brain: torch.Tensor, std: float, scale: int,
-             gen: torch.Generator | None = None) -> torch.Tensor:
-    """L2 inside the brain between the denoised noisy slice and the clean slice (batch mean per brain pixel)."""
-    noisy = x + coarse_noise(x.shape, std, scale, gen, x.device) * brain
+             gen: torch.Generator | None = None, blobs: int = 0,
+             blob_radius_px: tuple[float, float] = (2.0, 8.0)) -> torch.Tensor:
+    """L2 inside the brain between the denoised noisy slice and the clean slice (batch mean per brain pixel).
+    Noise: coarse noise, plus up to `blobs` sharp-edged blobs (blob_noise) when blobs > 0, inside the brain."""
+    n = coarse_noise(x.shape, std, scale, gen, x.device)
+    if blobs > 0:
+        n = n + blob_noise(brain, blobs, blob_radius_px, std, gen)
+    noisy = x + n * brain
     err = (model(noisy) - x).pow(2) * brain
     return err.sum() / brain.sum().clamp_min(1)
