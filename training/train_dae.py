@@ -7,8 +7,9 @@ Adam with a cosine learning-rate decay over the run (by epochs, or by wall time 
 CPU budget still ends at a small learning rate); each batch gets the VAE's rotation / intensity augmentation
 (white noise and a random blur only when asked: --noise, --blur), then coarse noise inside the brain
 (dae.dae_loss), plus sharp-edged blobs with --blobs (small-lesion-sized disturbances the U-Net learns to
-remove; coarse noise alone is smooth and teaches it to pass sharp small blobs through). Writes the core library's checkpoint (safetensors + JSON metadata with this exact command)
-and a CSV log (train loss, held-out healthy loss).
+remove; coarse noise alone is smooth and teaches it to pass sharp small blobs through). Writes the core
+library's checkpoint (safetensors + JSON metadata with this exact command) and a CSV log (train loss,
+held-out healthy loss).
 Thresholds, the verdict and the rest come from training/calibrate.py on the calibration split.
 """
 from __future__ import annotations

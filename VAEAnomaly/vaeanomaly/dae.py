@@ -14,7 +14,8 @@ residual x - f(x) (positive: brighter than a healthy brain would be there).
 Optional blob noise (`blob_noise`, train_dae.py --blobs): a few sharp-edged ellipses of random size and
 contrast added inside the brain. Bilinear coarse noise is smooth, so a U-Net trained on it alone learns to
 remove smooth, bias-field-like changes and passes sharp-edged blobs (small lesions) through unchanged; blobs
-with lesion-like edges teach it to replace those too.
+with lesion-like edges are meant to teach it to replace those too (measured with dae-128-blobs: gliomas and
+masses gained, MS-like lesions are still reconstructed; docs/README.md).
 """
 from __future__ import annotations
 
