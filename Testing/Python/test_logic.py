@@ -203,12 +203,18 @@ def test_masks_threshold_segment_and_edit_protection(scene, tiny_checkpoint):
     with pytest.raises(SegmentEditedError):
         logic.create_segment(h1, t, segn)
     assert logic._segment_array(segn, s.GetSegmentIdBySegmentName("Anomaly"), node).sum() == edited.sum()
-    n_nodes = scene.GetNumberOfNodes()
-    with pytest.raises(ValueError, match="lower the threshold"):
-        logic.create_segment(h1, float(arr.max()) + 1, segn, overwrite=True)
-    assert scene.GetNumberOfNodes() == n_nodes and s.GetSegmentIdBySegmentName("Anomaly")
-    logic.create_segment(h1, t, segn, overwrite=True)
+    n_nodes = scene.GetNumberOfNodes()  # reading a segment leaves no node behind (its label map and color table)
+    with pytest.raises(SegmentEditedError):  # an empty result still never replaces an edited segment unasked
+        logic.create_segment(h1, float(arr.max()) + 1, segn)
+    assert logic._segment_array(segn, s.GetSegmentIdBySegmentName("Anomaly"), node).sum() == edited.sum()
+    # nothing above the threshold is a valid result: an empty 'Anomaly' segment, and the reason
+    assert logic.create_segment(h1, float(arr.max()) + 1, segn, overwrite=True) is segn
+    assert scene.GetNumberOfNodes() == n_nodes and s.GetNumberOfSegments() == 1
+    assert not logic._segment_array(segn, s.GetSegmentIdBySegmentName("Anomaly"), node).any()
+    assert "above the threshold" in logic.empty_reason
+    logic.create_segment(h1, t, segn)  # the empty segment was not edited: replaced without asking
     assert logic._segment_array(segn, s.GetSegmentIdBySegmentName("Anomaly"), node).sum() == (arr > t).sum()
+    assert logic.empty_reason is None
 
 
 def test_saved_scene_keeps_heatmap_segment_and_parameters(scene, tiny_checkpoint, tmp_path):

@@ -678,7 +678,11 @@ class PanelController:
             self.dialogs.error(f"Could not create the segment:\n{err}")
             return False
         p.segmentation = seg
-        self.status = "Segment 'Anomaly' written: edit it in the Segment Editor."
+        if self.logic.empty_reason:
+            self.status = (f"Segment 'Anomaly' is empty: {self.logic.empty_reason}. Lower the threshold, or paint "
+                           f"it in the Segment Editor.")
+        else:
+            self.status = "Segment 'Anomaly' written: edit it in the Segment Editor."
         return True
 
     # ------------------------------------------------------------------ findings and report

@@ -122,6 +122,7 @@ class VAEAnomalyLogic:
         if scene is None:
             raise ValueError("VAEAnomalyLogic needs an MRML scene")
         self.scene = scene
+        self.empty_reason = None  # why the last create_segment gave an empty segment (None: it was not empty)
         self._register_converters()
 
     # ------------------------------------------------------------------ setup helpers
@@ -292,6 +293,7 @@ class VAEAnomalyLogic:
         import vtk
         label = slicer.vtkMRMLLabelMapVolumeNode()
         self.scene.AddNode(label)
+        colors = self._node_ids("vtkMRMLColorTableNode")  # the export adds a color table for the label map
         try:
             logic = slicer.vtkSlicerSegmentationsModuleLogic
             if segmentId is None:
@@ -305,7 +307,15 @@ class VAEAnomalyLogic:
                 raise VolumeError(f"could not export segmentation '{segNode.GetName()}' as a label map")
             return self.heatmap_array(label) > 0  # a new array: survives the node's removal
         finally:
+            display = label.GetDisplayNode()
+            color = display.GetColorNodeID() if display is not None else None
             self._remove(label)
+            if color and color not in colors:  # made by this export: removed with the label map
+                self.scene.RemoveNode(self.scene.GetNodeByID(color))
+
+    def _node_ids(self, cls: str) -> set:
+        nodes = self.scene.GetNodesByClass(cls)
+        return {nodes.GetItemAsObject(i).GetID() for i in range(nodes.GetNumberOfItems())}
 
     @staticmethod
     def _hash(mask: np.ndarray) -> str:
@@ -318,7 +328,8 @@ class VAEAnomalyLogic:
         regions smaller than min_region_mm3 (default: vaeanomaly.regions.DEFAULT_MIN_REGION_MM3, as the command
         line's --label) and, given min_peak (at the calibrated threshold the panel passes the heatmap's region
         peak, region_peak_of, as `--threshold auto` does), regions whose peak stays below it. Refuses to replace an
-        'Anomaly' segment the user edited unless overwrite=True."""
+        'Anomaly' segment the user edited unless overwrite=True. Nothing above the threshold is a valid result: an
+        empty 'Anomaly' segment (to paint in), and `empty_reason` says why it is empty (None when it is not)."""
         import slicer
 
         from vaeanomaly.regions import DEFAULT_MIN_REGION_MM3, keep_large
@@ -328,11 +339,10 @@ class VAEAnomalyLogic:
         min_mm3 = DEFAULT_MIN_REGION_MM3 if min_region_mm3 is None else float(min_region_mm3)
         peak = None if min_peak is None else float(min_peak)
         mask = keep_large(above, heatmapNode.GetSpacing(), min_mm3, heat, peak)
-        if not mask.any():  # checked before anything in the scene changes
-            raise ValueError(f"no voxel of '{heatmapNode.GetName()}' is above the threshold {float(threshold):.4g}"
-                             + (f" in a region of at least {min_mm3:g} mm3" if above.any() else "")
-                             + (f" that reaches {peak:.4g} (the model's region peak)" if above.any() and peak
-                                is not None else "") + "; lower the threshold")
+        self.empty_reason = None if mask.any() else (  # an empty result is a valid, empty segment (not an error)
+            f"no voxel of '{heatmapNode.GetName()}' is above the threshold {float(threshold):.4g}"
+            + (f" in a region of at least {min_mm3:g} mm3" if above.any() else "")
+            + (f" that reaches {peak:.4g} (the model's region peak)" if above.any() and peak is not None else ""))
         if segmentationNode is None:
             segmentationNode = slicer.vtkMRMLSegmentationNode()
             segmentationNode.SetName(self.scene.GenerateUniqueName(f"{ref.GetName()} anomaly segmentation"))
@@ -351,6 +361,24 @@ class VAEAnomalyLogic:
                 raise SegmentEditedError(f"segment '{SEGMENT_NAME}' in '{segmentationNode.GetName()}' was edited "
                                          f"since it was created; keep it, or confirm to overwrite it")
             seg.RemoveSegment(old_id)
+        if not mask.any():  # nothing to import: an empty 'Anomaly' segment the user can paint in
+            new_ids = [seg.AddEmptySegment("", SEGMENT_NAME, list(SEGMENT_COLOR))]
+        else:
+            new_ids = self._import_mask(mask, heatmapNode, segmentationNode)
+        s = seg.GetSegment(new_ids[0]) if new_ids else None
+        if s is not None:
+            s.SetName(SEGMENT_NAME)
+            s.SetTag(s.GetTerminologyEntryTagName(), TERMINOLOGY_ENTRY)
+            s.SetColor(*SEGMENT_COLOR)
+            s.SetTag(HASH_TAG, self._hash(self._segment_array(segmentationNode, new_ids[0], ref)))
+        if show3D:
+            segmentationNode.CreateClosedSurfaceRepresentation()
+        return segmentationNode
+
+    def _import_mask(self, mask: np.ndarray, heatmapNode, segmentationNode) -> list:
+        """Import a non-empty mask on the heatmap's grid into the segmentation; the new segment ids."""
+        import slicer
+        seg = segmentationNode.GetSegmentation()
         label = slicer.vtkMRMLLabelMapVolumeNode()
         label.SetName(SEGMENT_NAME)
         self.scene.AddNode(label)
@@ -364,15 +392,7 @@ class VAEAnomalyLogic:
             new_ids = [i for i in seg.GetSegmentIDs() if i not in before]
         finally:
             self._remove(label)
-        if new_ids:
-            s = seg.GetSegment(new_ids[0])
-            s.SetName(SEGMENT_NAME)
-            s.SetTag(s.GetTerminologyEntryTagName(), TERMINOLOGY_ENTRY)
-            s.SetColor(*SEGMENT_COLOR)
-            s.SetTag(HASH_TAG, self._hash(self._segment_array(segmentationNode, new_ids[0], ref)))
-        if show3D:
-            segmentationNode.CreateClosedSurfaceRepresentation()
-        return segmentationNode
+        return new_ids
 
     # ------------------------------------------------------------------ findings
     def findings_nodes(self, heatmapNode):
