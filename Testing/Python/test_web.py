@@ -340,10 +340,11 @@ def test_browser_workflow(tmp_path):
         c.click(f"#findings tr.finding-row:nth-child({pick + 1})")
         c.wait("the slice views to move", lambda: c.text("#slice-position") != before_pos
                and f"finding {ids[pick]}" in c.text("#status-line"), 30)
-        offsets = [float(part.split()[-1]) for part in c.text("#slice-position").split("|")]
-        centroid = [float(x) for x in rows[pick][3].split(",")]
-        for coord in centroid:  # each of R, A, S is one slice view's offset (along its normal: sagittal's is -R)
-            assert min(abs(abs(o) - abs(coord)) for o in offsets) < 0.2, (centroid, offsets)
+        offsets = {part.split()[0]: float(part.split()[-1]) for part in c.text("#slice-position").split("|")}
+        r, a, s = (float(x) for x in rows[pick][3].split(","))  # the page lists RAS, as the slice views use
+        # each view's offset along its normal (Slicer's presets: Red axial +S, Green coronal +A, Yellow sagittal +R)
+        assert all(abs(offsets[v] - w) < 0.2 for v, w in (("Red", s), ("Green", a), ("Yellow", r))), \
+            ((r, a, s), offsets)
         c.click("#download-report")
         name = c.wait("the report download", lambda: next((f.name for f in c.downloads.glob("*_report.html")), None), 60)
         report_html = c.download(name).read_text(encoding="utf-8")
