@@ -83,23 +83,51 @@ def test_signed_rec_grad_is_positive_on_a_bright_spot():
 def test_dae_residual_maths():
     m = _dae()
     x, brain = _slices()
-    opts = PredictorOptions(polarity="bright", smooth=False, rim_mm=0)
+    opts = PredictorOptions(polarity="bright", smooth=False, rim_mm=0, normalise="none")
     maps = compute_maps(m, x, ["dae-residual", "rec-error", "reconstruction"], options=opts, brain=brain)
     with torch.no_grad():
         rec = m(torch.from_numpy(x)[:, None])[:, 0].numpy()
     np.testing.assert_allclose(maps["reconstruction"], rec, atol=1e-5)
     np.testing.assert_allclose(maps["dae-residual"], np.maximum(x - rec, 0), atol=1e-5)
     np.testing.assert_allclose(maps["rec-error"], (x - rec) ** 2, atol=1e-5)  # unsigned whatever the polarity
-    dark = compute_maps(m, x, ["dae-residual"], options=PredictorOptions(polarity="dark", smooth=False))
+    dark = compute_maps(m, x, ["dae-residual"], options=PredictorOptions(polarity="dark", smooth=False,
+                                                                         normalise="none"))
     np.testing.assert_allclose(dark["dae-residual"], np.maximum(rec - x, 0), atol=1e-5)
     smoothed = compute_maps(m, x, ["dae-residual"], options=PredictorOptions(polarity="bright", smooth_mm=8.0,
-                                                                             smooth_z_mm=0),
+                                                                             smooth_z_mm=0, normalise="none"),
                             pixel_mm=240 / 32)["dae-residual"]
     ref = smooth(torch.from_numpy(np.maximum(x - rec, 0))[:, None], PredictorOptions(smooth_mm=8.0), 240 / 32)
     np.testing.assert_allclose(smoothed, ref[:, 0].numpy(), atol=1e-5)
     # slices without brain are 0
     brain[1] = False
     assert not compute_maps(m, x, ["dae-residual"], options=opts, brain=brain)["dae-residual"][1].any()
+
+
+def test_normalise_divides_by_the_scans_median_over_the_brain():
+    """normalise='median' (the DAE residual's default): the finished map over its median in the brain of the whole
+    scan, before the rim; the same map from a scan whose residual is k times larger everywhere (a noisier scanner)
+    is unchanged, and a lesion covering a minority of the brain barely moves the median."""
+    from vaeanomaly.predictors import normalise_median
+    m = _dae()
+    x, brain = _slices()
+    raw = compute_maps(m, x, ["dae-residual"], options=PredictorOptions(normalise="none", rim_mm=0), brain=brain,
+                       pixel_mm=240 / 32)["dae-residual"]
+    got = compute_maps(m, x, ["dae-residual"], options=PredictorOptions(rim_mm=0), brain=brain,
+                       pixel_mm=240 / 32)["dae-residual"]  # the default: median
+    np.testing.assert_allclose(got, raw / np.median(raw[brain]), rtol=1e-5)
+    assert np.median(got[brain]) == pytest.approx(1.0)
+    np.testing.assert_allclose(normalise_median(7.5 * raw, brain), normalise_median(raw, brain), rtol=1e-5)
+    lesion = raw.copy()
+    lesion[0, 10:16, 10:16] += 10 * raw.max()  # 36 of 1728 brain pixels
+    out = normalise_median(lesion, brain)
+    assert out[0, 12, 12] > 10 and np.median(out[brain]) == pytest.approx(1.0)
+    assert np.median(raw[brain]) == pytest.approx(np.median(lesion[brain]), rel=0.05)
+    # without a mask: over the pixels where the map is not 0; a map that is 0 everywhere stays 0
+    np.testing.assert_allclose(normalise_median(raw), raw / np.median(raw[raw != 0]), rtol=1e-5)
+    assert not normalise_median(np.zeros((2, 4, 4), np.float32), np.ones((2, 4, 4), bool)).any()
+    # the paper preset and the VAE maps keep raw values
+    assert PredictorOptions.preset("paper").for_map("dae-residual").normalise == "none"
+    assert PredictorOptions().for_map("rec-grad").normalise == "none"
 
 
 def test_predictors_are_checked_against_the_model_kind():
@@ -280,7 +308,7 @@ def test_intensity_evidence_follows_the_polarity():
     assert both[1] == 0 and both[0] == pytest.approx(both[2])
     m = _dae()
     x, b = _slices()
-    o = dict(smooth=False, polarity="bright")
+    o = dict(smooth=False, polarity="bright", normalise="none")
     plain = compute_maps(m, x, ["dae-residual", "rec-error"], options=PredictorOptions(**o))
     ev = compute_maps(m, x, ["dae-residual", "rec-error"], options=PredictorOptions(evidence="intensity", **o))
     np.testing.assert_allclose(ev["dae-residual"], plain["dae-residual"] * intensity_evidence(torch.from_numpy(x),
@@ -429,8 +457,9 @@ def test_smoothing_across_slices_in_millimetres():
     # through compute_maps: the slice spacing given converts mm to slices; the paper preset has no such smoothing
     m = _dae()
     x, b = _slices(n=6)
-    flat = compute_maps(m, x, ["dae-residual"], options=PredictorOptions(smooth_z_mm=0), brain=b)["dae-residual"]
-    z = compute_maps(m, x, ["dae-residual"], options=PredictorOptions(smooth_z_mm=6.0), brain=b,
+    flat = compute_maps(m, x, ["dae-residual"], options=PredictorOptions(smooth_z_mm=0, normalise="none"),
+                        brain=b)["dae-residual"]
+    z = compute_maps(m, x, ["dae-residual"], options=PredictorOptions(smooth_z_mm=6.0, normalise="none"), brain=b,
                      slice_mm=2.0)["dae-residual"]
     from vaeanomaly.predictors import inner_brain
     ib = inner_brain(b, 4.0, 240 / 32, 2.0)  # (the default rim is applied after: compare inside it)

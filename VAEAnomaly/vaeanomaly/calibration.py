@@ -36,7 +36,7 @@ QUANTILE = 99.0
 # every lesion the default model found
 PEAK_QUANTILE = 99.9
 OPTION_KEYS = ("smooth", "smooth_sigma", "smooth_kernel", "smooth_mm", "smooth_z_mm", "polarity", "evidence", "rim_mm",
-               "proj_steps", "proj_lambda", "proj_lr", "proj_weighted")
+               "normalise", "proj_steps", "proj_lambda", "proj_lr", "proj_weighted")
 # training/train.py calibrated with PredictorOptions(proj_steps=50) before the options were recorded
 LEGACY_THRESHOLD_OPTIONS = {**{k: v for k, v in PredictorOptions.preset("paper").to_dict().items() if k in OPTION_KEYS},
                             "proj_steps": 50}

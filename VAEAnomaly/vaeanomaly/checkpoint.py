@@ -119,12 +119,13 @@ class Checkpoint:
             lines.append("calibrated thresholds: " + ", ".join(f"{k} {v:.3g}" for k, v in self.thresholds.items()))
             if "thresholds_options" in m:
                 o = m["thresholds_options"]
+                from .ensemble import UNRECORDED
                 from .predictors import PredictorOptions
-                if self.kind == "dae":
-                    r = PredictorOptions.from_dict({"smooth_z_mm": 0.0, **o}).for_map("dae-residual")
+                if self.kind == "dae":  # options recorded before one existed: as UNRECORDED says
+                    r = PredictorOptions.from_dict({**UNRECORDED, **o}).for_map("dae-residual")
                     lines.append(f"  hold for: smoothing {'off' if not r.smooth else f'sigma {r.smooth_mm:g} mm' if r.smooth_mm else 'sigma 3 px'}"
                                  f" (across slices {r.smooth_z_mm:g} mm), polarity {r.polarity}, intensity evidence "
-                                 f"{r.evidence}, rim {r.rim_mm:g} mm")
+                                 f"{r.evidence}, rim {r.rim_mm:g} mm, normalised {r.normalise}")
                 else:
                     z = PredictorOptions.from_dict({"smooth_z_mm": 0.0, **o}).for_map("rec-grad").smooth_z_mm
                     lines.append(f"  hold for: smoothing {'on' if o.get('smooth') else 'off'} (rec-grad across "

@@ -17,8 +17,8 @@ from typing import Optional
 import numpy as np
 
 from .predictors import EVIDENCE, PRESETS, PredictorOptions
-from .registry import (DEFAULT_PREDICTOR, DEFAULT_PREDICTORS, ENSEMBLE, PAPER_PREDICTORS, POLARITIES,  # noqa: F401
-                       PREDICTOR_INFO, RECONSTRUCTION)
+from .registry import (DEFAULT_PREDICTOR, DEFAULT_PREDICTORS, ENSEMBLE, NORMALISE, PAPER_PREDICTORS,  # noqa: F401
+                       POLARITIES, PREDICTOR_INFO, RECONSTRUCTION)
 # the helpers every command shares, and the scoring request, live in scoring.py (importable without cli.py)
 from .scoring import (IMAGE_SUFFIXES, Progress, ScoreRequest, check_options, is_image_path,  # noqa: F401
                       parse_threshold, pick_device, select_predictors)
@@ -48,7 +48,8 @@ def _options(a) -> PredictorOptions:
                              f"{', '.join(PredictorOptions.__dataclass_fields__)}")
         opts = PredictorOptions.from_dict(d)
     else:
-        given = {k: getattr(a, k, None) for k in ("smooth_mm", "smooth_z_mm", "polarity", "evidence", "rim_mm")}
+        given = {k: getattr(a, k, None) for k in ("smooth_mm", "smooth_z_mm", "polarity", "evidence", "rim_mm",
+                                                  "normalise")}
         given = {k: v for k, v in given.items() if v is not None}
         opts = PredictorOptions.preset(getattr(a, "preset", None) or "default", smooth=not a.no_smooth,
                                        proj_steps=a.proj_steps, proj_lambda=a.proj_lambda, proj_lr=a.proj_lr,
@@ -101,6 +102,10 @@ def _add_model_args(p, predictor_default: Optional[str] = None):
     p.add_argument("--rim-mm", type=float, default=None, metavar="MM",
                    help=f"maps are 0 within this distance of the brain mask's surface (default: each map's own: "
                         f"{_own_defaults('rim_mm')})")
+    p.add_argument("--normalise", choices=NORMALISE, default=None,
+                   help=f"'median': each finished map divided by its median over the scan's brain, so a scanner whose "
+                        f"noise or blur raises the map everywhere does not raise what is flagged (default: each "
+                        f"map's own: {_own_defaults('normalise')})")
     p.add_argument("--preset", choices=sorted(PRESETS), default="default",
                    help="'paper': Zhou et al.'s settings (smoothing sigma 3 px, kernel 7; absolute maps), which "
                         "reproduce the paper-grid tables; the flags above override it")

@@ -19,14 +19,16 @@ GRADIENT_FEATURES = {"rec-grad", "kl-grad", "elbo-grad", "combi", "dae-residual"
 SIGNED_FEATURES = {"rec-grad", "elbo-grad", "dae-residual"}            # follow the polarity option
 # settings recorded before these options existed were made with these values (pixel smoothing, absolute maps)
 UNRECORDED = {"smooth_mm": None, "polarity": None, "evidence": None, "rim_mm": None,  # None: the map's own default
-              "smooth_z_mm": 0.0}  # (recorded before through-plane smoothing existed: there was none)
+              "smooth_z_mm": 0.0,  # (recorded before through-plane smoothing existed: there was none)
+              "normalise": "none"}  # (nor the scan's own scale)
 # act on an output map after it is computed (predictors.finish_maps), never on the ensemble's features
-FINISHING_KEYS = ("rim_mm", "smooth_z_mm", "evidence")
+FINISHING_KEYS = ("rim_mm", "smooth_z_mm", "evidence", "normalise")
 # Ensembles stored before the settings were recorded were all fitted by training/fit_ensemble.py with
 # the default options (smoothing sigma 3, kernel 7; projection 100 steps, lambda 0.5, lr 0.03).
 LEGACY_OPTIONS = {"smooth": True, "smooth_sigma": 3.0, "smooth_kernel": 7,
                   "proj_steps": 100, "proj_lambda": 0.5, "proj_lr": 0.03, "proj_weighted": False,
-                  "smooth_mm": None, "polarity": None, "evidence": None, "rim_mm": None, "smooth_z_mm": 0.0}
+                  "smooth_mm": None, "polarity": None, "evidence": None, "rim_mm": None, "smooth_z_mm": 0.0,
+                  "normalise": "none"}
 
 
 def relevant_keys(features) -> tuple:

@@ -40,6 +40,10 @@ class PredictorOptions:
     where the scan is brighter than the model expects), 'dark'.
     smooth_z_mm: through-plane smoothing of a finished map over the slices of one volume (sigma in mm at the
     slices' spacing; 0: none, the papers); None takes the map's own default.
+    normalise: 'median' divides a finished map by its median over the brain of the whole scan (a lesion is a
+    minority of the brain, so the median is the scan's healthy level): the map is then in units of this scan's own
+    typical value, so a scanner whose noise or blur raises the map everywhere does not raise what is flagged.
+    'none': raw values (the papers). None takes the map's own default.
     proj_*: iterative projection, E(x) = L_rec(x) + lambda*|x - x0|_1, Adam(lr)."""
     smooth: bool = True
     smooth_sigma: float = 3.0
@@ -49,6 +53,7 @@ class PredictorOptions:
     evidence: Optional[str] = None     # 'intensity': signed maps times the scan's own intensity evidence; None: default
     rim_mm: Optional[float] = None     # maps are 0 within this distance of the brain's surface (3D; needs the mask)
     smooth_z_mm: Optional[float] = None  # Gaussian sigma (mm) across slices, on the finished maps of one volume
+    normalise: Optional[str] = None    # 'median': the finished map divided by its median over the scan's brain
     proj_steps: int = 100
     proj_lambda: float = 0.5
     proj_lr: float = 0.03
@@ -80,7 +85,7 @@ class PredictorOptions:
     def unfinished(self) -> "PredictorOptions":
         """These options without the steps that act on finished maps (finish_maps: smoothing across slices,
         intensity evidence, the rim): the maps Combi and the ensemble are made from."""
-        return replace(self, smooth_z_mm=0.0, evidence="none", rim_mm=0.0)
+        return replace(self, smooth_z_mm=0.0, evidence="none", rim_mm=0.0, normalise="none")
 
     def kernel_px(self, pixel_mm: float) -> tuple[float, int]:
         """(sigma, kernel size) in pixels on a grid of pixel_mm pixels."""
@@ -91,7 +96,8 @@ class PredictorOptions:
 
 
 PRESETS = {"default": {}, "paper": {"smooth": True, "smooth_sigma": 3.0, "smooth_kernel": 7, "smooth_mm": 0.0,
-                                    "smooth_z_mm": 0.0, "polarity": "both", "evidence": "none", "rim_mm": 0.0}}
+                                    "smooth_z_mm": 0.0, "polarity": "both", "evidence": "none", "rim_mm": 0.0,
+                                    "normalise": "none"}}
 EVIDENCE = ("none", "intensity")
 
 
@@ -413,8 +419,9 @@ def compute_maps(model: VAE, slices, predictors: Iterable[str], beta: float = 1.
 def finish_maps(maps: dict, x_all, brain, opts: PredictorOptions, pixel_mm: float,
                 slice_mm: Optional[float]) -> dict[str, np.ndarray]:
     """The options that act on finished maps: smoothing across slices (smooth_z_mm, at slice_mm spacing, default
-    pixel_mm), intensity evidence on the signed maps, then the rim (0 within rim_mm of the brain's surface, on every
-    heatmap; needs the brain mask). Combi and the ensemble are made from the maps before this step.
+    pixel_mm), intensity evidence on the signed maps, the scan's own scale (normalise: over the brain mask, or
+    where the map is not 0 without one), then the rim (0 within rim_mm of the brain's surface, on every heatmap;
+    needs the brain mask). Combi and the ensemble are made from the maps before this step.
     x_all: the (N, H, W) slices the maps were computed from."""
     x_all = torch.as_tensor(np.asarray(x_all, dtype=np.float32))
     for k in maps:
@@ -423,6 +430,8 @@ def finish_maps(maps: dict, x_all, brain, opts: PredictorOptions, pixel_mm: floa
             maps[k] = smooth_across_slices(maps[k], o.smooth_z_mm, slice_mm or pixel_mm)
         if o.evidence == "intensity" and k in PREDICTOR_INFO and PREDICTOR_INFO[k].signed:
             maps[k] = (maps[k] * intensity_evidence(x_all, o.polarity).numpy()).astype(np.float32)
+        if k != RECONSTRUCTION and o.normalise == "median":
+            maps[k] = normalise_median(maps[k], brain)
     if brain is not None:
         inner = {}  # one erosion per rim width
         for k in maps:
@@ -432,6 +441,13 @@ def finish_maps(maps: dict, x_all, brain, opts: PredictorOptions, pixel_mm: floa
                     inner[rim] = inner_brain(np.asarray(brain, bool), rim, pixel_mm, slice_mm or pixel_mm)
                 maps[k] = np.where(inner[rim], maps[k], 0).astype(np.float32)
     return maps
+
+
+def normalise_median(m: np.ndarray, brain=None) -> np.ndarray:
+    """A map divided by its median over the brain (where it is not 0 without a mask); unchanged when that is 0."""
+    inside = np.asarray(brain, bool) if brain is not None else m != 0
+    level = float(np.median(m[inside])) if inside.any() else 0.0
+    return (m / level).astype(np.float32) if level > 0 else m.astype(np.float32)
 
 
 def _dae_maps(model: DAE, x_all: torch.Tensor, sel: np.ndarray, names: list, opts: PredictorOptions, device, brain,

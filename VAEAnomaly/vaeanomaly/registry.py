@@ -25,7 +25,8 @@ class PredictorInfo:
 # Options a map takes when the user leaves them unset (None): the papers' settings (the reference code's pixel
 # kernel, absolute maps, no intensity evidence), except where a map declares its own (measured on the validation
 # split, docs/validation.md).
-BASE_DEFAULTS = {"smooth_mm": 0.0, "smooth_z_mm": 0.0, "polarity": "both", "evidence": "none", "rim_mm": 0.0}
+BASE_DEFAULTS = {"smooth_mm": 0.0, "smooth_z_mm": 0.0, "polarity": "both", "evidence": "none", "rim_mm": 0.0,
+                 "normalise": "none"}
 # Through-plane smoothing (smooth_z_mm, sigma in mm across slices): a 2D model scores each slice alone, so its
 # errors are independent from slice to slice while a lesion is a 3D blob; averaging across slices in mm keeps the
 # lesion and damps single-slice failures (a whole slice lighting up). Rec-grad: 10 mm, about its in-plane sigma
@@ -35,8 +36,13 @@ REC_GRAD_DEFAULTS = (("smooth_z_mm", 10.0),)
 # dae-residual: sigma 4 mm, both signs, no intensity evidence, a 4 mm rim: the best mean AUROC over the five lesion
 # families of the validation split (docs/validation.md); 'bright' had the best AP but lost the hypointense lesions
 # smooth_z_mm 8: mean AUROC 0.727 -> 0.746, false regions per healthy scan 15.0 -> 4.3 on the validation split
+# normalise 'median': the residual in units of the scan's own median residual. A denoiser's residual carries the
+# scanner's noise and blur, so one absolute threshold flags a whole scan from a noisier or blurrier scanner; on the
+# validation split the healthy brain flagged in the worst of its three domains fell from 11.1% to 2.5% (dae-128-blobs,
+# docs/validation.md).
+NORMALISE = ("none", "median")
 DAE_DEFAULTS = (("smooth_mm", 4.0), ("smooth_z_mm", 8.0), ("polarity", "both"), ("evidence", "none"),
-                ("rim_mm", 4.0))
+                ("rim_mm", 4.0), ("normalise", "median"))
 
 PREDICTOR_INFO: dict[str, PredictorInfo] = {p.name: p for p in (
     PredictorInfo("rec-grad", "Rec-grad",
