@@ -94,17 +94,39 @@ def adapt_base(cohort, tmp_path_factory):
     return p
 
 
+def spy_on_score_prepared(monkeypatch) -> list:
+    """Every call of scoring.score_prepared from now on: (checkpoint, names, verdict); the real function runs."""
+    from vaeanomaly import scoring
+    calls, real = [], scoring.score_prepared
+
+    def spy(checkpoint, prepared, names, *args, **kwargs):
+        calls.append((checkpoint, tuple(names), kwargs.get("verdict", True)))
+        return real(checkpoint, prepared, names, *args, **kwargs)
+
+    monkeypatch.setattr(scoring, "score_prepared", spy)
+    return calls
+
+
 @pytest.mark.slow
-def test_adapt_improves_flagged_percent_on_held_out_scans(epi, adapt_base, tmp_path, capsys):
+def test_adapt_improves_flagged_percent_on_held_out_scans(epi, adapt_base, tmp_path, capsys, monkeypatch):
+    """The flagged % before and after are what scoring computes (scoring.score_prepared, no verdict): every
+    scan with the base model, then the held-out scans with the adapted weights (the base checkpoint's grid and
+    beta); adapted and recalibrated, the model flags much less of the new scanner's healthy brain."""
+    from vaeanomaly.adapt import FLAG_PREDICTORS
     scans, masks = epi
     before_sha = sha(adapt_base)
     out = tmp_path / "my-scanner.safetensors"
+    calls = spy_on_score_prepared(monkeypatch)
     rc = cli(["adapt", *map(str, scans), "--masks", *map(str, masks), "-o", str(out), "--minutes", "0.3",
               "--max-epochs", "3", "--allow-mixed", "--progress", "none", "--model", str(adapt_base)])
     assert rc == 0, capsys.readouterr().err
     ck = load_checkpoint(out)
     a = ck.meta["adaptation"]
     assert len(a["held_out"]) == 2 and len(a["fine_tuned_on"]) == 1
+    assert len(calls) == len(scans) + 2 and all(c[1:] == (FLAG_PREDICTORS, False) for c in calls)
+    base, adapted = calls[0][0], calls[-1][0]
+    assert all(c[0] is base for c in calls[:len(scans)]) and all(c[0] is adapted for c in calls[len(scans):])
+    assert adapted.model is not base.model and (adapted.preprocessing, adapted.beta) == (base.preprocessing, base.beta)
     # the site shift made the base model over-flag healthy brain; adapted and recalibrated, much less
     assert a["flagged_percent_before"]["rec-grad"] > 3
     assert a["flagged_percent_after"]["rec-grad"] < a["flagged_percent_before"]["rec-grad"] / 2

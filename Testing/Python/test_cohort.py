@@ -15,6 +15,7 @@ from conftest import ROOT, make_phantom, oblique_direction
 from vaeanomaly.checkpoint import load_checkpoint
 from vaeanomaly.cli import main
 from vaeanomaly.cohort import expand_inputs, is_cohort
+from vaeanomaly.scoring import ScoreRequest
 from vaeanomaly.volume import score_volume
 
 
@@ -141,3 +142,33 @@ def test_torchrun_ranks_share_the_list(volumes, tmp_path):
     log = r.stderr
     assert log.count("[0] ok") == 2 and log.count("[1] ok") == 1  # items 0, 2 on rank 0; item 1 on rank 1
     assert "2 rank(s)" in log
+
+
+def test_each_input_is_scored_as_the_cohorts_request_checked_once(volumes, tmp_path, monkeypatch):
+    """The cohort's scoring request is checked once (ScoreRequest.checked), and each input is scored through
+    scoring.score_prepared, the computation of `vaeanomaly score` for one volume, with the verdict's maps in the
+    same pass (the summary's verdict columns)."""
+    from vaeanomaly import scoring
+    d, _ = volumes
+    checked, scored = [], []
+    real_checked, real_score = ScoreRequest.checked, scoring.score_prepared
+
+    def check(self, checkpoint):
+        checked.append(self)
+        return real_checked(self, checkpoint)
+
+    def score(checkpoint, prepared, names, options=None, device="cpu", verdict=True, **kwargs):
+        scored.append((list(names), options, device, verdict))
+        return real_score(checkpoint, prepared, names, options, device, verdict, **kwargs)
+
+    monkeypatch.setattr(ScoreRequest, "checked", check)
+    monkeypatch.setattr(scoring, "score_prepared", score)
+    inputs = [str(d / "a/T2.nii.gz"), str(d / "c.nrrd")]
+    rc = main(["score", *inputs, "-o", str(tmp_path / "out"), "--predictor", "rec-grad,kl-grad", "--smooth-mm", "6",
+               "--progress", "none", "--workers", "0"])
+    assert rc == 0
+    assert len(checked) == 1 and checked[0].input == " ".join(inputs) and checked[0].predictors == "rec-grad,kl-grad"
+    assert [s[0] for s in scored] == [["rec-grad", "kl-grad"]] * 2 and all(s[1:] == scored[0][1:] for s in scored)
+    assert scored[0][1].smooth_mm == 6 and scored[0][2:] == ("cpu", True)
+    summary = rows(tmp_path / "out" / "summary.csv")
+    assert [r["status"] for r in summary] == ["ok", "ok"] and all(r["predictor"] == "rec-grad" for r in summary)

@@ -155,3 +155,18 @@ def test_nothing_outside_cli_uses_a_private_name_of_cli():
                     and isinstance(node.value, ast.Name) and node.value.id == "cli":
                 found.append((str(path.relative_to(ROOT)), node.lineno))
     assert found == [], found
+
+
+def test_volumes_are_scored_through_the_one_scoring_api():
+    """Cohort scoring, adapt's before/after figures, the warm worker and the application layer (the module's
+    Logic, the panel, the web viewer) reach the network through scoring.py (score_prepared, run), never by calling
+    the functions below it themselves; calibration (calibration.calibrate) is not scoring and is not checked."""
+    below = {"compute_maps", "score_volume", "assess_slices", "score_with_report"}
+    app = ROOT / "VAEAnomaly" / "VAEAnomalyLib"
+    found = []
+    for path in [CORE / "cohort.py", CORE / "adapt.py", CORE / "score_worker.py", *sorted(app.rglob("*.py"))]:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            name = node.id if isinstance(node, ast.Name) else node.attr if isinstance(node, ast.Attribute) else None
+            names = [a.name for a in node.names] if isinstance(node, ast.ImportFrom) else [name]
+            found += [(path.name, node.lineno, n) for n in names if n in below]
+    assert found == [], found

@@ -1,15 +1,22 @@
-"""The one scoring API (vaeanomaly/scoring.py): a request checked in one place, as the command line, cohort
-scoring and the warm worker use it."""
+"""The one scoring API (vaeanomaly/scoring.py): a request checked in one place, and one function that computes
+the maps and the verdict (score_prepared), as the command line, cohort scoring, the warm worker and the module's
+Logic use it."""
 from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
+import SimpleITK as sitk
 
+from conftest import make_phantom
+from vaeanomaly import scoring, verdict
 from vaeanomaly.checkpoint import load_checkpoint
+from vaeanomaly.cli import main as cli
 from vaeanomaly.predictors import PredictorOptions
-from vaeanomaly.scoring import ScoreRequest, check_options
-from vaeanomaly.score_worker import serve
+from vaeanomaly.scoring import ScoreRequest, check_options, run
+from vaeanomaly.score_worker import ModelCache, score, serve
+from vaeanomaly.volume import VolumeError
 
 
 def test_request_round_trips_through_json():
@@ -48,3 +55,86 @@ def test_worker_answers_a_bad_request_with_the_command_lines_exit_code(tmp_path)
     said = {e["id"]: e["line"] for e in sent if "line" in e}
     assert done[1]["done"] == 2 and "unknown scoring request field(s) bogus" in said[1]
     assert done[2]["done"] == 2 and "missing.nrrd" in said[2]
+
+
+def spy_on_score_prepared(monkeypatch) -> list:
+    """Every call of scoring.score_prepared from now on, as its `verdict` flag (the real function still runs)."""
+    calls, real = [], scoring.score_prepared
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("verdict", True))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(scoring, "score_prepared", spy)
+    return calls
+
+
+def test_the_command_line_and_the_worker_score_through_score_prepared(tmp_path, monkeypatch):
+    """`vaeanomaly score` for one volume (with and without a report) and a warm worker's request compute their maps
+    with scoring.score_prepared: the verdict's part only when a report is asked for."""
+    sitk.WriteImage(make_phantom((48, 52, 14), (3.0, 3.0, 6.0), blob_index=(20, 24, 7)), str(tmp_path / "a.nrrd"))
+    calls = spy_on_score_prepared(monkeypatch)
+    assert cli(["score", str(tmp_path / "a.nrrd"), "-o", str(tmp_path / "h.nii.gz"), "--progress", "none"]) == 0
+    assert calls == [False]
+    assert cli(["score", str(tmp_path / "a.nrrd"), "-o", str(tmp_path / "h.nii.gz"), "--progress", "none",
+                "--report", str(tmp_path / "r.json")]) == 0
+    assert calls == [False, True] and (tmp_path / "r.json").is_file()
+    score(ScoreRequest(str(tmp_path / "a.nrrd"), output=str(tmp_path / "w")).to_json(), ModelCache())
+    assert calls == [False, True, False] and (tmp_path / "w" / "rec-grad.nrrd").is_file()
+
+
+@pytest.fixture(scope="module")
+def stripped():
+    """A generated skull-stripped T2 scan and its brain mask (coarse anatomy: fast)."""
+    from vaeanomaly.synth import make_subject
+    return make_subject(1_800_002, domain="tse", step=2, off=("partial",))
+
+
+def test_run_with_a_report_gives_what_the_verdicts_one_pass_gives(stripped, tmp_path):
+    """scoring.run (prepare, score_prepared, back to the input grid, the report) computes exactly what
+    verdict.score_with_report does: the same heatmaps and the same report, with a mask and with the automatic
+    one; a head that is not skull-stripped, without a mask, is reported, then refused."""
+    from vaeanomaly.synth import make_subject
+    ck = load_checkpoint(None)
+    for mask in (stripped.mask, None):
+        request = ScoreRequest("t2.nii.gz", predictors="rec-grad,kl-grad", report=str(tmp_path / "run.json"))
+        names = request.checked(ck)
+        got = run(request, ck, stripped.t2, mask, names)
+        ref, _ = verdict.score_with_report(tmp_path / "ref.json", ck, stripped.t2, mask, names)
+        assert list(got) == list(ref) == ["rec-grad", "kl-grad"]
+        for k in ref:
+            np.testing.assert_array_equal(sitk.GetArrayFromImage(got[k]), sitk.GetArrayFromImage(ref[k]))
+        assert json.loads((tmp_path / "run.json").read_text(encoding="utf-8")) == \
+            json.loads((tmp_path / "ref.json").read_text(encoding="utf-8"))
+    head = make_subject(1_800_001, domain="tse", head=True, step=2, off=("partial",))
+    with pytest.raises(VolumeError, match="not look skull-stripped"):
+        run(ScoreRequest("head.nii.gz", report=str(tmp_path / "head.json")), ck, head.t2, None, ["rec-grad"])
+    r = json.loads((tmp_path / "head.json").read_text(encoding="utf-8"))
+    assert r["in_distribution"] is False and r["fit"] is None and "--mask" in r["warnings"][0]
+
+
+def test_logic_process_runs_a_request_as_the_worker_does(scene, monkeypatch):
+    """The module's in-process Logic.process builds a ScoreRequest and runs it with scoring.run (as the warm
+    worker does), passing its progress and cancel callbacks through."""
+    pytest.importorskip("slicer")
+    from test_logic import add_volume
+    from vaeanomaly.predictors import Cancelled
+    from VAEAnomalyLib.logic import VAEAnomalyLogic
+    seen, real = [], scoring.run
+
+    def spy(request, *args, **kwargs):
+        seen.append(request)
+        return real(request, *args, **kwargs)
+
+    monkeypatch.setattr(scoring, "run", spy)
+    calls = spy_on_score_prepared(monkeypatch)
+    node = add_volume(scene, make_phantom((48, 52, 14), (3.0, 3.0, 6.0), blob_index=(20, 24, 7)))
+    logic, fractions = VAEAnomalyLogic(scene), []
+    heat = logic.process(node, None, None, "rec-grad", options=PredictorOptions(batch_size=5), reconstruction=True,
+                         progress=fractions.append)
+    assert heat is not None and logic.lastReconstruction is not None and fractions[-1] == pytest.approx(1.0)
+    assert calls == [False] and len(seen) == 1 and isinstance(seen[0], ScoreRequest)
+    assert seen[0].predictors == "rec-grad,reconstruction" and seen[0].options == PredictorOptions(batch_size=5)
+    assert seen[0].report is None
+    with pytest.raises(Cancelled):
+        logic.process(node, None, None, "rec-grad", cancel=lambda: True)

@@ -201,15 +201,20 @@ class VAEAnomalyLogic:
                 progress: Optional[Callable[[float], None]] = None,
                 cancel: Optional[Callable[[], bool]] = None):
         """Score the input in this process. Returns the heatmap node (and sets the reconstruction node
-        as self.lastReconstruction when asked). Raises before touching the scene on bad input or cancel."""
+        as self.lastReconstruction when asked). Raises before touching the scene on bad input or cancel.
+        The request is a `vaeanomaly.scoring.ScoreRequest`, checked and run as the warm worker runs it
+        (ScoreRequest.checked, scoring.run), without a report."""
         from vaeanomaly.checkpoint import load_checkpoint
+        from vaeanomaly.predictors import PredictorOptions
         from vaeanomaly.registry import DEFAULT_PREDICTOR, RECONSTRUCTION
-        from vaeanomaly.volume import score_volume
+        from vaeanomaly.scoring import ScoreRequest, run
         predictor = predictor or DEFAULT_PREDICTOR
         img, mask = self.input_images(inputVolume, maskNode)
         ck = load_checkpoint(model)
-        names = [predictor] + ([RECONSTRUCTION] if reconstruction else [])
-        maps = score_volume(ck, img, mask, names, options, device, progress=progress, cancel=cancel)
+        request = ScoreRequest(input=inputVolume.GetName(), model=str(ck.path),
+                               predictors=",".join([predictor] + ([RECONSTRUCTION] if reconstruction else [])),
+                               options=options if options is not None else PredictorOptions(), device=device)
+        maps = run(request, ck, img, mask, request.checked(ck), progress=progress, cancel=cancel)
         return self.add_results(inputVolume, maps, ck, predictor, options, heatmapNode)
 
     def add_results(self, inputVolume, maps: dict, checkpoint, predictor: str, options=None, heatmapNode=None):

@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -120,11 +120,12 @@ def leave_one_out_flagged(maps: list, brains: list, q: float = 99.0) -> list[flo
     return out
 
 
-def _fused(model, beta, prepared, options, device, names=FLAG_PREDICTORS):
-    """The flag predictors' maps of one prepared scan (its slice spacing sets the smoothing across slices)."""
-    from .predictors import compute_maps
-    return compute_maps(model, prepared.slices, list(names), beta, options, device,
-                        slice_mm=prepared.grid.GetSpacing()[2])
+def _flag_maps(checkpoint, prepared, options, device) -> dict:
+    """The flag predictors' maps of one prepared scan on the model grid, as `vaeanomaly score` computes them
+    (scoring.score_prepared: the brain slices, finished on the brain mask at the scan's slice spacing), so that
+    the before/after figures are the share of the brain that scoring would flag. No verdict is needed here."""
+    from .scoring import score_prepared
+    return score_prepared(checkpoint, prepared, FLAG_PREDICTORS, options, device, verdict=False)[0]
 
 
 # --------------------------------------------------------------------------- the whole run
@@ -179,7 +180,7 @@ def adapt(scans, output, model=None, masks=None, options: Optional[AdaptOptions]
     popts = _predictor_options(base)
     base_maps = []
     for i, p in enumerate(prepared):
-        base_maps.append(_fused(base.model, base.beta, p, popts, device))
+        base_maps.append(_flag_maps(base, p, popts, device))
         progress(0.08 + 0.04 * (i + 1) / len(prepared))
     pix = verdict.pixel_mm(base)
     for n, p, mp in zip(names, prepared, base_maps):
@@ -221,7 +222,8 @@ def adapt(scans, output, model=None, masks=None, options: Optional[AdaptOptions]
     ens = base.ensemble
     upd = calibrate(net, base.beta, held_cases, popts, ensemble=ens, device=device,
                     max_projection_slices=PROJECTION_SLICES, progress=lambda f: progress(0.85 + 0.12 * f))
-    adapted_maps = [_fused(net, base.beta, prepared[i], popts, device) for i in hold]
+    adapted = replace(base, model=net)  # the base checkpoint's grid and beta, the adapted weights
+    adapted_maps = [_flag_maps(adapted, prepared[i], popts, device) for i in hold]
     after_loo = {k: _mean(leave_one_out_flagged([m[k] for m in adapted_maps], [prepared[i].brain for i in hold],
                                                 upd["calibration"]["quantile"])) for k in FLAG_PREDICTORS}
 

@@ -1,10 +1,13 @@
 """Scoring many volumes: `vaeanomaly score A.nii.gz B.nii.gz ... -o OUT/` (or a folder, a glob, a CSV).
 
-The model is loaded once. Reading, validating and preprocessing (onto the model grid) run in torch DataLoader
-worker processes, ahead of the network; heatmaps go back to the input grid and are written by a writer thread
-while the next volume is scored, so I/O overlaps compute. One output per input, plus OUT/summary.csv with a row
-per input: status, outputs, the verdict (in distribution, fit, % of the brain flagged at the calibrated
-threshold: vaeanomaly.verdict.assess_slices on the maps already computed), seconds.
+The model is loaded once and the cohort's scoring request (scoring.ScoreRequest: model, predictors, options,
+device) is checked once; each input is scored as that request for its own volume and mask. Reading, validating
+and preprocessing (onto the model grid) run in torch DataLoader worker processes, ahead of the network; the
+network pass and the verdict are scoring.score_prepared's (what `vaeanomaly score` computes for one volume);
+heatmaps go back to the input grid and are written by a writer thread while the next volume is scored, so I/O
+overlaps compute. One output per input, plus OUT/summary.csv with a row per input: status, outputs, the verdict
+(in distribution, fit, % of the brain flagged at the calibrated threshold, from the maps already computed),
+seconds.
 
 Under `torchrun` (WORLD_SIZE > 1) each rank scores items rank, rank + world, ... of the sorted list (CUDA:
 device cuda:LOCAL_RANK), and rank 0 gathers the rows (torch.distributed, gloo or nccl) into the one summary.
@@ -24,13 +27,11 @@ import queue
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
-
-from .scoring import IMAGE_SUFFIXES
+from .scoring import IMAGE_SUFFIXES, ScoreRequest
 
 SUMMARY_FIELDS = ("input", "mask", "status", "outputs", "in_distribution", "fit", "flagged_percent", "predictor",
                   "threshold", "findings", "largest_finding_ml", "seconds", "message")
@@ -130,22 +131,22 @@ def outputs_for(item: Item, names: list[str], out: Path) -> dict:
 
 # --------------------------------------------------------------------------- the data loader
 class _Volumes:
-    """torch Dataset: item k -> (k, Prepared or the error message). Runs in DataLoader workers."""
+    """torch Dataset: request k -> (k, Prepared or the error message, seconds). Runs in DataLoader workers."""
 
-    def __init__(self, items: list[Item], prep):
-        self.items, self.prep = items, prep
+    def __init__(self, requests: list[ScoreRequest], prep):
+        self.requests, self.prep = requests, prep
 
     def __len__(self):
-        return len(self.items)
+        return len(self.requests)
 
     def __getitem__(self, k):
         from .volume import prepare, read_image
-        it = self.items[k]
+        r = self.requests[k]
         t = time.perf_counter()
         try:
-            img = read_image(it.volume)
-            mask = read_image(it.mask, "mask") if it.mask else None
-            return k, prepare(img, mask, self.prep, what=f"input '{it.volume}'"), time.perf_counter() - t
+            img = read_image(r.input)
+            mask = read_image(r.mask, "mask") if r.mask else None
+            return k, prepare(img, mask, self.prep, what=f"input '{r.input}'"), time.perf_counter() - t
         except Exception as err:  # one bad input must not stop the cohort: reported in the summary
             return k, f"{type(err).__name__}: {err}", time.perf_counter() - t
 
@@ -159,25 +160,27 @@ def dist_info() -> tuple[int, int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
 
 
-def score_many(checkpoint, items: list[Item], names: list[str], out: Path, options=None, device: str = "cpu",
+def request_for(request: ScoreRequest, item: Item) -> ScoreRequest:
+    """The cohort's request for one item: the same model, predictors, options and device, the item's volume and
+    mask (nothing `ScoreRequest.checked` looks at, so the cohort's request is checked once for all)."""
+    return replace(request, input=item.volume, mask=item.mask)
+
+
+def score_many(checkpoint, items: list[Item], names: list[str], out: Path, request: ScoreRequest,
                workers: int = 2, labels: Optional[dict] = None, log=sys.stderr) -> list[dict]:
-    """Score every item (this rank's share under torchrun); returns the summary rows of this rank.
+    """Score every item (this rank's share under torchrun) as `request` (the cohort's, checked: names =
+    request.checked(checkpoint)) for the item's volume and mask; returns the summary rows of this rank.
     labels: optional {'threshold': spec, 'calibrated': {...}, 'folder': Path} to write label maps too."""
     from torch.utils.data import DataLoader
 
-    from .inference import inference_kwargs
     from .io import write_image
-    from .predictors import PredictorOptions, compute_maps
     from .preprocessing import Preprocessing
-    from .volume import to_input_grid
-    opts = options or PredictorOptions()
+    from .scoring import on_input_grid, score_prepared
     rank, world, _ = dist_info()
     mine = items[rank::world]
+    requests = [request_for(request, it) for it in mine]
     prep = Preprocessing.from_dict(checkpoint.preprocessing)
-    from .verdict import assess_slices, grid_names
-    on_grid = grid_names(checkpoint, names)  # the heatmaps and what the verdict reads, in one pass
-    kw = inference_kwargs(checkpoint, on_grid, opts)
-    loader = DataLoader(_Volumes(mine, prep), batch_size=None, shuffle=False, num_workers=workers,
+    loader = DataLoader(_Volumes(requests, prep), batch_size=None, shuffle=False, num_workers=workers,
                         collate_fn=_identity, prefetch_factor=2 if workers else None,
                         persistent_workers=False)
     rows: list[dict] = []
@@ -189,7 +192,7 @@ def score_many(checkpoint, items: list[Item], names: list[str], out: Path, optio
             try:
                 written = []
                 for n, path in outputs_for(mine[row["_k"]], names, out).items():
-                    img = to_input_grid(np.where(p.brain, maps[n], 0), p)
+                    img = on_input_grid(p, maps[n])
                     write_image(img, path)
                     written.append(str(path))
                     if labels and n != "reconstruction":
@@ -215,21 +218,18 @@ def score_many(checkpoint, items: list[Item], names: list[str], out: Path, optio
     th.start()
     try:
         for k, p, t_read in loader:
-            it = mine[k]
-            row = {"_k": k, "input": it.volume, "mask": it.mask or "", "status": "error", "outputs": "",
+            r = requests[k]
+            row = {"_k": k, "input": r.input, "mask": r.mask or "", "status": "error", "outputs": "",
                    "in_distribution": "", "fit": "", "flagged_percent": "", "predictor": "", "threshold": "",
                    "seconds": t_read, "message": ""}
             rows.append(row)
             if isinstance(p, str):
                 row["message"] = p
                 row["seconds"] = round(t_read, 3)
-                print(f"[{rank}] error {it.volume}: {p}", file=log, flush=True)
+                print(f"[{rank}] error {r.input}: {p}", file=log, flush=True)
                 continue
             t0 = time.perf_counter()
-            maps = compute_maps(checkpoint.model, p.slices, on_grid, checkpoint.beta, opts, device,
-                                brain=p.brain, slice_mm=p.grid.GetSpacing()[2], **kw)
-            # the verdict on the maps just computed
-            v = assess_slices(checkpoint, p.slices, p.brain, names[0] if names else None, opts, device, maps=maps)
+            maps, v = score_prepared(checkpoint, p, names, r.options, r.device)  # the maps, then their verdict
             row.update({"in_distribution": v["in_distribution"], "fit": v["fit"] if v["fit"] is not None else "",
                         "flagged_percent": v["flagged_percent"] if v["flagged_percent"] is not None else "",
                         "predictor": v["predictor"] or "",
@@ -239,8 +239,8 @@ def score_many(checkpoint, items: list[Item], names: list[str], out: Path, optio
     finally:
         todo.put(None)
         th.join()
-    for r in rows:
-        r.pop("_k", None)
+    for row in rows:
+        row.pop("_k", None)
     return rows
 
 
@@ -275,7 +275,7 @@ def cmd_score_many(a, opts) -> int:
     from .calibration import calibrated_threshold
     from .checkpoint import load_checkpoint
     from .registry import RECONSTRUCTION
-    from .scoring import parse_threshold, pick_device, select_predictors
+    from .scoring import parse_threshold, pick_device
     if getattr(a, "report", None):
         raise ValueError("--report is for one input; with many inputs the verdict of each is in OUT/summary.csv")
     if a.threshold is not None and not a.label:
@@ -283,7 +283,8 @@ def cmd_score_many(a, opts) -> int:
     if a.label and a.threshold is None:
         raise ValueError("--label needs --threshold (a number, a percentile such as p99, or 'auto')")
     threshold = parse_threshold(a.threshold) if a.threshold is not None else None
-    items = expand_inputs(a.input, a.mask)
+    given = [a.input] if isinstance(a.input, str) else list(a.input)
+    items = expand_inputs(given, a.mask)
     out = Path(a.output)
     if out.name.lower().endswith(IMAGE_SUFFIXES) or (out.exists() and not out.is_dir()):
         raise ValueError(f"-o {out}: with {len(items)} inputs the output is a folder (one heatmap per input and "
@@ -291,7 +292,10 @@ def cmd_score_many(a, opts) -> int:
     if a.label and Path(a.label).name.lower().endswith(IMAGE_SUFFIXES):
         raise ValueError(f"--label {a.label}: with many inputs give a folder (one label map per input)")
     ck = load_checkpoint(a.model)
-    names = select_predictors(a.predictor, ck, opts)
+    # the cohort's request (input: the inputs as given); each item is scored as it for its own volume (request_for)
+    request = ScoreRequest(input=" ".join(given), output=str(out), model=a.model, predictors=a.predictor,
+                           options=opts, device=a.device)
+    names = request.checked(ck)  # once for the cohort
     labels = None
     if threshold:
         heat = [n for n in names if n != RECONSTRUCTION]
@@ -317,7 +321,8 @@ def cmd_score_many(a, opts) -> int:
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     t = time.perf_counter()
     try:
-        rows = score_many(ck, items, names, out, opts, device, workers=getattr(a, "workers", 2), labels=labels)
+        rows = score_many(ck, items, names, out, replace(request, device=device), workers=getattr(a, "workers", 2),
+                          labels=labels)
         all_rows = gather_rows(rows)
     finally:
         if world > 1:

@@ -15,10 +15,11 @@ Protocol, one JSON object per line (UTF-8):
           {"id": N, "done": RC, "pid": P, "model_cached": BOOL, "seconds": S}   RC as the command line's exit code
 
 A request is checked and computed by `vaeanomaly score`'s own code (`scoring.ScoreRequest.checked`,
-`scoring.run`: `volume.score_volume`, and `verdict.score_with_report` with a report); the difference is where the time goes: the checkpoint comes from a cache (keyed by
-its path, modification time and size, so a rewritten file is loaded again), and the maps are written as
-*uncompressed* NRRD (`<FOLDER>/<map>.nrrd`) for the parent to read back at once. The process never imports
-slicer or vtk. Nothing here unpickles anything: requests are JSON, checkpoints safetensors.
+`scoring.run`: the maps and, with a report, the verdict of `scoring.score_prepared`); the difference is where the
+time goes: the checkpoint comes from a cache (keyed by its path, inode, size and times, so a rewritten file is
+loaded again), and the maps are written as *uncompressed* NRRD (`<FOLDER>/<map>.nrrd`) for the parent to read
+back at once. The process never imports slicer or vtk. Nothing here unpickles anything: requests are JSON,
+checkpoints safetensors.
 """
 from __future__ import annotations
 

@@ -1,13 +1,20 @@
-"""One scoring API: a request, checked in one place, and the function that runs it.
+"""One scoring API: a request, checked in one place, and the functions that run it.
 
 `ScoreRequest` is what `vaeanomaly score` does for one volume, whoever asks: the command line builds it from its
 flags (cli.py), the warm worker receives it as JSON from the Slicer module or the web viewer (score_worker.py),
-cohort scoring builds one per input (cohort.py). `ScoreRequest.checked(checkpoint)` validates the options and
-the predictors against the checkpoint; `run(request, checkpoint, img, mask, names)` computes the heatmaps on the
-input grid and, with a report path, the out-of-distribution verdict from the same network pass. The helpers the
-commands share (progress display, device choice, threshold syntax, option and predictor checks) live here too,
-so that no module needs a private name of cli.py and cli.py imports the commands it dispatches to, never the
-other way round.
+the module's in-process Logic.process builds one (VAEAnomalyLib/logic.py), cohort scoring builds one for the
+cohort, checks it once and scores each input as that request for the input's own volume and mask (cohort.py).
+`ScoreRequest.checked(checkpoint)` validates the options and the predictors against the checkpoint.
+
+`score_prepared(checkpoint, prepared, names, ...)` is the computation itself, on a volume already on the model
+grid (volume.prepare): the maps of one network pass, then the model-grid part of the out-of-distribution verdict
+on those maps. `run(request, checkpoint, img, mask, names)` prepares one volume, calls score_prepared, brings
+the heatmaps back to the input grid and, with a report path, adds the input-grid checks and writes the verdict.
+Cohort scoring calls score_prepared on the volumes its loader workers prepared, `adapt` on its scans (for the
+flagged share before and after fine-tuning).
+The helpers the commands share (progress display, device choice, threshold syntax, option and predictor checks)
+live here too, so that no module needs a private name of cli.py and cli.py imports the commands it dispatches
+to, never the other way round.
 """
 from __future__ import annotations
 
@@ -207,23 +214,99 @@ class ScoreRequest:
         return select_predictors(self.predictors, checkpoint, self.options)
 
 
-def run(request: ScoreRequest, checkpoint, img, mask, names,
-        on_maps: Optional[Callable[[dict], None]] = None) -> dict:
-    """The computation of `vaeanomaly score` for one volume (the command line's and the warm worker's): the
-    heatmaps on the input grid and, with request.report, the out-of-distribution verdict from the same network
-    pass. on_maps(maps): called as soon as the heatmaps exist (with a report: before the verdict is computed)."""
-    from .volume import score_volume
+def score_prepared(checkpoint, prepared, names, options: Optional[PredictorOptions] = None, device: str = "cpu",
+                   verdict: bool = True, progress=None, cancel: Optional[Callable[[], bool]] = None,
+                   on_maps: Optional[Callable[[dict], None]] = None) -> tuple[dict, Optional[dict]]:
+    """Score one volume already on the model grid (volume.Prepared): (maps, verdict). maps: every map in `names`
+    on the model grid, and with verdict=True also those the verdict reads (verdict.grid_names), from ONE network
+    pass over the brain slices; verdict: the model-grid part of the out-of-distribution verdict on those maps
+    (verdict.assess_slices: fit, flagged %, warnings), None when verdict=False. on_maps(maps): called as soon as
+    the maps exist, before the verdict is computed. The one place where a volume meets the network for scoring:
+    `run`, cohort scoring and adapt's before/after figures all call it."""
+    from .inference import inference_kwargs
+    from .predictors import compute_maps
+    from .verdict import assess_slices, grid_names
+    on_grid = grid_names(checkpoint, names) if verdict else list(dict.fromkeys(names))
+    maps = compute_maps(checkpoint.model, prepared.slices, on_grid, checkpoint.beta, options, device,
+                        progress=progress, cancel=cancel, brain=prepared.brain,  # projection: brain slices only
+                        slice_mm=prepared.grid.GetSpacing()[2], **inference_kwargs(checkpoint, on_grid, options))
+    if on_maps is not None:
+        on_maps(maps)
+    if not verdict:
+        return maps, None
+    return maps, assess_slices(checkpoint, prepared.slices, prepared.brain, names[0] if names else None, options,
+                               device, maps=maps)
+
+
+def on_input_grid(prepared, grid_map: np.ndarray):
+    """A map on the model grid back on the exact input grid (SimpleITK image), 0 outside the brain."""
+    from .volume import to_input_grid
+    return to_input_grid(np.where(prepared.brain, grid_map, 0), prepared)
+
+
+def run(request: ScoreRequest, checkpoint, img, mask, names, on_maps: Optional[Callable[[dict], None]] = None,
+        progress: Optional[Callable[[float], None]] = None, cancel: Optional[Callable[[], bool]] = None) -> dict:
+    """The computation of `vaeanomaly score` for one volume (the command line's, the warm worker's and the
+    module's Logic.process): the heatmaps `names` on the input grid and, with request.report, the
+    out-of-distribution verdict from the same network pass (score_prepared), written there. A head that is not
+    skull-stripped and comes without a mask is refused (VolumeError) after its report is written.
+    on_maps(maps): called as soon as the heatmaps exist (with a report: before the verdict is computed).
+    progress: a callable taking the fraction done (default: request.progress's display); cancel() is checked
+    between batches."""
+    report = None
+    if request.report:
+        from .verdict import check_report_path
+        report = check_report_path(request.report, (request.input, request.mask))
     device = pick_device(request.device)
-    prog = Progress(request.progress, "scoring")
+    prog = progress or Progress(request.progress, "scoring")
+    heat: dict = {}
     try:
-        if request.report:
-            from .verdict import score_with_report
-            maps, _ = score_with_report(request.report, checkpoint, img, mask, names, request.options, device,
-                                        inputs=(request.input, request.mask), progress=prog, on_maps=on_maps)
-        else:
-            maps = score_volume(checkpoint, img, mask, names, request.options, device, progress=prog)
+        p = _prepare(checkpoint, img, mask, report)
+
+        def ready(maps):  # the heatmaps on the input grid, as soon as the network is done
+            heat.update({n: on_input_grid(p, maps[n]) for n in names})  # 'reconstruction' stays in z-score units
             if on_maps is not None:
-                on_maps(maps)
+                on_maps(heat)
+
+        _, grid = score_prepared(checkpoint, p, names, request.options, device, verdict=report is not None,
+                                 progress=prog, cancel=cancel, on_maps=ready)
+        if report is not None:
+            _write_report(report, checkpoint, img, mask, p, grid)
     finally:
-        prog.close()
-    return maps
+        if progress is None:
+            prog.close()
+    return heat
+
+
+def _prepare(checkpoint, img, mask, report: Optional[Path]):
+    """volume.prepare with the checkpoint's preprocessing; with a report path, a scan refused as not
+    skull-stripped gets its report (the input-grid part) before the refusal is raised."""
+    from .preprocessing import Preprocessing
+    from .volume import VolumeError, prepare
+    try:
+        return prepare(img, mask, Preprocessing.from_dict(checkpoint.preprocessing))
+    except VolumeError:
+        if report is not None:
+            _report_refusal(report, checkpoint, img, mask)
+        raise
+
+
+def _report_refusal(path: Path, checkpoint, img, mask) -> None:
+    """Write the report of a scan that scoring refused, when the input-grid checks say why (a head that is not
+    skull-stripped, without a mask); an input unusable in itself gets none (its error says why)."""
+    from . import verdict
+    from .volume import VolumeError
+    try:
+        base, scoreable = verdict._input_part(checkpoint, img, mask)
+    except VolumeError:
+        return
+    if not scoreable:
+        verdict._publish(path, base)
+
+
+def _write_report(path: Path, checkpoint, img, mask, prepared, grid: dict) -> None:
+    """The whole verdict: the input-grid checks (the automatic mask scoring already checked is reused) joined with
+    the model-grid part, written as JSON and summed up on stderr."""
+    from . import verdict
+    base, _ = verdict._input_part(checkpoint, img, mask, prepared.mask if mask is None else None)
+    verdict._publish(path, verdict._with_grid_part(base, grid))
