@@ -139,9 +139,9 @@ def _tree_env(tree: Path) -> dict:
 
 @pytest.mark.slow  # about 15 s on a quiet 2-core machine, 45 s on a busy one (four Python start-ups with torch)
 def test_installed_tree_scores_and_runs_the_command_line(tmp_path):
-    """From the installed layout alone (never the source tree): one Apply through the warm worker (heatmap +
-    verdict) on the bundled sample, `vaeanomaly adapt --help`, `info --list` finding the bundled models inside the
-    tree, and the module file's own package."""
+    """From the installed layout alone (never the source tree): the module file's own package and every module of
+    the application layer (VAEAnomalyLib), one Apply through the warm worker (heatmap + verdict) on the bundled
+    sample, `vaeanomaly adapt --help`, `info --list` finding the bundled models inside the tree."""
     tree = install_tree(tmp_path / "install")
     env = _tree_env(tree)
     py = [sys.executable, "-S"]
@@ -159,6 +159,19 @@ def test_installed_tree_scores_and_runs_the_command_line(tmp_path):
     for line in lines[:3] + lines[4:5]:
         assert Path(line).resolve().is_relative_to(tree.resolve()), (line, r.stdout)
     assert lines[3]  # the panel's default model, found in the tree
+
+    # the application layer, as the module file imports it (VAEAnomaly.py itself needs Slicer's qt and ctk, so
+    # it is compiled above): every module loads from the tree, and a Logic works on a real MRML scene (slicer-core)
+    app = ("logic", "controller", "worker", "adaptjob", "selftest", "panel", "web.app")
+    r = run(["-c", "import importlib, slicer\n"
+                   f"for m in {app!r}: print(importlib.import_module('VAEAnomalyLib.' + m).__file__)\n"
+                   "from VAEAnomalyLib.logic import VAEAnomalyLogic\n"
+                   "print(VAEAnomalyLogic(slicer.vtkMRMLScene()).heat_color_node().GetName())"])
+    assert r.returncode == 0, r.stderr
+    files = r.stdout.splitlines()
+    assert len(files) == len(app) + 1 and files[-1], r.stdout
+    for m, f in zip(app, files):
+        assert Path(f).resolve() == (tree / "VAEAnomalyLib" / f"{m.replace('.', '/')}.py").resolve(), (m, f)
 
     # one Apply, as ScoringJob sends it to the warm worker: a request line, the heatmap and the verdict
     out, report = tmp_path / "out", tmp_path / "report.json"
