@@ -161,7 +161,7 @@ def test_volumes_are_scored_through_the_one_scoring_api():
     """Cohort scoring, adapt's before/after figures, the warm worker and the application layer (the module's
     Logic, the panel, the web viewer) reach the network through scoring.py (score_prepared, run), never by calling
     the functions below it themselves; calibration (calibration.calibrate) is not scoring and is not checked."""
-    below = {"compute_maps", "score_volume", "assess_slices", "score_with_report"}
+    below = {"compute_maps", "score_volume", "assess_slices"}
     app = ROOT / "VAEAnomaly" / "VAEAnomalyLib"
     found = []
     for path in [CORE / "cohort.py", CORE / "adapt.py", CORE / "score_worker.py", *sorted(app.rglob("*.py"))]:

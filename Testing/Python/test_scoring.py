@@ -5,18 +5,16 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import SimpleITK as sitk
 
 from conftest import make_phantom
-from vaeanomaly import scoring, verdict
+from vaeanomaly import scoring
 from vaeanomaly.checkpoint import load_checkpoint
 from vaeanomaly.cli import main as cli
 from vaeanomaly.predictors import PredictorOptions
-from vaeanomaly.scoring import ScoreRequest, check_options, run
+from vaeanomaly.scoring import ScoreRequest, check_options
 from vaeanomaly.score_worker import ModelCache, score, serve
-from vaeanomaly.volume import VolumeError
 
 
 def test_request_round_trips_through_json():
@@ -36,6 +34,8 @@ def test_request_is_checked_with_messages_that_say_what_is_known():
         ScoreRequest.from_json({"output": "x"})
     with pytest.raises(ValueError, match="proj-steps.*batch-size"):
         check_options(PredictorOptions(proj_steps=-1, batch_size=0))
+    with pytest.raises(ValueError, match="normalise must be one of none, median"):  # a request's JSON options too
+        check_options(PredictorOptions(normalise="mean"))
     ck = load_checkpoint(None)
     with pytest.raises(ValueError, match="progress"):
         ScoreRequest("x.nrrd", progress="fancy").checked(ck)
@@ -81,36 +81,6 @@ def test_the_command_line_and_the_worker_score_through_score_prepared(tmp_path, 
     assert calls == [False, True] and (tmp_path / "r.json").is_file()
     score(ScoreRequest(str(tmp_path / "a.nrrd"), output=str(tmp_path / "w")).to_json(), ModelCache())
     assert calls == [False, True, False] and (tmp_path / "w" / "rec-grad.nrrd").is_file()
-
-
-@pytest.fixture(scope="module")
-def stripped():
-    """A generated skull-stripped T2 scan and its brain mask (coarse anatomy: fast)."""
-    from vaeanomaly.synth import make_subject
-    return make_subject(1_800_002, domain="tse", step=2, off=("partial",))
-
-
-def test_run_with_a_report_gives_what_the_verdicts_one_pass_gives(stripped, tmp_path):
-    """scoring.run (prepare, score_prepared, back to the input grid, the report) computes exactly what
-    verdict.score_with_report does: the same heatmaps and the same report, with a mask and with the automatic
-    one; a head that is not skull-stripped, without a mask, is reported, then refused."""
-    from vaeanomaly.synth import make_subject
-    ck = load_checkpoint(None)
-    for mask in (stripped.mask, None):
-        request = ScoreRequest("t2.nii.gz", predictors="rec-grad,kl-grad", report=str(tmp_path / "run.json"))
-        names = request.checked(ck)
-        got = run(request, ck, stripped.t2, mask, names)
-        ref, _ = verdict.score_with_report(tmp_path / "ref.json", ck, stripped.t2, mask, names)
-        assert list(got) == list(ref) == ["rec-grad", "kl-grad"]
-        for k in ref:
-            np.testing.assert_array_equal(sitk.GetArrayFromImage(got[k]), sitk.GetArrayFromImage(ref[k]))
-        assert json.loads((tmp_path / "run.json").read_text(encoding="utf-8")) == \
-            json.loads((tmp_path / "ref.json").read_text(encoding="utf-8"))
-    head = make_subject(1_800_001, domain="tse", head=True, step=2, off=("partial",))
-    with pytest.raises(VolumeError, match="not look skull-stripped"):
-        run(ScoreRequest("head.nii.gz", report=str(tmp_path / "head.json")), ck, head.t2, None, ["rec-grad"])
-    r = json.loads((tmp_path / "head.json").read_text(encoding="utf-8"))
-    assert r["in_distribution"] is False and r["fit"] is None and "--mask" in r["warnings"][0]
 
 
 def test_logic_process_runs_a_request_as_the_worker_does(scene, monkeypatch):

@@ -27,7 +27,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from .predictors import PredictorOptions, parse_predictors
-from .registry import DEFAULT_PREDICTORS, ENSEMBLE, POLARITIES
+from .registry import DEFAULT_PREDICTORS, ENSEMBLE, NORMALISE, POLARITIES
 
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 
@@ -104,6 +104,8 @@ def check_options(opts: PredictorOptions) -> PredictorOptions:
         problems.append(f"evidence must be 'none' or 'intensity' (got {opts.evidence!r})")
     if opts.rim_mm is not None and not (isinstance(opts.rim_mm, (int, float)) and 0 <= opts.rim_mm <= 30):
         problems.append(f"--rim-mm must be between 0 and 30 mm (got {opts.rim_mm})")
+    if opts.normalise is not None and opts.normalise not in NORMALISE:
+        problems.append(f"normalise must be one of {', '.join(NORMALISE)} (got {opts.normalise!r})")
     if problems:
         raise ValueError("; ".join(problems))
     return opts
@@ -297,16 +299,16 @@ def _report_refusal(path: Path, checkpoint, img, mask) -> None:
     from . import verdict
     from .volume import VolumeError
     try:
-        base, scoreable = verdict._input_part(checkpoint, img, mask)
+        base, scoreable = verdict.input_part(checkpoint, img, mask)
     except VolumeError:
         return
     if not scoreable:
-        verdict._publish(path, base)
+        verdict.publish(path, base)
 
 
 def _write_report(path: Path, checkpoint, img, mask, prepared, grid: dict) -> None:
     """The whole verdict: the input-grid checks (the automatic mask scoring already checked is reused) joined with
     the model-grid part, written as JSON and summed up on stderr."""
     from . import verdict
-    base, _ = verdict._input_part(checkpoint, img, mask, prepared.mask if mask is None else None)
-    verdict._publish(path, verdict._with_grid_part(base, grid))
+    base, _ = verdict.input_part(checkpoint, img, mask, prepared.mask if mask is None else None)
+    verdict.publish(path, verdict.with_grid_part(base, grid))

@@ -287,7 +287,7 @@ def grid_names(checkpoint, names) -> list:
     return list(dict.fromkeys(list(names) + ["rec-error"] + ([flag] if flag else [])))
 
 
-def _input_part(checkpoint, image, mask, checked_auto_mask=None) -> tuple[dict, bool]:
+def input_part(checkpoint, image, mask, checked_auto_mask=None) -> tuple[dict, bool]:
     """The report's input-grid part (mask, brain volume, coverage, noise) and whether the scan can be scored."""
     from .volume import mask_for
     fields, warnings, scoreable = input_checks(image, mask is not None, mask_for(image, mask) if mask is not None
@@ -297,7 +297,7 @@ def _input_part(checkpoint, image, mask, checked_auto_mask=None) -> tuple[dict, 
     return base, scoreable
 
 
-def _with_grid_part(base: dict, grid: dict) -> dict:
+def with_grid_part(base: dict, grid: dict) -> dict:
     report = dict(base)
     report.update({k: v for k, v in grid.items() if k != "warnings"})
     report["warnings"] = list(base["warnings"]) + grid["warnings"]
@@ -316,11 +316,11 @@ def assess(checkpoint, image, mask=None, predictor: Optional[str] = None, option
     null, in_distribution false)."""
     from .preprocessing import Preprocessing
     from .volume import prepare
-    base, scoreable = _input_part(checkpoint, image, mask)
+    base, scoreable = input_part(checkpoint, image, mask)
     if not scoreable:
         return base
     p = prepare(image, mask, Preprocessing.from_dict(checkpoint.preprocessing))
-    return _with_grid_part(base, assess_slices(checkpoint, p.slices, p.brain, predictor, options, device))
+    return with_grid_part(base, assess_slices(checkpoint, p.slices, p.brain, predictor, options, device))
 
 
 def write_report(path, report: dict) -> Path:
@@ -350,7 +350,7 @@ def check_report_path(path, inputs=()) -> Path:
     return p
 
 
-def _publish(path: Path, report: dict) -> None:
+def publish(path: Path, report: dict) -> None:
     import sys
     write_report(path, report)
     print(summary(report) + f"\nwrote {path}", file=sys.stderr)
@@ -361,38 +361,5 @@ def score_report(path, checkpoint, image, mask=None, predictor: Optional[str] = 
     """Assess one scan, write the JSON report, print the summary to stderr (the verdict alone)."""
     p = check_report_path(path, inputs)
     report = assess(checkpoint, image, mask, predictor, options, device)
-    _publish(p, report)
+    publish(p, report)
     return report
-
-
-def score_with_report(path, checkpoint, image, mask=None, names=("rec-grad",), options=None, device="cpu",
-                      inputs=(), progress=None, cancel=None, on_maps=None) -> tuple[dict, dict]:
-    """`vaeanomaly score ... --report R.json`: the heatmaps (volume.score_volume) and the verdict from ONE
-    preparation and ONE network pass (the verdict's maps ride along, grid_names; the automatic mask is
-    computed and checked once). The report is written after the heatmaps, or, for a head that is not
-    skull-stripped and comes without a mask, before the refusal is raised.
-    on_maps(maps): called with the heatmaps as soon as they exist, before the verdict is computed (the panel
-    shows the heatmap while the scan is checked). Returns (maps on the input grid, report)."""
-    from .volume import VolumeError, score_volume
-    p = check_report_path(path, inputs)
-    keep: dict = {}
-    try:
-        maps = score_volume(checkpoint, image, mask, names, options, device, progress=progress, cancel=cancel,
-                            also=grid_names(checkpoint, names), keep=keep)
-    except VolumeError:  # a head that is not skull-stripped, without a mask: reported, then refused
-        try:
-            base, scoreable = _input_part(checkpoint, image, mask)
-        except VolumeError:
-            scoreable = True  # the input itself is unusable: no report, the error says why
-        if not scoreable:
-            _publish(p, base)
-        raise
-    if on_maps is not None:
-        on_maps(maps)
-    pr = keep["prepared"]
-    base, _ = _input_part(checkpoint, image, mask, pr.mask if mask is None else None)
-    grid = assess_slices(checkpoint, pr.slices, pr.brain, names[0] if names else None, options, device,
-                         maps=keep["maps"])
-    report = _with_grid_part(base, grid)
-    _publish(p, report)
-    return maps, report
