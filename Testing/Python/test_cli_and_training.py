@@ -55,6 +55,22 @@ def test_cli_errors_are_clear(tmp_path, tiny_checkpoint, capsys):
     assert "unknown predictor" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # about 20 s: the demo's case is generated at full resolution
+def test_demo_scores_its_generated_case(tiny_checkpoint, tmp_path, capsys):
+    """`vaeanomaly demo` (what `bash run.sh demo` runs): the generated case, one heatmap per paper predictor
+    (no projection unless asked) through the one scoring path, the figure, and the AUROC of each on the case."""
+    assert cli(["demo", "--model", str(tiny_checkpoint), "--output", str(tmp_path / "d")]) == 0
+    out = capsys.readouterr().out
+    names = ["rec-error", "elbo-grad", "kl-grad", "rec-grad", "combi"]
+    for n in names:
+        assert (tmp_path / "d" / "heatmaps" / f"{n}.nii.gz").is_file() and f"  {n}" in out
+    assert not (tmp_path / "d" / "heatmaps" / "proj-rec-error.nii.gz").exists()
+    assert (tmp_path / "d" / "overlay.png").stat().st_size > 10_000 and (tmp_path / "d" / "case_seg.nii.gz").is_file()
+    heat = sitk.ReadImage(str(tmp_path / "d" / "heatmaps" / "rec-grad.nii.gz"))
+    t2 = sitk.ReadImage(str(tmp_path / "d" / "case_t2.nii.gz"))
+    assert heat.GetSize() == t2.GetSize() and sitk.GetArrayViewFromImage(heat).max() > 0
+
+
 def test_evaluate_command_prints_tables(cohort, tiny_checkpoint, capsys):
     assert cli(["evaluate", str(cohort / "lesion"), "--model", str(tiny_checkpoint), "--predictor",
                 "rec-error,rec-grad", "--progress", "none"]) == 0

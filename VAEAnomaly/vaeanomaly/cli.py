@@ -394,7 +394,6 @@ def cmd_demo(a) -> int:
     from .io import check_outputs, write_image
     from .metrics import pixel_metrics
     from .synth import make_subject
-    from .volume import score_volume
     out = Path(a.output)
     ck = load_checkpoint(a.model)
     check_outputs({"demo output folder": out / "heatmaps" / "x"}, {"checkpoint": ck.path})
@@ -405,9 +404,8 @@ def cmd_demo(a) -> int:
     names = [p for p in PAPER_PREDICTORS if p != "proj-rec-error" or a.with_projection]
     if ck.ensemble is not None:
         names.append(ENSEMBLE)
-    prog = Progress(a.progress, "scoring")
-    maps = score_volume(ck, sub.t2, sub.mask, names, progress=prog)
-    prog.close()
+    request = ScoreRequest("demo case", model=str(ck.path), predictors=",".join(names), progress=a.progress)
+    maps = run_request(request, ck, sub.t2, sub.mask, request.checked(ck))  # the one scoring path (scoring.py)
     brain = sitk.GetArrayFromImage(sub.mask) > 0
     gt = sitk.GetArrayFromImage(sub.seg) > 0
     arrays = {}
