@@ -228,7 +228,7 @@ def test_ensemble_is_a_full_predictor(ens_checkpoint, t2, tmp_path, capsys):
     # smoothing across slices), which act on the ensemble's own output
     d = PredictorOptions().unfinished().to_dict()
     assert ck.ensemble.options == {k: d[k] for k in ("smooth", "smooth_sigma", "smooth_kernel", "smooth_mm", "polarity",
-                                                     "evidence", "rim_mm", "smooth_z_mm")}
+                                                     "evidence", "rim_mm", "smooth_z_mm", "normalise")}
     assert "ensemble" in ck.thresholds and 0 < ck.thresholds["ensemble"] < 1
     m = ["--model", str(ens_checkpoint), "--progress", "none"]
     rc, err = run_cli(["score", str(t2), "-o", str(tmp_path / "all"), "--predictor", "all", "--proj-steps", "2"] + m, capsys)
