@@ -341,10 +341,10 @@ def test_browser_workflow(tmp_path):
         c.wait("the slice views to move", lambda: c.text("#slice-position") != before_pos
                and f"finding {ids[pick]}" in c.text("#status-line"), 30)
         offsets = {part.split()[0]: float(part.split()[-1]) for part in c.text("#slice-position").split("|")}
-        r, a, s = (float(x) for x in rows[pick][3].split(","))  # the page lists RAS, as the slice views use
-        # each view's offset along its normal (Slicer's presets: Red axial +S, Green coronal +A, Yellow sagittal +R)
-        assert all(abs(offsets[v] - w) < 0.2 for v, w in (("Red", s), ("Green", a), ("Yellow", r))), \
-            ((r, a, s), offsets)
+        ras = [float(x) for x in rows[pick][3].split(",")]  # the page lists RAS, as the slice views use
+        # each view's offset along its normal (Slicer's presets: Red axial +S, Green coronal +A, Yellow sagittal -R)
+        assert all(abs(offsets[v] - w) < 0.2 for v, w in (("Red", ras[2]), ("Green", ras[1]), ("Yellow", -ras[0]))), \
+            (ras, offsets)
         c.click("#download-report")
         name = c.wait("the report download", lambda: next((f.name for f in c.downloads.glob("*_report.html")), None), 60)
         report_html = c.download(name).read_text(encoding="utf-8")
@@ -368,7 +368,7 @@ def test_browser_workflow(tmp_path):
         assert hot_after < hot_before, f"the preview did not follow the threshold ({hot_before} -> {hot_after})"
         c.wait("the findings at the new threshold (once the slider rests)",
                lambda: c.text("#findings-text") not in ("", findings_before), 30)
-        print(f"findings: {findings_before!r} -> {c.text('#findings-text')!r}; jumped to {centroid}: {offsets}")
+        print(f"findings: {findings_before!r} -> {c.text('#findings-text')!r}; jumped to {ras}: {offsets}")
 
         # create the segment, export heatmap and segmentation (NIfTI) and compare with the input's grid
         c.click("#create-segment")
