@@ -110,6 +110,11 @@ def busy_warning(load: float | None = None) -> str | None:
     return None
 
 
+# a new predictor against one Rec-grad pass on the same grid (issue 16: at most 1.5x): case -> (bundled model, map)
+OTHER_GRIDS = {"dae-residual-64": ("dae-64", "dae-residual"), "rec-grad-64-brain": (None, "rec-grad"),
+               "dae-residual-128": ("dae-128-blobs", "dae-residual"), "rec-grad-128-brain": ("bvae-l128-b10-v2", "rec-grad")}
+
+
 def run_case(case: str, threads: int, repeat: int, device: str) -> dict:
     import numpy as np
     import SimpleITK as sitk
@@ -119,9 +124,11 @@ def run_case(case: str, threads: int, repeat: int, device: str) -> dict:
     from vaeanomaly.predictors import PredictorOptions, compute_maps, reference_map
     from vaeanomaly import volume as V
     from vaeanomaly.volume import prepare, score_volume
-    ck = load_checkpoint(None, device)
+    model, pred = OTHER_GRIDS.get(case, (None, None))
+    ck = load_checkpoint(model, device)
     img = sitk.ReadImage(str(sample_data("VAEAnomalySample_T2.nrrd")))
-    prepared = prepare(img)
+    from vaeanomaly.preprocessing import Preprocessing
+    prepared = prepare(img, None, Preprocessing.from_dict(ck.preprocessing))
     slices = prepared.slices
     opts = PredictorOptions()
     n_items = 0
@@ -158,6 +165,8 @@ def run_case(case: str, threads: int, repeat: int, device: str) -> dict:
         elif case == "proj-rec-error-brain-tol":
             compute_maps(ck.model, slices, ["proj-rec-error"], ck.beta, PredictorOptions(proj_tol=PROJ_TOL), device,
                          brain=prepared.brain)
+        elif case in OTHER_GRIDS:  # one map of another bundled model, with the brain mask (its finishing steps)
+            compute_maps(ck.model, slices, [pred], ck.beta, opts, device, brain=prepared.brain)
         elif case == "cohort":
             import shutil
             from vaeanomaly.cohort import expand_inputs, score_many
@@ -322,7 +331,7 @@ def main():
         return
     cases = FIVE + ["fused-5", "one-at-a-time-5", "reference-code-5", "prepare", "to-input-grid",
                     "score-volume-rec-grad", "score-volume-resampling", "score-volume-5", "proj-rec-error",
-                    "proj-rec-error-brain", "proj-rec-error-brain-tol", "cohort"]
+                    "proj-rec-error-brain", "proj-rec-error-brain-tol", "cohort"] + list(OTHER_GRIDS)
     if a.only:
         cases = [c for c in cases if c in set(a.only) | {"rec-grad"}]
     rows, loads = [], []
@@ -365,6 +374,11 @@ def main():
                                                  f"(proj_tol {PROJ_TOL:g})")):
         if has(c):
             print(f"proj-rec-error on {what}: {by[c]['ms'] / 1000:.1f} s = {by[c]['ms'] / net:.1f}x network (target <= 4 s)")
+    for size in (64, 128):
+        if has(f"dae-residual-{size}", f"rec-grad-{size}-brain"):
+            d, r = by[f"dae-residual-{size}"], by[f"rec-grad-{size}-brain"]
+            print(f"DAE residual ({OTHER_GRIDS[f'dae-residual-{size}'][0]}) / one Rec-grad pass on the {size}x{size} grid "
+                  f"(both with the brain mask): {d['ms']:.0f} / {r['ms']:.0f} ms = {d['ms'] / r['ms']:.2f}x (target <= 1.5)")
     if has("score-volume-rec-grad"):
         print(f"score_volume (Rec-grad) / network: {by['score-volume-rec-grad']['ms'] / net:.2f}x (target <= 2)")
     if has("score-volume-resampling"):
