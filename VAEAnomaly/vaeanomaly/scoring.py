@@ -225,13 +225,10 @@ def score_prepared(checkpoint, prepared, names, options: Optional[PredictorOptio
     (verdict.assess_slices: fit, flagged %, warnings), None when verdict=False. on_maps(maps): called as soon as
     the maps exist, before the verdict is computed. The one place where a volume meets the network for scoring:
     `run`, cohort scoring and adapt's before/after figures all call it."""
-    from .inference import inference_kwargs
-    from .predictors import compute_maps
     from .verdict import assess_slices, grid_names
+    from .volume import grid_maps
     on_grid = grid_names(checkpoint, names) if verdict else list(dict.fromkeys(names))
-    maps = compute_maps(checkpoint.model, prepared.slices, on_grid, checkpoint.beta, options, device,
-                        progress=progress, cancel=cancel, brain=prepared.brain,  # projection: brain slices only
-                        slice_mm=prepared.grid.GetSpacing()[2], **inference_kwargs(checkpoint, on_grid, options))
+    maps = grid_maps(checkpoint, prepared, on_grid, options, device, progress, cancel)
     if on_maps is not None:
         on_maps(maps)
     if not verdict:

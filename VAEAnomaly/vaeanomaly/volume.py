@@ -649,24 +649,24 @@ def label_on_grid(seg: sitk.Image, grid: sitk.Image) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- volume in, heatmaps out
-def score_volume(checkpoint, img: sitk.Image, mask: Optional[sitk.Image] = None, predictors=("rec-grad",),
-                 options=None, device="cpu", progress: Optional[Callable[[float], None]] = None,
-                 cancel: Optional[Callable[[], bool]] = None, also=(),
-                 keep: Optional[dict] = None) -> dict[str, sitk.Image]:
-    """Heatmaps on the exact input grid, one per requested predictor (and 'reconstruction').
-    also: further maps computed in the same pass and kept on the model grid only (the verdict's);
-    keep: a dict that receives 'prepared' (the Prepared model-grid data) and 'maps' (every map on the grid; 0 on
-    the slices without brain, which compute_maps(brain=...) skips)."""
+def grid_maps(checkpoint, p: Prepared, names, options=None, device="cpu",
+              progress: Optional[Callable[[float], None]] = None,
+              cancel: Optional[Callable[[], bool]] = None) -> dict[str, np.ndarray]:
+    """The maps `names` of one prepared volume on the model grid, from one network pass over its brain slices
+    (0 on the slices without brain); the ensemble and Combi get their checkpoint constants."""
     from .inference import inference_kwargs
     from .predictors import compute_maps
-    names = list(dict.fromkeys(list(predictors) + list(also)))
-    p = prepare(img, mask, Preprocessing.from_dict(checkpoint.preprocessing))
-    maps = compute_maps(checkpoint.model, p.slices, names, checkpoint.beta, options, device,
+    return compute_maps(checkpoint.model, p.slices, names, checkpoint.beta, options, device,
                         progress=progress, cancel=cancel, brain=p.brain,  # projection: brain slices only
                         slice_mm=p.grid.GetSpacing()[2], **inference_kwargs(checkpoint, names, options))
-    if keep is not None:
-        keep.update(prepared=p, maps=maps)
-    out = {}
-    for name in predictors:  # 'reconstruction' stays in z-score units
-        out[name] = to_input_grid(np.where(p.brain, maps[name], 0), p)
-    return out
+
+
+def score_volume(checkpoint, img: sitk.Image, mask: Optional[sitk.Image] = None, predictors=("rec-grad",),
+                 options=None, device="cpu", progress: Optional[Callable[[float], None]] = None,
+                 cancel: Optional[Callable[[], bool]] = None) -> dict[str, sitk.Image]:
+    """Heatmaps on the exact input grid, one per requested predictor (and 'reconstruction'): the library's
+    plain call (scoring.run adds the request, the progress display and the verdict)."""
+    names = list(dict.fromkeys(predictors))
+    p = prepare(img, mask, Preprocessing.from_dict(checkpoint.preprocessing))
+    maps = grid_maps(checkpoint, p, names, options, device, progress, cancel)
+    return {n: to_input_grid(np.where(p.brain, maps[n], 0), p) for n in names}  # 'reconstruction': z-score units
