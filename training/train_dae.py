@@ -7,7 +7,12 @@ Adam with a cosine learning-rate decay over the run (by epochs, or by wall time 
 CPU budget still ends at a small learning rate); each batch gets the VAE's rotation / intensity augmentation
 (white noise and a random blur only when asked: --noise, --blur), then coarse noise inside the brain
 (dae.dae_loss), plus sharp-edged blobs with --blobs (small-lesion-sized disturbances the U-Net learns to
-remove; coarse noise alone is smooth and teaches it to pass sharp small blobs through). Writes the core
+remove; coarse noise alone is smooth and teaches it to pass sharp small blobs through), plus foreign patches
+with --patches (another slice's tissue blended into ellipses: real texture, any contrast; dae.foreign_patches) and
+--anomaly-weight (the disturbed pixels weigh more, so small disturbances are not drowned by the rest of the brain).
+Resumable: the run's state (weights, optimiser, epoch, wall time used, random generator) is saved every
+--save-minutes to OUT.resume.safetensors (+ .json; tensors and JSON, no pickle); `--resume` continues from it
+with the same command (the time budget counts the minutes already spent). Writes the core
 library's checkpoint (safetensors + JSON metadata with this exact command) and a CSV log (train loss,
 held-out healthy loss).
 Thresholds, the verdict and the rest come from training/calibrate.py on the calibration split.
@@ -16,7 +21,9 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -47,6 +54,12 @@ def parse(argv=None):
                     help="also add up to this many sharp-edged blobs per slice (dae.blob_noise; 0: coarse noise only)")
     ap.add_argument("--blob-radius-mm", type=float, nargs=2, default=(4.0, 15.0), metavar=("MIN", "MAX"),
                     help="blob radii in mm (pixels: 240 mm field of view over --image-size)")
+    ap.add_argument("--patches", type=int, default=0,
+                    help="also blend up to this many foreign patches per slice (dae.foreign_patches; same radii)")
+    ap.add_argument("--anomaly-weight", type=float, default=0.0,
+                    help="weigh the error of disturbed pixels by 1 + this (0: plain L2 over the brain)")
+    ap.add_argument("--resume", action="store_true", help="continue from OUT.resume.safetensors if it exists")
+    ap.add_argument("--save-minutes", type=float, default=5.0, help="save the resumable state this often")
     ap.add_argument("--init", help="start from this DAE checkpoint's weights (same architecture), e.g. to fine-tune")
     ap.add_argument("--epochs", type=int, default=50)
     ap.add_argument("--max-minutes", type=float, default=0, help="stop after this wall time (0: no limit)")
@@ -89,19 +102,27 @@ def main(argv=None):
             raise SystemExit(f"--init {a.init}: not a DAE with this architecture ({model.config()})")
         model.load_state_dict({k: v.float() for k, v in init.model.state_dict().items()})
     pixel_mm = Preprocessing(image_size=a.image_size).fov_mm / a.image_size
-    noise = dict(blobs=a.blobs, blob_radius_px=tuple(r / pixel_mm for r in a.blob_radius_mm))
+    noise = dict(blobs=a.blobs, blob_radius_px=tuple(r / pixel_mm for r in a.blob_radius_mm), patches=a.patches,
+                 anomaly_weight=a.anomaly_weight)
     opt = torch.optim.Adam(model.parameters(), lr=a.lr)
     aug = SimpleNamespace(max_rotation=a.max_rotation, intensity=a.intensity, noise=a.noise, blur=a.blur)
     gen = torch.Generator(device=a.device).manual_seed(a.seed)
     val_gen_seed = a.seed + 12345
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    log = open(out.with_suffix(".csv"), "w", newline="")
+    state_path = out.with_name(out.name.replace(".safetensors", "") + ".resume.safetensors")
+    first, spent = 1, 0.0
+    if a.resume and state_path.exists():
+        first, spent = load_state(state_path, model, opt, gen)
+        print(f"resumed from {state_path}: epoch {first}, {spent / 60:.1f} min already spent", file=sys.stderr)
+    log = open(out.with_suffix(".csv"), "a" if first > 1 else "w", newline="")
     writer = csv.writer(log)
-    writer.writerow(["epoch", "loss", "val_loss", "lr", "seconds"])
-    t0, epoch, loss_mean = time.time(), 0, float("nan")
+    if first == 1:
+        writer.writerow(["epoch", "loss", "val_loss", "lr", "seconds"])
+    t0, epoch, loss_mean = time.time() - spent, first - 1, float("nan")
     budget = 60 * a.max_minutes
-    for epoch in range(1, a.epochs + 1):
+    last_save = time.time()
+    for epoch in range(first, a.epochs + 1):
         model.train()
         perm = torch.randperm(len(x_all), generator=gen, device=a.device)
         tot, nb, stop = 0.0, 0, False
@@ -119,6 +140,10 @@ def main(argv=None):
             loss.backward()
             opt.step()
             tot, nb = tot + float(loss.detach()), nb + 1
+            if time.time() - last_save > 60 * a.save_minutes:
+                # mid-epoch: a resumed run restarts this epoch (with the weights learnt so far)
+                save_state(state_path, model, opt, gen, epoch, time.time() - t0)
+                last_save = time.time()
         model.eval()
         with torch.no_grad():
             vg = torch.Generator(device=a.device).manual_seed(val_gen_seed)
@@ -129,6 +154,8 @@ def main(argv=None):
                          f"{time.time() - t0:.0f}"])
         log.flush()
         print(f"epoch {epoch}: loss {loss_mean:.4f} val {val_loss:.4f} ({time.time() - t0:.0f} s)", file=sys.stderr)
+        save_state(state_path, model, opt, gen, epoch + 1, time.time() - t0)
+        last_save = time.time()
         if stop:
             break
     log.close()
@@ -138,7 +165,8 @@ def main(argv=None):
         "preprocessing": Preprocessing(image_size=a.image_size).to_dict(),
         "predictor_defaults": PredictorOptions().to_dict(),
         "denoising": {"noise_std": a.noise_std, "noise_scale": a.noise_scale, "blobs": a.blobs,
-                      "blob_radius_mm": list(a.blob_radius_mm)},
+                      "blob_radius_mm": list(a.blob_radius_mm), "patches": a.patches,
+                      "anomaly_weight": a.anomaly_weight},
         "training": {
             "command": command_line(), "code_version": code_version(),
             "data": a.data_description or f"{n_cases} healthy subjects, {len(x_all)} training slices",
@@ -146,7 +174,8 @@ def main(argv=None):
             "augmentation": {"max_rotation_deg": a.max_rotation, "intensity": a.intensity,
                              "white_noise": a.noise, "blur_sigma_px": a.blur,
                              "coarse_noise_std": a.noise_std, "coarse_noise_scale": a.noise_scale,
-                             "blobs": a.blobs, "blob_radius_mm": list(a.blob_radius_mm)},
+                             "blobs": a.blobs, "blob_radius_mm": list(a.blob_radius_mm),
+                             "foreign_patches": a.patches, "anomaly_weight": a.anomaly_weight},
             "init": a.init or None,
             "time": f"{time.time() - t0:.0f} s", "hardware": hardware(a.device),
             "final_loss": {"loss": loss_mean},
@@ -154,6 +183,44 @@ def main(argv=None):
     }
     save_checkpoint(out, model.cpu().eval(), meta, fp16=a.fp16)
     print(f"wrote {out} ({time.time() - t0:.0f} s, {epoch} epochs)", file=sys.stderr)
+
+
+def save_state(path: Path, model, opt, gen, next_epoch: int, spent: float) -> None:
+    """The resumable state: weights, Adam's moments and steps, the generator, as safetensors + JSON (no pickle).
+    Written to a temporary name and renamed, so a run killed while saving keeps the previous state."""
+    from safetensors.torch import save_file
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    names = {id(p): n for n, p in model.named_parameters()}
+    steps = {}
+    for group in opt.param_groups:
+        for p in group["params"]:
+            st = opt.state.get(p)
+            if st:
+                for k in ("exp_avg", "exp_avg_sq"):
+                    tensors[f"opt.{names[id(p)]}.{k}"] = st[k].detach().cpu().contiguous()
+                steps[names[id(p)]] = float(st["step"])
+    tensors["gen"] = gen.get_state().cpu()
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp))
+    meta = {"next_epoch": next_epoch, "seconds": spent, "steps": steps, "lr": opt.param_groups[0]["lr"]}
+    path.with_suffix(".json").write_text(json.dumps(meta))
+    os.replace(tmp, path)
+
+
+def load_state(path: Path, model, opt, gen) -> tuple[int, float]:
+    """Restore what save_state wrote; returns (the epoch to start at, seconds already spent)."""
+    from safetensors.torch import load_file
+    meta = json.loads(path.with_suffix(".json").read_text())
+    tensors = load_file(str(path))
+    dev = next(model.parameters()).device
+    model.load_state_dict({k[6:]: v.to(dev) for k, v in tensors.items() if k.startswith("model.")})
+    for n, p in model.named_parameters():
+        if n in meta["steps"]:
+            opt.state[p] = {"step": torch.tensor(meta["steps"][n]),
+                            "exp_avg": tensors[f"opt.{n}.exp_avg"].to(dev),
+                            "exp_avg_sq": tensors[f"opt.{n}.exp_avg_sq"].to(dev)}
+    gen.set_state(tensors["gen"])
+    return int(meta["next_epoch"]), float(meta["seconds"])
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """Detection (issue 16): signed maps, smoothing in millimetres, the denoising autoencoder and its checkpoint."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -214,6 +216,56 @@ def test_train_dae_with_blobs_and_warm_start(cohort, tmp_path):
     assert load_checkpoint(out2).meta["training"]["init"] == str(out)
     with pytest.raises(SystemExit, match="not a DAE with this architecture"):
         train_dae.main(args[:-4] + ["--levels", "3", "--out", str(tmp_path / "x.safetensors"), "--init", str(out)])
+
+
+def test_foreign_patches_blend_another_slice_inside_small_ellipses_and_weigh_the_loss():
+    from vaeanomaly.dae import foreign_patches
+    g = torch.Generator().manual_seed(0)
+    x = torch.stack([torch.full((1, 64, 64), float(i)) for i in range(4)])  # slice i holds the value i
+    brain = torch.zeros_like(x)
+    brain[:, :, 16:48, 16:48] = 1
+    out, w = foreign_patches(x, brain, 3, (2.0, 5.0), g)
+    assert out.shape == x.shape and float(w.min()) >= 0 and float(w.max()) <= 1
+    changed = w > 0
+    assert 0.0 < float(changed.float().mean()) < 0.15                      # small ellipses, not a field
+    assert float(w[:, :, :8].max()) == 0.0                                 # centred on the brain
+    # where a slice is disturbed it moves towards its donor (the previous slice in the batch), by the blend weight
+    donor = torch.roll(x, 1, 0)
+    assert torch.allclose(out, x * (1 - w) + donor * w)
+    # the anomaly weight only ever raises the loss (same generator state, same disturbances)
+    m = _dae(64)
+    xb, b = torch.rand(2, 1, 64, 64), torch.ones(2, 1, 64, 64)
+    plain = dae_loss(m, xb, b, 0.5, 8, torch.Generator().manual_seed(1), patches=4, blob_radius_px=(2, 6))
+    weighted = dae_loss(m, xb, b, 0.5, 8, torch.Generator().manual_seed(1), patches=4, blob_radius_px=(2, 6),
+                        anomaly_weight=5.0)
+    assert float(weighted.detach()) > float(plain.detach())
+
+
+def test_train_dae_resumes_from_its_saved_state(cohort, tmp_path, monkeypatch):
+    """A run killed after its first epoch's state was saved, then resumed with the same command, ends with the
+    same weights as an uninterrupted run (same seed): the saved state holds everything the run depends on."""
+    import train_dae
+    args = ["--cache", str(cohort / "healthy.npz"), "--batch-size", "16", "--base", "4", "--levels", "2",
+            "--device", "cpu", "--patches", "2", "--blobs", "2", "--anomaly-weight", "2", "--epochs", "2"]
+    whole, part = tmp_path / "whole.safetensors", tmp_path / "part.safetensors"
+    train_dae.main(args + ["--out", str(whole)])
+    save = train_dae.save_state
+
+    def killed_after_saving(path, *rest):
+        save(path, *rest)
+        raise KeyboardInterrupt  # the process dies right after its state reached the disk
+
+    monkeypatch.setattr(train_dae, "save_state", killed_after_saving)
+    with pytest.raises(KeyboardInterrupt):
+        train_dae.main(args + ["--out", str(part)])
+    monkeypatch.setattr(train_dae, "save_state", save)
+    state = tmp_path / "part.resume.safetensors"
+    assert json.loads(state.with_suffix(".json").read_text())["next_epoch"] == 2 and not part.exists()
+    train_dae.main(args + ["--out", str(part), "--resume"])
+    a, b = load_checkpoint(whole).model.state_dict(), load_checkpoint(part).model.state_dict()
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6) for k in a)
+    assert load_checkpoint(part).meta["denoising"]["patches"] == 2
+    assert len((tmp_path / "part.csv").read_text().splitlines()) == 3  # header + one row per epoch, none twice
 
 
 def test_min_region_size_in_mm3_drops_small_regions_only():

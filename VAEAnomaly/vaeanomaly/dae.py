@@ -68,11 +68,11 @@ def coarse_noise(shape, std: float, scale: int, gen: torch.Generator | None = No
     return F.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)
 
 
-def blob_noise(brain: torch.Tensor, count: int, radius_px: tuple[float, float], std: float,
-               gen: torch.Generator | None = None, edge_px: float = 1.0) -> torch.Tensor:
-    """Up to `count` ellipses per slice (brain: (n, 1, h, w) 0/1), centred on brain pixels, radii drawn in
-    radius_px (each axis 0.7-1.3 times it, random orientation), each with one contrast N(0, std^2) and a soft edge
-    edge_px wide; overlapping blobs add. Slices without brain get none. Returns (n, 1, h, w)."""
+def _ellipses(brain: torch.Tensor, count: int, radius_px: tuple[float, float], gen: torch.Generator | None = None,
+              edge_px: float = 1.0) -> torch.Tensor:
+    """`count` soft ellipse masks per slice (brain: (n, 1, h, w) 0/1), centred on brain pixels, radii drawn in
+    radius_px (each axis 0.7-1.3 times it, random orientation), an edge edge_px wide. Returns (n, count, h, w) in
+    [0, 1]; slices without brain get empty masks."""
     n, _, h, w = brain.shape
     dev = brain.device
     rand = lambda *shape: torch.rand(shape, generator=gen, device=dev)  # noqa: E731
@@ -84,26 +84,66 @@ def blob_noise(brain: torch.Tensor, count: int, radius_px: tuple[float, float], 
     rad = radius_px[0] + (radius_px[1] - radius_px[0]) * rand(n, count)
     ax_y, ax_x = rad * (0.7 + 0.6 * rand(n, count)), rad * (0.7 + 0.6 * rand(n, count))
     ang = math.pi * rand(n, count)
-    amp = torch.randn((n, count), generator=gen, device=dev) * std
-    amp = amp * (rand(n, count) < 0.5 + 0.5 * rand(n, 1))  # a random share of the blobs is used
     yy = torch.arange(h, device=dev, dtype=torch.float32)[None, None, :, None] - cy[..., None, None]
     xx = torch.arange(w, device=dev, dtype=torch.float32)[None, None, None, :] - cx[..., None, None]
     c, s = torch.cos(ang)[..., None, None], torch.sin(ang)[..., None, None]
     u, v = (c * yy + s * xx) / ax_y[..., None, None], (-s * yy + c * xx) / ax_x[..., None, None]
     dist = (torch.sqrt(u * u + v * v) - 1) * rad[..., None, None]                    # ~ px outside the edge
-    inside = (0.5 - dist / edge_px).clamp(0, 1)
-    out = (inside * amp[..., None, None]).sum(1, keepdim=True)
-    return out * has[:, None, None, None]
+    return (0.5 - dist / edge_px).clamp(0, 1) * has[:, None, None, None]
+
+
+def _used(n: int, count: int, gen: torch.Generator | None, dev) -> torch.Tensor:
+    """A random share of each slice's `count` shapes is used (n, count) 0/1."""
+    return (torch.rand((n, count), generator=gen, device=dev)
+            < 0.5 + 0.5 * torch.rand((n, 1), generator=gen, device=dev)).float()
+
+
+def blob_noise(brain: torch.Tensor, count: int, radius_px: tuple[float, float], std: float,
+               gen: torch.Generator | None = None, edge_px: float = 1.0) -> torch.Tensor:
+    """Up to `count` ellipses per slice (brain: (n, 1, h, w) 0/1; geometry as `_ellipses`), each with one
+    contrast N(0, std^2); overlapping blobs add. Slices without brain get none. Returns (n, 1, h, w)."""
+    inside = _ellipses(brain, count, radius_px, gen, edge_px)
+    n = brain.shape[0]
+    amp = torch.randn((n, count), generator=gen, device=brain.device) * std * _used(n, count, gen, brain.device)
+    return (inside * amp[..., None, None]).sum(1, keepdim=True)
+
+
+def foreign_patches(x: torch.Tensor, brain: torch.Tensor, count: int, radius_px: tuple[float, float],
+                    gen: torch.Generator | None = None, edge_px: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Foreign-patch interpolation (Tan et al., FPI; the MOOD 2020/2022 self-supervised entries): up to `count`
+    ellipses per slice (geometry as `_ellipses`) where the slice is blended with another slice of the batch,
+        x~ = (1 - a m) x + a m x_other,   a ~ U(0.2, 1) per ellipse, m the soft ellipse mask,
+    so the disturbance has real tissue texture and a contrast that varies from barely visible to a full swap.
+    Returns (the disturbed slices, the blend weight a m of each pixel, (n, 1, h, w))."""
+    n = x.shape[0]
+    inside = _ellipses(brain, count, radius_px, gen, edge_px)
+    alpha = (0.2 + 0.8 * torch.rand((n, count), generator=gen, device=x.device)) * _used(n, count, gen, x.device)
+    weight = (inside * alpha[..., None, None]).amax(1, keepdim=True)
+    donor = torch.roll(x, 1, 0) if n > 1 else torch.flip(x, (-1, -2))
+    return x * (1 - weight) + donor * weight, weight
 
 
 def dae_loss(model: nn.Module, x: torch.Tensor, brain: torch.Tensor, std: float, scale: int,
              gen: torch.Generator | None = None, blobs: int = 0,
-             blob_radius_px: tuple[float, float] = (2.0, 8.0)) -> torch.Tensor:
-    """L2 inside the brain between the denoised noisy slice and the clean slice (batch mean per brain pixel).
-    Noise: coarse noise, plus up to `blobs` sharp-edged blobs (blob_noise) when blobs > 0, inside the brain."""
+             blob_radius_px: tuple[float, float] = (2.0, 8.0), patches: int = 0,
+             anomaly_weight: float = 0.0) -> torch.Tensor:
+    """L2 inside the brain between the denoised disturbed slice and the clean slice (batch mean per brain pixel).
+    Disturbances, all inside the brain: coarse noise; up to `blobs` sharp-edged blobs (blob_noise) when blobs > 0;
+    up to `patches` foreign patches (foreign_patches, same radii as the blobs) when patches > 0.
+    anomaly_weight w > 0 weighs each pixel's error by 1 + w * (how much a blob or patch disturbed it), so the few
+    pixels of a small disturbance are not drowned by the rest of the brain (restoration of small anomalies)."""
+    disturbed = torch.zeros_like(x)
     n = coarse_noise(x.shape, std, scale, gen, x.device)
     if blobs > 0:
-        n = n + blob_noise(brain, blobs, blob_radius_px, std, gen)
-    noisy = x + n * brain
+        b = blob_noise(brain, blobs, blob_radius_px, std, gen)
+        n, disturbed = n + b, disturbed + b.abs() / max(std, 1e-6)
+    noisy = x
+    if patches > 0:
+        noisy, weight = foreign_patches(x, brain, patches, blob_radius_px, gen)
+        noisy = x + (noisy - x) * brain
+        disturbed = disturbed + weight
+    noisy = noisy + n * brain
     err = (model(noisy) - x).pow(2) * brain
+    if anomaly_weight > 0:
+        err = err * (1 + anomaly_weight * disturbed.clamp(0, 1))
     return err.sum() / brain.sum().clamp_min(1)
