@@ -1,4 +1,4 @@
-"""The web viewer (`vaeanomaly web`, VAEAnomalyLib/web) in a real headless Chromium.
+"""The web viewer (`vaeanomaly-web`, VAEAnomalyLib/web) in a real headless Chromium.
 
 The server is the real command line on a free port with the bundled sample; the browser is Debian's
 Chromium driven over the DevTools protocol (a small websocket client below). Skipped, with the reason, when
@@ -221,10 +221,10 @@ def assert_same_grid(a, b):
 
 # ----------------------------------------------------------------------------- tests
 def test_web_command_is_registered_and_checks_its_arguments():
-    """`vaeanomaly web` exists in the core CLI even without the extra; bad arguments stop before serving;
-    a non-local --host warns."""
+    """`vaeanomaly-web` (the application's command, `python -m VAEAnomalyLib.web`) runs even without the extra;
+    bad arguments stop before serving; a non-local --host warns."""
     env = {**os.environ, "PYTHONPATH": str(ROOT / "VAEAnomaly")}
-    r = subprocess.run([sys.executable, "-m", "vaeanomaly.cli", "web", "--host", "0.0.0.0", "/nonexistent/x.nrrd"],
+    r = subprocess.run([sys.executable, "-m", "VAEAnomalyLib.web", "--host", "0.0.0.0", "/nonexistent/x.nrrd"],
                        capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 2
     if WEB_OK:
@@ -282,7 +282,7 @@ def test_browser_workflow(tmp_path):
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT / "VAEAnomaly")}
     t0 = time.monotonic()
-    server = subprocess.Popen([sys.executable, "-m", "vaeanomaly.cli", "web", str(SAMPLE), "--port", str(port),
+    server = subprocess.Popen([sys.executable, "-m", "VAEAnomalyLib.web", str(SAMPLE), "--port", str(port),
                                "--apply"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                               cwd=str(ROOT), start_new_session=True)
     log = []
@@ -446,7 +446,7 @@ def test_browser_upload(tmp_path):
         pytest.skip("no Chromium found (apt-get install chromium; .ci/run installs it)")
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT / "VAEAnomaly")}
-    server = subprocess.Popen([sys.executable, "-m", "vaeanomaly.cli", "web", "--port", str(port)],
+    server = subprocess.Popen([sys.executable, "-m", "VAEAnomalyLib.web", "--port", str(port)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=str(ROOT),
                               start_new_session=True)
     c = None

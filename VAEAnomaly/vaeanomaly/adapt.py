@@ -404,7 +404,8 @@ def add_parser(sub, **kwargs):
                    help=f"accept scans whose voxel sizes differ by more than {SPACING_FACTOR:g}x")
     p.add_argument("--keep-outliers", action="store_true", help="accept scans that stand out as abnormal")
     p.add_argument("--force", action="store_true", help="replace an existing output file")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
+    from .scoring import DEVICE_HELP
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--progress", choices=["bar", "lines", "none"], default="bar", help="progress display")
     p.set_defaults(func=cmd_adapt)
     return p

@@ -20,7 +20,7 @@ from .predictors import EVIDENCE, PRESETS, PredictorOptions
 from .registry import (DEFAULT_PREDICTOR, DEFAULT_PREDICTORS, ENSEMBLE, NORMALISE, PAPER_PREDICTORS,  # noqa: F401
                        POLARITIES, PREDICTOR_INFO, RECONSTRUCTION)
 # the helpers every command shares, and the scoring request, live in scoring.py (importable without cli.py)
-from .scoring import (IMAGE_SUFFIXES, Progress, ScoreRequest, check_options, is_image_path,  # noqa: F401
+from .scoring import (DEVICE_HELP, IMAGE_SUFFIXES, Progress, ScoreRequest, check_options, is_image_path,  # noqa: F401
                       parse_threshold, pick_device, select_predictors)
 from .scoring import run as run_request
 
@@ -79,7 +79,7 @@ def _add_model_args(p, predictor_default: Optional[str] = None):
                         f"the checkpoint's ensemble, or a denoising autoencoder's own); '{RECONSTRUCTION}' adds the "
                         f"model's reconstruction (z-score units, for display). Default: "
                         + (predictor_default or f"{DEFAULTS_BY_KIND} by the model's kind"))
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (falls back to cpu if unavailable)")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP + " (a missing GPU falls back to the CPU)")
     p.add_argument("--no-smooth", action="store_true",
                    help="no Gaussian smoothing of gradient maps and the DAE residual; calibrated thresholds and the "
                         "ensemble hold only with the smoothing they were computed with")
@@ -507,37 +507,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
     from .adapt import add_parser as add_adapt_parser  # `vaeanomaly adapt` lives in adapt.py (issue 8)
     add_adapt_parser(sub, parents=[debug], formatter_class=fmt)
-    p = sub.add_parser("web", parents=[debug], formatter_class=fmt,
-                       help="serve the Slicer panel's workflow as a web page (trame-slicer; needs pip install \".[web]\")")
-    p.add_argument("volumes", nargs="*", metavar="VOLUME",
-                   help="3D volume files (NIfTI, NRRD, MHA) to load; the page reads no other server files")
-    p.add_argument("--mask", help="brain mask label map on the first volume's grid")
-    p.add_argument("--port", type=int, default=8080, help="port (0: any free port)")
-    p.add_argument("--host", default="127.0.0.1",
-                   help="address to bind; anything but 127.0.0.1/localhost lets others on that network use it")
-    p.add_argument("--apply", action="store_true", help="score the first volume with the default model on start")
-    p.add_argument("--max-upload-mb", type=float, default=512, help="largest volume the page accepts as an upload")
-    p.add_argument("--open-browser", action="store_true", help="open the page in this machine's browser")
-    p.set_defaults(func=cmd_web)
     return ap
 
 
-WEB_MISSING = ("`vaeanomaly web` is the browser viewer of the VAEAnomaly application (the VAEAnomalyLib.web "
-               "package), which is not part of this install of the core library: install the project with "
-               "its web extra, `pip install \".[web]\"` from a source checkout (README, 'Install from source'), "
-               "or use the 3D Slicer module")
-
-
-def cmd_web(a) -> int:
-    """`vaeanomaly web`: the one place the core hands over to the application, and only when this subcommand
-    runs (nothing imports VAEAnomalyLib while the parser is built, so scoring never needs it)."""
-    try:
-        from VAEAnomalyLib.web import cmd_web as run_web
-    except ModuleNotFoundError as err:
-        if err.name not in ("VAEAnomalyLib", "VAEAnomalyLib.web"):
-            raise
-        raise ValueError(WEB_MISSING) from None
-    return run_web(a)
+WEB_MOVED = ("the browser viewer is the application's own command now: `vaeanomaly-web` (installed with "
+             "`pip install \".[web]\"` from a source checkout; README, 'Install from source'); the core library's "
+             "`vaeanomaly` scores, calibrates and adapts")
 
 
 def show_warning(message, category, filename, lineno, file=None, line=None):
@@ -564,7 +539,11 @@ def error_exit(err: BaseException, debug_hint: bool = True) -> tuple[int, str]:
 
 def main(argv=None) -> int:
     from .predictors import Cancelled
-    a = build_parser().parse_args(argv)
+    args = sys.argv[1:] if argv is None else list(argv)
+    if args[:1] == ["web"]:  # the viewer left the core (it is the application's): say where it went
+        print(f"vaeanomaly: error: {WEB_MOVED}", file=sys.stderr)
+        return 2
+    a = build_parser().parse_args(args)
     debug = getattr(a, "debug", False)
     old = warnings.showwarning
     warnings.showwarning = show_warning

@@ -157,8 +157,17 @@ def select_predictors(spec: str, ck, opts: PredictorOptions, explicit_all_note: 
     return names
 
 
+DEVICE_HELP = "auto (the default: CUDA when PyTorch sees a GPU, else the CPU), cpu, cuda, cuda:1 ..."
+
+
 def pick_device(name: str) -> str:
+    """'auto' -> 'cuda' when PyTorch sees a CUDA GPU, else 'cpu'; a CUDA device that is not there -> 'cpu' (warned)."""
     import torch
+    if name in ("auto", "", None):
+        try:
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        except Exception:  # noqa: BLE001  (a broken CUDA install: the CPU always works)
+            return "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         print("vaeanomaly: warning: CUDA not available, using the CPU", file=sys.stderr)
         return "cpu"
