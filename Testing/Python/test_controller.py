@@ -368,8 +368,9 @@ def test_verdict_text():
 
 
 def test_outputs_only_act_on_this_modules_heatmaps(scene, tiny_checkpoint):
-    """A heatmap picked by hand loses the calibrated threshold (the percentile stands in, and the status
-    says so); a volume that is not a VAEAnomaly heatmap is never thresholded or segmented."""
+    """A heatmap picked by hand gets its own calibrated threshold, or none when it carries none (the percentile
+    stands in, and the status says so); a volume that is not a VAEAnomaly heatmap is never thresholded or
+    segmented."""
     t2 = add_volume(scene, make_phantom((40, 44, 12), (2.5, 2.5, 5.0), blob_index=(20, 22, 6)), "T2")
     user = ScriptedUser()
     params = PanelParams(inputVolume=t2, model=CUSTOM_MODEL, customModelPath=str(tiny_checkpoint))
@@ -383,7 +384,11 @@ def test_outputs_only_act_on_this_modules_heatmaps(scene, tiny_checkpoint):
     assert not t2.GetDisplayNode().GetApplyThreshold()
     assert not ctl.create_segment() and "heatmap first" in ctl.status
     assert scene.GetFirstNodeByClass("vtkMRMLSegmentationNode") is None
-    params.heatmap = heat
+    ctl.heatmap_selected(heat)  # one of this module's heatmaps: its own calibrated threshold comes back with it
+    assert params.heatmap is heat and params.calibratedThreshold == ctl.logic.lastCalibratedThreshold
+    for attr in ("VAEAnomaly.CalibratedThreshold", "VAEAnomaly.CalibrationNote"):
+        heat.RemoveAttribute(attr)  # as a heatmap saved by an older version carries none
+    ctl.heatmap_selected(t2)
     ctl.heatmap_selected(heat)
     assert params.calibratedThreshold is None and "chosen by hand" in ctl.status
     arr = VAEAnomalyLogic.heatmap_array(heat)

@@ -186,14 +186,27 @@ class PanelController:
             self.update_model_card()
 
     def heatmap_selected(self, node) -> None:
-        """The user picked another heatmap: its calibrated threshold is not known any more."""
+        """The user picked `node` in the heatmap selector: it becomes the panel's heatmap, with its own calibrated
+        threshold (the one add_results stored on it; none for a heatmap that carries none).
+
+        In Slicer this runs from the combo's currentNodeChanged *before* the parameter node's connector stores the
+        pick (the Widget connects first; the wrapper reconnects its connector after it on every connectGui), so
+        params.heatmap may still hold the previous node. The pick is therefore stored first: every parameter write
+        fires Modified, on which the wrapper writes params.heatmap back into the combo (parameterNodeWrapper
+        wrapper.py _updateGUIFromParameterNode); holding the old node then, it would revert the user's pick."""
         p = self.params
         if p is None:
             return
-        if node is None or node.GetID() != self._calibrated_for:
-            p.calibratedThreshold = None
-            self.calibration_note = "the calibrated threshold of a heatmap chosen by hand is not known"
-            self._calibrated_for = node.GetID() if node is not None else None
+        node_id = node.GetID() if node is not None else None
+        if (p.heatmap.GetID() if p.heatmap is not None else None) != node_id:
+            p.heatmap = node
+        if node_id != self._calibrated_for:
+            from .logic import calibration_of
+            value, note = calibration_of(node)
+            self._calibrated_for = node_id
+            p.calibratedThreshold = value
+            self.calibration_note = "" if value is not None else \
+                note or "the calibrated threshold of a heatmap chosen by hand is not known"
         self.update_threshold()
 
     def heatmap(self):

@@ -242,6 +242,8 @@ class VAEAnomalyLogic:
         else:
             node.SetAttribute(REGION_PEAK, repr(float(peak)))
         self.lastCalibratedThreshold, self.lastCalibrationNote = calibrated_threshold(checkpoint, predictor, options)
+        # kept on the heatmap (saved with the scene): picking it again in the panel restores its own threshold
+        store_calibration(node, self.lastCalibratedThreshold, self.lastCalibrationNote)
         self._display_heatmap(node)
         self.lastReconstruction = None
         if "reconstruction" in maps:  # registry.RECONSTRUCTION
@@ -545,6 +547,35 @@ def cli_supports(option: str, command: str = "score") -> bool:
 
 
 REGION_PEAK = "VAEAnomaly.RegionPeak"  # heatmap node attribute: the calibrated region peak (add_results)
+
+
+CALIBRATED_THRESHOLD = "VAEAnomaly.CalibratedThreshold"  # heatmap node attribute: its calibrated threshold
+CALIBRATION_NOTE = "VAEAnomaly.CalibrationNote"  # heatmap node attribute: why it has none (add_results)
+
+
+def store_calibration(heatmapNode, threshold: Optional[float], note: str = "") -> None:
+    """Keep a heatmap's calibrated threshold (or why it has none) on the heatmap node itself."""
+    if threshold is None:
+        heatmapNode.RemoveAttribute(CALIBRATED_THRESHOLD)
+        heatmapNode.SetAttribute(CALIBRATION_NOTE, note or "the checkpoint has no calibrated threshold for it")
+    else:
+        heatmapNode.SetAttribute(CALIBRATED_THRESHOLD, repr(float(threshold)))
+        heatmapNode.RemoveAttribute(CALIBRATION_NOTE)
+
+
+def calibration_of(heatmapNode) -> tuple[Optional[float], Optional[str]]:
+    """(the calibrated threshold add_results stored on a heatmap, "") or (None, why not); (None, None) when
+    nothing is stored on it (a heatmap loaded by hand, or saved by an older version of the module)."""
+    if heatmapNode is None:
+        return None, None
+    v = heatmapNode.GetAttribute(CALIBRATED_THRESHOLD)
+    try:
+        if v:
+            return float(v), ""
+    except ValueError:
+        pass
+    note = heatmapNode.GetAttribute(CALIBRATION_NOTE)
+    return None, (note or None)
 
 
 def region_peak_of(heatmapNode) -> Optional[float]:

@@ -1,0 +1,165 @@
+"""Panel defects of issue 25 (item 3), each replayed in Slicer's own order of events, headless on a real vtkMRMLScene
+(slicer-core): the heatmap selector against the parameter-node binding, the findings point list against the Markups
+logic's active list, a findings-table click during the debounce, masks under another transform or with hidden
+segments, and the report's file name."""
+from __future__ import annotations
+
+import ast
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+slicer = pytest.importorskip("slicer")
+vtk = pytest.importorskip("vtk")
+
+from conftest import make_phantom  # noqa: E402
+from test_controller import ScriptedUser  # noqa: E402
+from test_findings_panel import GEOMETRY, case, controller_for, heat_array  # noqa: E402,F401  (case: a fixture)
+from test_logic import add_volume  # noqa: E402
+from VAEAnomalyLib.controller import PanelController, PanelParams  # noqa: E402
+from VAEAnomalyLib.logic import (VAEAnomalyLogic, calibration_of, image_from_node, set_node_from_image,  # noqa: E402
+                                 store_calibration)
+from VAEAnomalyLib.panel import ABSOLUTE, CALIBRATED  # noqa: E402
+from vaeanomaly.registry import DEFAULT_PREDICTOR  # noqa: E402
+from vaeanomaly.volume import VolumeError  # noqa: E402
+
+NODE_PARAMETERS = ("inputVolume", "brainMask", "heatmap", "segmentation")
+
+
+# ----------------------------------------------------------------------------- Slicer's binding, replayed
+class WrappedParameterNode:
+    """The panel's parameters on a real vtkMRMLScriptedModuleNode, written as Slicer's parameterNodeWrapper writes
+    them (Base/Python/slicer/parameterNodeWrapper/serializers.py: NodeSerializer.write = SetParameter(name, "") +
+    SetNodeReferenceID; the others SetParameter(name, str(value))). Each write that changes something fires the
+    node's ModifiedEvent at once (vtkMRMLScriptedModuleNode::SetParameter), as in Slicer."""
+
+    def __init__(self, scene, **values):
+        node = slicer.vtkMRMLScriptedModuleNode()
+        scene.AddNode(node)
+        object.__setattr__(self, "node", node)
+        for name, value in {**PanelParams().__dict__, **values}.items():
+            setattr(self, name, value)
+
+    def __setattr__(self, name, value):
+        if name in NODE_PARAMETERS:
+            self.node.SetParameter(name, "")
+            self.node.SetNodeReferenceID(name, value.GetID() if value is not None else None)
+        else:
+            self.node.SetParameter(name, repr(value))
+
+    def __getattr__(self, name):
+        if name in NODE_PARAMETERS:
+            return self.node.GetNodeReference(name)
+        return ast.literal_eval(self.node.GetParameter(name))
+
+
+class NodeComboBox:
+    """The part of qMRMLNodeComboBox the binding uses (Libs/MRML/Widgets/qMRMLNodeComboBox.cxx): setCurrentNode
+    changes the current item; currentNodeChanged(node) is emitted (QComboBox::currentTextChanged ->
+    emitCurrentNodeChanged) only when the current node changed, to the slots in the order they were connected.
+    (Qt widgets cannot run here.)"""
+
+    def __init__(self):
+        self._node, self._slots = None, []
+
+    def connect(self, slot):
+        self._slots.append(slot)
+
+    def disconnect(self, slot):
+        self._slots.remove(slot)
+
+    def currentNode(self):
+        return self._node
+
+    def setCurrentNode(self, node):
+        if (self._node.GetID() if self._node else None) == (node.GetID() if node else None):
+            return
+        self._node = node
+        for slot in list(self._slots):
+            slot(node)
+
+
+def connect_gui(params: WrappedParameterNode, name: str, combo: NodeComboBox):
+    """wrapper.py _connectParametersToGui for one qMRMLNodeComboBoxToNodeConnector: write the parameter into the
+    widget, then widget -> parameter (skipped while the wrapper itself updates the GUI), and on every ModifiedEvent
+    of the parameter node every bound widget gets its parameter written back (_updateGUIFromParameterNode)."""
+    updating = [False]
+
+    def gui_to_param(_node):  # _makeGuiToParamCallback: the connector's read() is the combo's current node
+        if not updating[0]:
+            setattr(params, name, combo.currentNode())
+
+    def param_to_gui(caller, event):
+        if updating[0]:
+            return
+        updating[0] = True
+        try:
+            combo.setCurrentNode(getattr(params, name))
+        finally:
+            updating[0] = False
+
+    combo.setCurrentNode(getattr(params, name))
+    combo.connect(gui_to_param)
+    return params.node.AddObserver(vtk.vtkCommand.ModifiedEvent, param_to_gui)
+
+
+def our_heatmap(scene, like, name, calibrated):
+    """A heatmap of this module on `like`'s grid, with the calibrated threshold add_results stores on it."""
+    h = sitk.GetImageFromArray(heat_array())
+    h.CopyInformation(image_from_node(like))
+    heat = slicer.vtkMRMLScalarVolumeNode()
+    heat.SetName(name)
+    scene.AddNode(heat)
+    set_node_from_image(heat, h)
+    heat.SetAndObserveTransformNodeID(like.GetTransformNodeID())
+    heat.SetAttribute("VAEAnomaly.Predictor", DEFAULT_PREDICTOR)
+    heat.SetAttribute("VAEAnomaly.Input", like.GetID())
+    VAEAnomalyLogic(scene)._display_heatmap(heat)
+    store_calibration(heat, calibrated)
+    return heat
+
+
+# ----------------------------------------------------------------------------- 1. heatmap selector
+def test_picking_a_heatmap_keeps_the_pick_and_its_calibrated_threshold(case, scene):
+    """The Widget connects heatmapSelector.currentNodeChanged before connectGui binds the same combo, so Qt calls
+    the controller first, while params.heatmap still holds the previous heatmap; any parameter write then makes
+    the wrapper write params.heatmap back into the combo."""
+    _, t2, heat_a, _ = case
+    store_calibration(heat_a, 0.5)
+    heat_b = our_heatmap(scene, t2, "T2 anomaly (other)", 0.85)
+    params = WrappedParameterNode(scene, inputVolume=t2, heatmap=heat_a, thresholdMode=CALIBRATED,
+                                  calibratedThreshold=0.5)
+    ctl = PanelController(scene, None, ScriptedUser())
+    ctl.set_params(params)
+    ctl.update_threshold()
+    assert params.threshold == 0.5
+    combo = NodeComboBox()
+    combo.connect(lambda node: ctl.heatmap_selected(node))  # setup(): the module's handler first
+    connect_gui(params, "heatmap", combo)                   # then initializeParameterNode() -> connectGui
+    assert combo.currentNode() is heat_a
+
+    combo.setCurrentNode(heat_b)  # the user picks the other heatmap
+    assert combo.currentNode().GetID() == heat_b.GetID()  # the pick stays
+    assert params.heatmap.GetID() == heat_b.GetID()
+    assert params.calibratedThreshold == 0.85 and params.threshold == 0.85  # heat_b's own, not heat_a's
+    assert ctl.heatmap() is not None and ctl.heatmap().GetID() == heat_b.GetID()
+    assert heat_b.GetDisplayNode().GetApplyThreshold() and heat_b.GetDisplayNode().GetLowerThreshold() == 0.85
+
+    combo.setCurrentNode(heat_a)  # and back: heat_a's threshold again
+    assert params.heatmap.GetID() == heat_a.GetID() and combo.currentNode().GetID() == heat_a.GetID()
+    assert params.calibratedThreshold == 0.5 and params.threshold == 0.5
+
+    # a heatmap that carries no calibration (loaded by hand): the percentile stands in, and the status says why
+    store_calibration(heat_b, None, "the model has no calibrated threshold for these options")
+    combo.setCurrentNode(heat_b)
+    assert params.heatmap.GetID() == heat_b.GetID() and params.calibratedThreshold is None
+    assert ctl.status.startswith("The model has no calibrated threshold for these options")
+    bare = our_heatmap(scene, t2, "loaded by hand", None)
+    for attr in ("VAEAnomaly.CalibratedThreshold", "VAEAnomaly.CalibrationNote"):
+        bare.RemoveAttribute(attr)
+    assert calibration_of(bare) == (None, None)
+    combo.setCurrentNode(bare)
+    assert params.heatmap.GetID() == bare.GetID() and "chosen by hand" in ctl.status
+    combo.setCurrentNode(None)  # "None" in the selector
+    assert params.heatmap is None and combo.currentNode() is None and ctl.heatmap() is None
