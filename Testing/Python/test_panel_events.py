@@ -163,3 +163,44 @@ def test_picking_a_heatmap_keeps_the_pick_and_its_calibrated_threshold(case, sce
     assert params.heatmap.GetID() == bare.GetID() and "chosen by hand" in ctl.status
     combo.setCurrentNode(None)  # "None" in the selector
     assert params.heatmap is None and combo.currentNode() is None and ctl.heatmap() is None
+
+
+# ----------------------------------------------------------------------------- 2. the findings point list
+@pytest.fixture
+def markups_logic(scene):
+    """Slicer's Markups logic on the scene, with the application's selection node (the singleton it governs
+    active lists with: vtkSlicerMarkupsLogic::GetSelectionNodeID without an application logic)."""
+    selection = slicer.vtkMRMLSelectionNode()
+    selection.SetSingletonTag("Singleton")
+    scene.AddNode(selection)
+    assert selection.GetID() == "vtkMRMLSelectionNodeSingleton"
+    logic = slicer.vtkSlicerMarkupsLogic()
+    logic.SetMRMLScene(scene)
+    yield logic, selection
+    logic.SetMRMLScene(None)
+
+
+def test_the_findings_point_list_never_becomes_the_active_list(case, scene, markups_logic):
+    """vtkSlicerMarkupsLogic::OnMRMLSceneNodeAdded makes every markups node added to the scene the active list:
+    the user's next placed point would go into the findings list and be wiped by the next findings update."""
+    logic, t2, heat, _ = case
+    mlogic, selection = markups_logic
+    mine = slicer.vtkMRMLMarkupsLineNode()  # the user is placing a line
+    scene.AddNode(mine)
+    assert mlogic.GetActiveListID() == mine.GetID()  # the real logic does make an added node active
+    _, points, _ = logic.update_findings(heat, 0.5, t2)
+    assert points.GetNumberOfControlPoints() == 2 and points.GetLocked()
+    assert mlogic.GetActiveListID() == mine.GetID()
+    assert selection.GetActivePlaceNodeClassName() == "vtkMRMLMarkupsLineNode"
+    assert points.GetDisplayNode() is not None
+    # nothing active before (a fresh scene): still nothing active, so a placed point makes its own new list
+    scene.RemoveNode(mine)
+    selection.SetReferenceActivePlaceNodeID(None)
+    heat2 = our_heatmap(scene, t2, "T2 anomaly 2", 0.5)
+    _, points2, _ = logic.update_findings(heat2, 0.5, t2)
+    assert points2.GetID() != points.GetID() and mlogic.GetActiveListID() == ""
+    # later updates reuse the list and leave the active one alone too
+    user = slicer.vtkMRMLMarkupsFiducialNode()
+    scene.AddNode(user)
+    logic.update_findings(heat, 0.85, t2)
+    assert mlogic.GetActiveListID() == user.GetID() and user.GetNumberOfControlPoints() == 0

@@ -12,6 +12,7 @@ import queue
 import shutil
 import subprocess
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -454,9 +455,10 @@ class VAEAnomalyLogic:
             points = slicer.vtkMRMLMarkupsFiducialNode()
             points.SetName(self.scene.GenerateUniqueName(name))
             points.SetAttribute(FINDINGS_OF, heatmapNode.GetID())
-            self.scene.AddNode(points)
-            points.CreateDefaultDisplayNodes()
             points.SetLocked(1)  # computed positions: not dragged by accident
+            with _active_place_node_kept(self.scene):  # never the list the user's next point goes into
+                self.scene.AddNode(points)
+            points.CreateDefaultDisplayNodes()
         self._fill_findings_table(table, found)
         points.SetAndObserveTransformNodeID(heatmapNode.GetTransformNodeID())
         wasModifying = points.StartModify()
@@ -507,6 +509,27 @@ class VAEAnomalyLogic:
         ref = image_from_node(like_node, "heatmap")
         img.CopyInformation(ref)
         return img
+
+
+@contextmanager
+def _active_place_node_kept(scene):
+    """Markups added inside this block do not become the list that points placed with the mouse go into.
+    Slicer's Markups logic makes every markups node added to the scene the active one (vtkSlicerMarkupsLogic::
+    OnMRMLSceneNodeAdded -> SetActiveList: the selection node's active place node ID and class name), so the
+    user's next point would land in the findings list and be wiped by the next findings update: the selection
+    node's active place node (ID and class) is put back as it was."""
+    selection = scene.GetNodeByID("vtkMRMLSelectionNodeSingleton") or scene.GetFirstNodeByClass("vtkMRMLSelectionNode")
+    if selection is None:  # no selection node (a bare scene): no active list to protect
+        yield
+        return
+    old_id, old_class = selection.GetActivePlaceNodeID(), selection.GetActivePlaceNodeClassName()
+    try:
+        yield
+    finally:
+        if old_class is not None and selection.GetActivePlaceNodeClassName() != old_class:
+            selection.SetReferenceActivePlaceNodeClassName(old_class)  # (none set before: the toolbar keeps points)
+        if selection.GetActivePlaceNodeID() != old_id:
+            selection.SetReferenceActivePlaceNodeID(old_id)
 
 
 # ----------------------------------------------------------------------------- the background job
