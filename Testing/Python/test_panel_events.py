@@ -204,3 +204,33 @@ def test_the_findings_point_list_never_becomes_the_active_list(case, scene, mark
     scene.AddNode(user)
     logic.update_findings(heat, 0.85, t2)
     assert mlogic.GetActiveListID() == user.GetID() and user.GetNumberOfControlPoints() == 0
+
+
+# ----------------------------------------------------------------------------- 3. a table click during the debounce
+def test_a_click_during_the_findings_debounce_uses_the_rows_it_was_shown(case, scene):
+    """The table shows the findings at 0.5 (A1 large, A2 small); the slider moves to 0.85 (only the large region is
+    above it) and the 300 ms findings timer is running when the user clicks row 1, the small region."""
+    _, t2, heat, _ = case
+    ctl = controller_for(scene, t2, heat, thresholdMode=ABSOLUTE, threshold=0.5)
+    ctl.refresh_findings()
+    red = slicer.vtkMRMLSliceNode()
+    red.SetName("Red")
+    red.SetLayoutName("Red")
+    scene.AddNode(red)
+    shown = ctl.state().findings_rows  # what the Widget's table shows
+    assert [r[0] for r in shown] == ["A1", "A2"]
+    small = np.array(ctl.findings[1]["centroid_ras_mm"]) + [10.0, -5.0, 7.0]  # through the input's transform
+    ctl.set_threshold(0.85)
+    assert ctl.findings_pending and ctl.state().findings_rows == shown  # the table still shows the old rows
+    assert ctl.jump_to_finding(1) and "A2" in ctl.status  # the clicked row: the small region
+    m = red.GetSliceToRAS()
+    assert [m.GetElement(r, 3) for r in range(3)] == pytest.approx(small, abs=1e-6)
+    # the timer fires: the table shows the new list, and its rows are what a click means from then on
+    ctl.refresh_findings()
+    assert [r[0] for r in ctl.state().findings_rows] == ["A1"]
+    assert not ctl.jump_to_finding(1) and ctl.status == "No such finding."
+    assert ctl.jump_to_finding(0) and "A1" in ctl.status
+    # another heatmap picked: the old heatmap's rows are not shown any more, and a stale row does nothing
+    other = our_heatmap(scene, t2, "T2 anomaly (other)", 0.5)
+    ctl.heatmap_selected(other)
+    assert ctl.state().findings_rows == [] and not ctl.jump_to_finding(0)

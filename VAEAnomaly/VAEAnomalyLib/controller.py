@@ -732,16 +732,21 @@ class PanelController:
     def jump_to_finding(self, index: int) -> bool:
         """Centre every slice view on finding `index`'s centroid (in world coordinates: through the heatmap's
         parent transform), as Markups' JumpSlicesToLocation(centered) does with vtkMRMLSliceNode.JumpAllSlices.
-        Nothing happens (and the status says why) without such a finding or without slice views."""
+        Nothing happens (and the status says why) without such a finding or without slice views.
+        `index` is a row of the findings table, which shows `self.findings` (state().findings_rows): a click during
+        the findings debounce (the threshold moved, the list is not recomputed yet) means a row of *that* list, so
+        it is looked up there, never in a list recomputed for the new threshold."""
         import slicer
         import vtk
-        found = self._current_findings()
+        heat = self.heatmap()
+        shown = heat is not None and self._findings_for is not None and self._findings_for[0] == heat.GetID()
+        found = self.findings if shown else []
         if not 0 <= int(index) < len(found):
             self.status = "No such finding."
             return False
         f = found[int(index)]
         ras = list(f["centroid_ras_mm"])
-        parent = self.heatmap().GetParentTransformNode()
+        parent = heat.GetParentTransformNode()
         if parent is not None:
             to_world = vtk.vtkGeneralTransform()
             parent.GetTransformToWorld(to_world)
