@@ -234,3 +234,59 @@ def test_a_click_during_the_findings_debounce_uses_the_rows_it_was_shown(case, s
     other = our_heatmap(scene, t2, "T2 anomaly (other)", 0.5)
     ctl.heatmap_selected(other)
     assert ctl.state().findings_rows == [] and not ctl.jump_to_finding(0)
+
+
+# ----------------------------------------------------------------------------- 4. a label map under another transform
+def linear_transform(scene, translation):
+    tf = slicer.vtkMRMLLinearTransformNode()
+    scene.AddNode(tf)
+    m = vtk.vtkMatrix4x4()
+    for r, v in enumerate(translation):
+        m.SetElement(r, 3, v)
+    tf.SetMatrixTransformToParent(m)
+    return tf
+
+
+def test_a_label_map_mask_under_another_transform_is_used_where_it_is_shown(scene):
+    """Mask and input on the same local grid, the mask under a transform 4 mm superior (two 2 mm slices): in the
+    world, where Slicer shows it, it covers the input's slices two higher, and that is the mask the scoring gets."""
+    logic = VAEAnomalyLogic(scene)
+    img = make_phantom((30, 32, 16), (1.5, 1.5, 2.0))
+    t2 = add_volume(scene, img)
+    box = np.zeros(img.GetSize()[::-1], np.uint8)
+    box[4:10, 8:24, 6:24] = 1
+    lab_img = sitk.GetImageFromArray(box)
+    lab_img.CopyInformation(img)
+    lab = slicer.vtkMRMLLabelMapVolumeNode()
+    lab.SetName("brain")
+    scene.AddNode(lab)
+    set_node_from_image(lab, lab_img)
+    _, mask = logic.input_images(t2, lab)
+    assert np.array_equal(sitk.GetArrayFromImage(mask), box)  # same frame: as it is
+    up = linear_transform(scene, (0.0, 0.0, 4.0))
+    lab.SetAndObserveTransformNodeID(up.GetID())
+    _, mask = logic.input_images(t2, lab)
+    want = np.zeros_like(box)
+    want[6:12] = box[4:10]
+    assert mask.GetSize() == img.GetSize() and np.array_equal(sitk.GetArrayFromImage(mask), want)
+    assert np.array_equal(logic.heatmap_array(lab), box) and lab.GetTransformNodeID() == up.GetID()  # untouched
+    # the input under the same transform: the same frame again; under an equal one: nothing to resample
+    t2.SetAndObserveTransformNodeID(up.GetID())
+    assert np.array_equal(sitk.GetArrayFromImage(logic.input_images(t2, lab)[1]), box)
+    t2.SetAndObserveTransformNodeID(linear_transform(scene, (0.0, 0.0, 4.0)).GetID())
+    assert np.array_equal(sitk.GetArrayFromImage(logic.input_images(t2, lab)[1]), box)
+    # a transform between them that is not linear: refused, saying what to do
+    warp = slicer.vtkMRMLTransformNode()
+    scene.AddNode(warp)
+    tps = vtk.vtkThinPlateSplineTransform()
+    src, dst = vtk.vtkPoints(), vtk.vtkPoints()
+    for p, q in (((0, 0, 0), (0, 0, 1)), ((50, 0, 0), (50, 2, 0)), ((0, 50, 0), (1, 50, 0)), ((0, 0, 30), (0, 0, 30))):
+        src.InsertNextPoint(*p)
+        dst.InsertNextPoint(*q)
+    tps.SetSourceLandmarks(src)
+    tps.SetTargetLandmarks(dst)
+    tps.SetBasisToR()
+    warp.SetAndObserveTransformToParent(tps)
+    lab.SetAndObserveTransformNodeID(warp.GetID())
+    with pytest.raises(VolumeError, match="not linear: harden the transforms"):
+        logic.input_images(t2, lab)

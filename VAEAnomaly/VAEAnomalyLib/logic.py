@@ -172,11 +172,42 @@ class VAEAnomalyLogic:
             if maskNode.IsA("vtkMRMLSegmentationNode"):
                 mask = self._segmentation_mask(maskNode, inputVolume)
             else:
-                mask = image_from_node(maskNode, "brain mask")
+                mask = self._labelmap_mask(maskNode, inputVolume, img)
                 if mask.GetSize() != img.GetSize():
                     raise VolumeError("the brain mask label map is not on the input volume's grid; "
                                       "resample it (Resample Scalar/Vector/DWI Volume) or use a segmentation")
         return img, mask
+
+    @staticmethod
+    def _labelmap_mask(maskNode, inputVolume, img):
+        """A label-map mask as an image in the input volume's frame (the mask node is untouched). The core compares
+        the mask's grid with the input's in each node's own coordinates; a mask under another parent transform than
+        the input lies elsewhere in the world, so it is resampled (nearest neighbour) through the transform between
+        the two frames onto the input's grid. A transform between them that is not linear is refused."""
+        import SimpleITK as sitk
+        import slicer
+        import vtk
+
+        from vaeanomaly.volume import VolumeError
+        mask = image_from_node(maskNode, "brain mask")
+        src, dst = maskNode.GetParentTransformNode(), inputVolume.GetParentTransformNode()
+        if (src.GetID() if src else None) == (dst.GetID() if dst else None):
+            return mask
+        m = vtk.vtkMatrix4x4()
+        if not slicer.vtkMRMLTransformNode.GetMatrixTransformBetweenNodes(src, dst, m):
+            raise VolumeError(f"the brain mask '{maskNode.GetName()}' is under another transform than the input volume "
+                              f"'{inputVolume.GetName()}', and the transform between them is not linear: harden the "
+                              f"transforms (Transforms module, 'Harden transform') or resample the mask onto the "
+                              f"input volume, then press Apply again")
+        mask_to_input = np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)])
+        if np.allclose(mask_to_input, np.eye(4), atol=1e-9):
+            return mask
+        # SimpleITK maps the output's (the input volume's) physical points to the mask's: the inverse, in LPS
+        inv, flip = np.linalg.inv(mask_to_input), np.diag([-1.0, -1.0, 1.0])
+        tx = sitk.AffineTransform(3)
+        tx.SetMatrix(tuple((flip @ inv[:3, :3] @ flip).ravel()))
+        tx.SetTranslation(tuple(flip @ inv[:3, 3]))
+        return sitk.Resample(mask, img, tx, sitk.sitkNearestNeighbor, 0, mask.GetPixelID())
 
     def _segmentation_mask(self, segNode, referenceVolume):
         """Visible segments of a segmentation, on the reference volume's grid (segmentation untouched)."""
