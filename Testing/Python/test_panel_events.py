@@ -290,3 +290,46 @@ def test_a_label_map_mask_under_another_transform_is_used_where_it_is_shown(scen
     lab.SetAndObserveTransformNodeID(warp.GetID())
     with pytest.raises(VolumeError, match="not linear: harden the transforms"):
         logic.input_images(t2, lab)
+
+
+# ----------------------------------------------------------------------------- 5. a segmentation with hidden segments
+def test_a_segmentation_mask_is_its_visible_segments_and_all_hidden_is_refused(scene):
+    logic = VAEAnomalyLogic(scene)
+    img = make_phantom((30, 32, 16), (1.5, 1.5, 2.0))
+    t2 = add_volume(scene, img)
+    brain, other = (np.zeros(img.GetSize()[::-1], np.uint8) for _ in range(2))
+    brain[3:12, 6:26, 5:25] = 1
+    other[12:15, 2:6, 2:6] = 1
+    seg = slicer.vtkMRMLSegmentationNode()
+    seg.SetName("masks")
+    scene.AddNode(seg)
+    seg.CreateDefaultDisplayNodes()
+    seg.SetReferenceImageGeometryParameterFromVolumeNode(t2)
+    for name, arr in (("brain", brain), ("other", other)):
+        lab_img = sitk.GetImageFromArray(arr)
+        lab_img.CopyInformation(img)
+        lab = slicer.vtkMRMLLabelMapVolumeNode()
+        lab.SetName(name)
+        scene.AddNode(lab)
+        set_node_from_image(lab, lab_img)
+        slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(lab, seg)
+        scene.RemoveNode(lab)
+    ids = seg.GetSegmentation().GetSegmentIDs()
+    assert len(ids) == 2
+    display = seg.GetDisplayNode()
+
+    def mask():
+        return sitk.GetArrayFromImage(logic.input_images(t2, seg)[1]) > 0
+
+    assert np.array_equal(mask(), (brain | other) > 0)  # both visible: both
+    display.SetSegmentVisibility(ids[1], False)
+    assert np.array_equal(mask(), brain > 0)  # the hidden one is not part of the mask
+    display.SetSegmentVisibility(ids[0], False)
+    with pytest.raises(VolumeError, match="every segment of segmentation 'masks' is hidden.*show the brain segment"):
+        mask()
+    n_nodes = scene.GetNumberOfNodes()
+    with pytest.raises(VolumeError):
+        logic.input_images(t2, seg)
+    assert scene.GetNumberOfNodes() == n_nodes  # nothing left behind
+    assert [display.GetSegmentVisibility(i) for i in ids] == [False, False]  # the user's segmentation untouched
+    assert seg.GetSegmentation().GetNumberOfSegments() == 2

@@ -330,19 +330,34 @@ class VAEAnomalyLogic:
         volume's grid, through a temporary label map that is removed again."""
         import slicer
         import vtk
+
+        from vaeanomaly.volume import VolumeError
+        ids = vtk.vtkStringArray()
+        if segmentId is not None:
+            ids.InsertNextValue(segmentId)
+        else:
+            # the visible segments, named here: Slicer's ExportVisibleSegmentsToLabelmapNode passes an empty list on
+            # to ExportSegmentsToLabelmapNode when none is visible, and an empty list there means *every* segment
+            display = segNode.GetDisplayNode()
+            if display is not None:
+                display.GetVisibleSegmentIDs(ids)
+            else:  # nothing hides a segment without a display node
+                for sid in segNode.GetSegmentation().GetSegmentIDs():
+                    ids.InsertNextValue(sid)
+            if ids.GetNumberOfValues() == 0:
+                if segNode.GetSegmentation().GetNumberOfSegments() == 0:
+                    raise VolumeError(f"segmentation '{segNode.GetName()}' has no segments: choose another mask, "
+                                      f"or none for the automatic one")
+                raise VolumeError(f"every segment of segmentation '{segNode.GetName()}' is hidden, and its visible "
+                                  f"segments are the mask: show the brain segment(s) (the eye icon in the "
+                                  f"Segmentations or Data module), or choose another mask")
         label = slicer.vtkMRMLLabelMapVolumeNode()
         self.scene.AddNode(label)
         colors = self._node_ids("vtkMRMLColorTableNode")  # the export adds a color table for the label map
         try:
-            logic = slicer.vtkSlicerSegmentationsModuleLogic
-            if segmentId is None:
-                ok = logic.ExportVisibleSegmentsToLabelmapNode(segNode, label, referenceVolume)
-            else:
-                ids = vtk.vtkStringArray()
-                ids.InsertNextValue(segmentId)
-                ok = logic.ExportSegmentsToLabelmapNode(segNode, ids, label, referenceVolume)
+            ok = slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(segNode, ids, label,
+                                                                                       referenceVolume)
             if not ok or label.GetImageData() is None:
-                from vaeanomaly.volume import VolumeError
                 raise VolumeError(f"could not export segmentation '{segNode.GetName()}' as a label map")
             return self.heatmap_array(label) > 0  # a new array: survives the node's removal
         finally:
