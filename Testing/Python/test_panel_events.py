@@ -333,3 +333,23 @@ def test_a_segmentation_mask_is_its_visible_segments_and_all_hidden_is_refused(s
     assert scene.GetNumberOfNodes() == n_nodes  # nothing left behind
     assert [display.GetSegmentVisibility(i) for i in ids] == [False, False]  # the user's segmentation untouched
     assert seg.GetSegmentation().GetNumberOfSegments() == 2
+
+
+# ----------------------------------------------------------------------------- 6. the report's file name
+def test_save_report_adds_the_html_suffix_to_a_typed_name(case, scene, tmp_path):
+    """The Save report dialog returns the name as typed (its '*.html' filter adds no suffix)."""
+    pytest.importorskip("matplotlib")
+    _, t2, heat, _ = case
+    user = ScriptedUser(False, True)  # replace an existing file: no, then yes
+    ctl = controller_for(scene, t2, heat, user, thresholdMode=ABSOLUTE, threshold=0.5)
+    assert ctl.write_report(str(tmp_path / "case 12"))
+    written = tmp_path / "case 12.html"
+    assert written.is_file() and "<td>A1</td>" in written.read_text(encoding="utf-8")
+    assert str(written) in ctl.status and user.kinds() == []  # no error, nothing asked
+    assert ctl.write_report(str(tmp_path / "other.HTM")) and (tmp_path / "other.HTM").is_file()  # kept as typed
+    # the dialog asked about "case 12", not "case 12.html": replacing that file is asked here
+    written.write_text("the user's own file", encoding="utf-8")
+    assert not ctl.write_report(str(tmp_path / "case 12"))
+    assert written.read_text(encoding="utf-8") == "the user's own file" and "not written" in ctl.status
+    assert ctl.write_report(str(tmp_path / "case 12")) and "<td>A1</td>" in written.read_text(encoding="utf-8")
+    assert user.kinds() == ["confirm", "confirm"] and "Replace" in user.shown[0][1]

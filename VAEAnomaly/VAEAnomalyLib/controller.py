@@ -778,7 +778,9 @@ class PanelController:
 
     def write_report(self, path: str) -> bool:
         """The one-page HTML report (vaeanomaly.report.write) of the panel's heatmap: threshold and its source,
-        findings, the model card's first line, the verdict of the job that computed it. Returns success."""
+        findings, the model card's first line, the verdict of the job that computed it. Returns success.
+        A name typed without .html (the save dialog's filter does not add it) gets the suffix; the dialog asked
+        about replacing the name as typed, so replacing an existing file of the new name is asked here."""
         p = self.params
         heat = self.heatmap()
         if heat is None:
@@ -786,6 +788,13 @@ class PanelController:
             return False
         if not path:
             return False
+        path = str(path)
+        if not path.lower().endswith((".html", ".htm")):
+            import os
+            path += ".html"
+            if os.path.exists(path) and not self.dialogs.confirm(f"{path} already exists. Replace it?"):
+                self.status = "The report was not written."
+                return False
         try:
             from vaeanomaly import report
 
