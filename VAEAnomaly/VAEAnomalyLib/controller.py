@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import sys
 from dataclasses import dataclass, field, fields
 from typing import Callable, Optional
 
@@ -343,11 +344,13 @@ class PanelController:
             return False
         device = "cpu"
         if p.useGPU:
-            if self._gpu_available():
+            if _never_raises(self._gpu_available, False, "the GPU check"):
                 device = "cuda"
             else:
                 self.dialogs.warning("No CUDA GPU is available to PyTorch; computing on the CPU.")
-        warning = self._memory_warning(p.inputVolume)
+        # advice only: an estimate that fails (a platform that does not say its free memory) asks nothing,
+        # and the job still runs (check_memory in the job refuses what cannot fit, with a message)
+        warning = _never_raises(lambda: self._memory_warning(p.inputVolume), "", "the memory estimate")
         if warning and not self.dialogs.confirm(warning):
             self.status = "Not started."
             return False
@@ -876,12 +879,25 @@ def _torch_gpu_available() -> bool:
         return False
 
 
+def _never_raises(fn, default, what: str):
+    """fn(), or `default` (logged) when it raises: for the advice Apply asks for before its guarded part."""
+    try:
+        return fn()
+    except Exception as err:  # noqa: BLE001
+        print(f"VAEAnomaly: {what} failed ({type(err).__name__}: {err}); "
+              f"going on without it", file=sys.stderr)
+        return default
+
+
 def _memory_warning(volume) -> str:
-    """A question when scoring this volume would use more than half of the free memory."""
+    """A question when scoring this volume would use more than half of the free memory; nothing when the
+    platform does not say how much is free (available_memory() is None)."""
     from vaeanomaly.volume import available_memory, memory_needed
     data = volume.GetImageData() if volume is not None else None
     dims = data.GetDimensions() if data is not None else (0, 0, 0)
     need, avail = memory_needed(dims), available_memory()
+    if avail is None:
+        return ""
     if need > 0.5 * avail:
         return (f"Scoring this volume needs about {need / 2**30:.1f} GB of the {avail / 2**30:.1f} GB free; "
                 f"Slicer may become slow. Continue?")

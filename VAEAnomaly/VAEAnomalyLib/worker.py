@@ -65,27 +65,53 @@ def kill_process_tree(proc: subprocess.Popen, grace: float = 5.0) -> None:
     the real Python runs as *its* child, so killing only `proc` leaves the computation running
     (lassoan/SlicerMONAIAuto3DSeg MONAIAuto3DSegLib/process.py _killProcess kills the children for the
     same reason). The child is started in a new session (POSIX: its own process group) or a new
-    process group (Windows), so the whole group can be stopped."""
+    process group (Windows), so the whole group can be stopped. Never raises for a platform reason: where
+    the group cannot be signalled the child itself is killed."""
     if proc is None:
         return
-    if os.name == "posix":
-        import signal
-        pgid = proc.pid  # start_new_session=True: the child leads its own process group
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(pgid, sig)
-            except ProcessLookupError:
-                break
-            if _wait_group_gone(proc, pgid, grace):
-                break
-        proc.poll()
-    else:  # Windows: taskkill /T ends the launcher and its children
-        subprocess.run(["taskkill", "/F", "/T", "/PID", str(proc.pid)], capture_output=True,
-                       creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0))
+    if os.name == "posix" and hasattr(os, "killpg"):
+        _kill_group_posix(proc, grace)
+    else:
+        _kill_tree_windows(proc, grace)
+
+
+def _kill_group_posix(proc: subprocess.Popen, grace: float) -> None:
+    import signal
+    pgid = proc.pid  # start_new_session=True: the child leads its own process group
+    for sig in (signal.SIGTERM, getattr(signal, "SIGKILL", signal.SIGTERM)):
         try:
-            proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            break
+        except OSError:  # macOS: EPERM for a group left with zombies only; the child itself, then
+            _kill_child(proc, 0.0)
+            break
+        if _wait_group_gone(proc, pgid, grace):
+            break
+    proc.poll()
+
+
+def _kill_tree_windows(proc: subprocess.Popen, grace: float) -> None:
+    """Windows: taskkill /T /F ends the launcher and its children (there are no process groups to signal);
+    where taskkill cannot run or fails, Popen.kill (TerminateProcess) ends the child itself."""
+    try:
+        done = subprocess.run(["taskkill", "/F", "/T", "/PID", str(proc.pid)], capture_output=True, timeout=10,
+                              creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0)).returncode == 0
+    except (OSError, subprocess.SubprocessError):  # no taskkill (not Windows after all, a locked-down PATH)
+        done = False
+    _kill_child(proc, grace if done else 0.0)
+
+
+def _kill_child(proc: subprocess.Popen, grace: float) -> None:
+    """Wait `grace` seconds for the child to end, then kill it (SIGKILL / TerminateProcess) and reap it
+    (polling, as _reap: another thread may be blocked in Popen.wait)."""
+    if _reap(proc, grace) is not None:
+        return
+    try:
+        proc.kill()
+    except OSError:  # ended meanwhile
+        pass
+    _reap(proc, max(grace, 2.0))
 
 
 def _wait_group_gone(proc, pgid: int, timeout: float) -> bool:
@@ -96,6 +122,8 @@ def _wait_group_gone(proc, pgid: int, timeout: float) -> bool:
             os.killpg(pgid, 0)  # anyone left in the group?
         except ProcessLookupError:
             return True
+        except OSError:  # macOS: EPERM once only zombies are left
+            return proc.poll() is not None
         if _group_only_zombies(pgid):
             return True
         time.sleep(0.02)
@@ -134,6 +162,8 @@ def describe_exit(rc: Optional[int]) -> str:
     import signal
     if rc is None:
         return "no exit code"
+    if os.name == "nt":  # no signals: a killed process exits with the code its killer chose (taskkill: 1)
+        return f"exit code {rc}"
     sig = -rc if rc < 0 else rc - 128 if 128 < rc < 160 else None
     if sig:
         try:

@@ -87,7 +87,10 @@ def scan_names(paths) -> list[str]:
     names = [p.name for p in paths]
     if len(set(names)) == len(names):
         return names
-    common = Path(os.path.commonpath([str(p.resolve()) for p in paths]))
+    try:
+        common = Path(os.path.commonpath([str(p.resolve()) for p in paths]))
+    except ValueError:  # Windows: scans on different drives (C:, D:, a \\server share) share no folder
+        return [str(p.resolve()) for p in paths]
     return [str(p.resolve().relative_to(common)) for p in paths]
 
 

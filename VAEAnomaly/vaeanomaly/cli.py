@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -537,8 +538,22 @@ def error_exit(err: BaseException, debug_hint: bool = True) -> tuple[int, str]:
     return 1, f"vaeanomaly: error: unexpected {type(err).__name__}: {msg} ({hint}please report it)"
 
 
+def _console_never_fails() -> None:
+    """Windows: stdout/stderr redirected to a file or pipe use the ANSI code page (cp1252), which has no λ, β or
+    →; such a character would end the command in UnicodeEncodeError. It is written escaped there instead."""
+    if os.name != "nt":
+        return
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if "utf" not in (getattr(stream, "encoding", "") or "").lower().replace("-", ""):
+                stream.reconfigure(errors="backslashreplace")
+        except Exception:  # noqa: BLE001  (a replaced stream without reconfigure: left as it is)
+            pass
+
+
 def main(argv=None) -> int:
     from .predictors import Cancelled
+    _console_never_fails()
     args = sys.argv[1:] if argv is None else list(argv)
     if args[:1] == ["web"]:  # the viewer left the core (it is the application's): say where it went
         print(f"vaeanomaly: error: {WEB_MOVED}", file=sys.stderr)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -22,15 +23,146 @@ from .preprocessing import Preprocessing
 
 
 # --------------------------------------------------------------------------- reading & checks
-def available_memory() -> int:
+# Free memory, from each platform's own interface (Slicer ships for Linux, Windows and macOS). Each reader
+# returns bytes or None and never raises; available_memory() asks the current platform's readers in turn.
+# None means "unknown": the memory checks are then skipped, never failed.
+MEMINFO = "/proc/meminfo"
+
+
+def _never_raises(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs) -> Optional[int]:
+        try:
+            value = fn(*args, **kwargs)
+        except Exception:  # noqa: BLE001  (a missing API, a refused call, an odd value: unknown)
+            return None
+        return int(value) if value is not None and int(value) > 0 else None
+    return wrapper
+
+
+@_never_raises
+def _linux_meminfo() -> Optional[int]:
+    """Linux: /proc/meminfo MemAvailable (kernels before 3.14: MemFree + Buffers + Cached)."""
+    fields = {}
+    with open(MEMINFO, encoding="ascii", errors="replace") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            parts = rest.split()
+            if parts and parts[0].isdigit():
+                fields[key.strip()] = int(parts[0]) * 1024  # kB
+    if "MemAvailable" in fields:
+        return fields["MemAvailable"]
+    if "MemFree" in fields:
+        return fields["MemFree"] + fields.get("Buffers", 0) + fields.get("Cached", 0)
+    return None
+
+
+def _memorystatusex():
+    """The MEMORYSTATUSEX structure of GlobalMemoryStatusEx (sysinfoapi.h): 64 bytes."""
+    import ctypes
+
+    class MEMORYSTATUSEX(ctypes.Structure):
+        _fields_ = [("dwLength", ctypes.c_uint32), ("dwMemoryLoad", ctypes.c_uint32),
+                    ("ullTotalPhys", ctypes.c_uint64), ("ullAvailPhys", ctypes.c_uint64),
+                    ("ullTotalPageFile", ctypes.c_uint64), ("ullAvailPageFile", ctypes.c_uint64),
+                    ("ullTotalVirtual", ctypes.c_uint64), ("ullAvailVirtual", ctypes.c_uint64),
+                    ("ullAvailExtendedVirtual", ctypes.c_uint64)]
+    return MEMORYSTATUSEX
+
+
+@_never_raises
+def _windows_global_memory() -> Optional[int]:
+    """Windows: kernel32 GlobalMemoryStatusEx, ullAvailPhys (the physical memory available now)."""
+    import ctypes
+    stat = _memorystatusex()()
+    stat.dwLength = ctypes.sizeof(stat)
+    if not ctypes.windll.kernel32.GlobalMemoryStatusEx(ctypes.byref(stat)):  # AttributeError off Windows
+        return None
+    return stat.ullAvailPhys
+
+
+@_never_raises
+def _psutil_available() -> Optional[int]:
+    """psutil's virtual_memory().available, where psutil is installed (it is not part of Slicer)."""
+    import psutil
+    return psutil.virtual_memory().available
+
+
+HOST_VM_INFO64 = 4  # mach/host_info.h
+VM_STATISTICS64_INTS = 38  # HOST_VM_INFO64_COUNT: sizeof(vm_statistics64_data_t) / sizeof(integer_t)
+
+
+def _vm_statistics64():
+    """The leading fields of vm_statistics64 (mach/vm_statistics.h): free, active, inactive, wired page counts,
+    then 64-bit counters; padded to the full structure (152 bytes) and beyond, so the kernel never writes past it."""
+    import ctypes
+
+    class VMStatistics64(ctypes.Structure):
+        _fields_ = [("free_count", ctypes.c_uint32), ("active_count", ctypes.c_uint32),
+                    ("inactive_count", ctypes.c_uint32), ("wire_count", ctypes.c_uint32),
+                    ("rest", ctypes.c_uint8 * 256)]
+    return VMStatistics64
+
+
+@functools.lru_cache(maxsize=1)
+def _mach_host():
+    """libSystem's host_statistics64 and this host's port (asked for once: each mach_host_self() call adds a
+    port right)."""
+    import ctypes
+    import ctypes.util
+    lib = ctypes.CDLL(ctypes.util.find_library("System") or "/usr/lib/libSystem.B.dylib")
+    lib.mach_host_self.restype = ctypes.c_uint32
+    lib.mach_host_self.argtypes = []
+    lib.host_statistics64.restype = ctypes.c_int
+    lib.host_statistics64.argtypes = [ctypes.c_uint32, ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint32)]
+    return lib, lib.mach_host_self()
+
+
+@_never_raises
+def _macos_host_statistics() -> Optional[int]:
+    """macOS without psutil: host_statistics64(HOST_VM_INFO64), (free + inactive) pages, psutil's 'available'."""
+    import ctypes
+    import mmap
+    lib, host = _mach_host()
+    stats = _vm_statistics64()()
+    count = ctypes.c_uint32(VM_STATISTICS64_INTS)
+    if lib.host_statistics64(host, HOST_VM_INFO64, ctypes.byref(stats), ctypes.byref(count)) != 0:  # KERN_SUCCESS
+        return None
+    return (stats.free_count + stats.inactive_count) * mmap.PAGESIZE  # 16 kB pages on Apple silicon
+
+
+@_never_raises
+def _sysconf_available() -> Optional[int]:
+    """POSIX sysconf, where this Python has it and knows both names (Windows has no os.sysconf; macOS has no
+    SC_AVPHYS_PAGES). Linux's value is the free pages only, without the reclaimable cache: a last resort."""
+    sysconf = getattr(os, "sysconf", None)
+    names = getattr(os, "sysconf_names", {})
+    if sysconf is None or "SC_PAGE_SIZE" not in names or "SC_AVPHYS_PAGES" not in names:
+        return None
+    return sysconf("SC_PAGE_SIZE") * sysconf("SC_AVPHYS_PAGES")
+
+
+def _platform() -> str:
+    if os.name == "nt" or sys.platform.startswith(("win", "cygwin", "msys")):
+        return "windows"
+    return "macos" if sys.platform == "darwin" else "posix"
+
+
+def available_memory() -> Optional[int]:
+    """Bytes of physical memory available to a new computation, or None when this platform does not say.
+    Never raises."""
+    readers = {"windows": (_windows_global_memory, _psutil_available),
+               "macos": (_psutil_available, _macos_host_statistics, _sysconf_available),
+               "posix": (_linux_meminfo, _psutil_available, _sysconf_available)}
     try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+        chain = readers[_platform()]
+    except Exception:  # noqa: BLE001
+        return None
+    for reader in chain:
+        value = reader()
+        if value is not None:
+            return value
+    return None
 
 
 def memory_needed(size, n_maps: int = 8) -> int:
@@ -40,10 +172,13 @@ def memory_needed(size, n_maps: int = 8) -> int:
 
 
 def check_memory(size, n_maps: int = 8, what: str = "input") -> None:
-    """Refuse volumes whose processing would need more memory than is available."""
+    """Refuse volumes whose processing would need more memory than is available. Where the platform does
+    not say how much is available (available_memory() is None), nothing is checked."""
     voxels = int(np.prod([int(s) for s in size]))
     need = memory_needed(size, n_maps)
     avail = available_memory()
+    if avail is None:
+        return
     if need > 0.8 * avail:
         raise VolumeError(f"{what} has {voxels:,} voxels ({'x'.join(map(str, size))}); processing needs "
                           f"about {need / 2**30:.1f} GiB but {avail / 2**30:.1f} GiB are available. Crop the "
