@@ -15,7 +15,7 @@ vtk = pytest.importorskip("vtk")
 
 from conftest import make_phantom  # noqa: E402
 from test_controller import ScriptedUser  # noqa: E402
-from test_findings_panel import GEOMETRY, case, controller_for, heat_array  # noqa: E402,F401  (case: a fixture)
+from test_findings_panel import case, controller_for, heat_array  # noqa: E402,F401  (case: a fixture)
 from test_logic import add_volume  # noqa: E402
 from VAEAnomalyLib.controller import PanelController, PanelParams  # noqa: E402
 from VAEAnomalyLib.logic import (VAEAnomalyLogic, calibration_of, image_from_node, set_node_from_image,  # noqa: E402
