@@ -85,7 +85,8 @@ class VAEAnomalyParameterNode:
     projectionSteps: Annotated[int, WithinRange(0, 1000)] = OPTION_DEFAULTS["proj_steps"]
     projectionLambda: Annotated[float, WithinRange(0.0, 100.0)] = OPTION_DEFAULTS["proj_lambda"]
     smoothGradients: bool = OPTION_DEFAULTS["smooth"]
-    useGPU: bool = False
+    useGPU: bool = False  # ticked by the controller on a new node when PyTorch sees CUDA (gpuDefaultSet)
+    gpuDefaultSet: bool = False
     showReconstruction: bool = False
     opacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.6
     thresholdMode: Annotated[str, Choice(THRESHOLD_MODE_CHOICES)] = DEFAULT_THRESHOLD_MODE

@@ -60,6 +60,7 @@ class PanelParams:
     projectionLambda: float = OPTION_DEFAULTS["proj_lambda"]
     smoothGradients: bool = OPTION_DEFAULTS["smooth"]
     useGPU: bool = False
+    gpuDefaultSet: bool = False  # useGPU got its default (CUDA seen by PyTorch) when the node was new
     showReconstruction: bool = False
     opacity: float = 0.6
     thresholdMode: str = DEFAULT_THRESHOLD_MODE
@@ -183,6 +184,9 @@ class PanelController:
         self.findings, self._findings_for = [], None
         self.findings_pending = params is not None and params.heatmap is not None  # a saved scene's heatmap
         if params is not None:
+            if not params.gpuDefaultSet:  # a new parameter node: Use GPU ticked when PyTorch sees CUDA (issue 25)
+                params.useGPU = bool(_never_raises(self._gpu_available, False, "the GPU check"))
+                params.gpuDefaultSet = True
             self._calibrated_for = params.heatmap.GetID() if params.heatmap is not None else None
             self.update_model_card()
 
