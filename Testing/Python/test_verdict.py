@@ -248,7 +248,8 @@ def test_score_with_a_report_is_one_pass_with_the_same_results(calibrated, healt
         assert report["flagged_percent"] == pytest.approx(expected["flagged_percent"], abs=0.01)
     head, _ = head_like(img, mask)
     with pytest.raises(VolumeError, match="not look skull-stripped"):
-        run(ScoreRequest("head.nii.gz", report=str(tmp_path / "h.json")), calibrated, head, None, ["rec-grad"])
+        run(ScoreRequest("head.nii.gz", report=str(tmp_path / "h.json"), brain_extraction="off"), calibrated, head, None,
+            ["rec-grad"])
     r = json.loads((tmp_path / "h.json").read_text(encoding="utf-8"))
     assert r["in_distribution"] is False and r["fit"] is None and r["warnings"] and "--mask" in r["warnings"][0]
 

