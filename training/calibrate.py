@@ -16,6 +16,10 @@ data/v/calibration for data/v/calibration_64.npz); without one, the model grid's
 
 Options: the inference defaults, unless --no-smooth / --proj-* are given (then the checkpoint says
 its thresholds hold for those options, and `--threshold auto` refuses others).
+
+Signed maps (rec-grad, elbo-grad, dae-residual) are calibrated under every polarity (calibration.calibrate):
+'both', 'bright' and 'dark' each at its own 99th percentile (polarity_thresholds), and the signed map ('signed')
+two-tailed, each tail at the 99.5th percentile of its side (two_tailed: 1% of healthy brain flagged in all).
 """
 from __future__ import annotations
 
@@ -157,6 +161,11 @@ def main(argv=None):
           + ", ".join(f"{k}={v}" for k, v in calib["thresholds_options"].items()))
     for k, v in calib["thresholds"].items():
         print(f"  {k:15s} {v:10.4g}   (was {old[k]:.4g})" if k in old else f"  {k:15s} {v:10.4g}   (new)")
+    for k, tails in (calib.get("two_tailed") or {}).items():  # the signed maps, each tail apart (polarity 'signed')
+        print(f"  {k:15s} two-tailed: brighter > {tails['bright']['threshold']:.4g}, darker < "
+              f"-{tails['dark']['threshold']:.4g} (each tail {100 - (100 - QUANTILE) / 2:g}th percentile)")
+    for k, pols in (calib.get("polarity_thresholds") or {}).items():
+        print(f"  {k:15s} " + ", ".join(f"{pol} {v['threshold']:.4g}" for pol, v in pols.items()))
     c = calib.get("combi_normalisation")  # a denoising autoencoder has no Combi
     if c:
         print(f"  Combi constants: KL-grad min {c['min']:.4g}, max {c['max']:.4g}")

@@ -12,6 +12,17 @@ updates:
   cases of each whole volume's minimum and maximum), so a voxel's Combi value does not depend on
   which slices are scored together;
 - ``calibration``: what they were computed on (cases, slices, quantile, library version);
+- for the signed maps (registry `signed`: rec-grad, elbo-grad, dae-residual), every polarity's calibration, so no
+  polarity the command line offers lacks a threshold (the options otherwise as ``thresholds_options``):
+  ``polarity_thresholds`` {predictor: {'both' | 'bright' | 'dark': {threshold, region_peak}}}: each one-sided map's
+  own q-th (and PEAK_QUANTILE-th) percentile, so each flags r = 1 - q/100 of healthy brain, as the main threshold;
+  ``two_tailed`` {predictor: {'bright' | 'dark': {threshold, region_peak}}}: the signed map s (polarity 'signed'),
+  each tail at half the rate, so the two together flag r of healthy brain, as one threshold would:
+      t_bright = Q(s, 1 - r/2),   t_dark = Q(-s, 1 - r/2)      (Q: the pooled quantile over the healthy brain voxels)
+  a voxel is brighter than expected where s > t_bright, darker where s < -t_dark; the region peaks likewise at
+  1 - r_peak/2 (r_peak = 1 - PEAK_QUANTILE/100). Each tail is an order statistic of its own side alone: a bright
+  lesion in the calibration brains (voxels raised that were not in the dark tail) leaves t_dark where it was, where
+  the single threshold of |s| would rise with it (`two_tailed`);
 - plus whatever the registered hooks return (see HOOKS).
 
 training/train.py, training/fit_ensemble.py and training/calibrate.py (re-calibrate an existing
@@ -19,7 +30,7 @@ checkpoint in place) all call `calibrate`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Optional
 
 import numpy as np
@@ -28,7 +39,8 @@ from .ensemble import options_mismatch, relevant_keys
 # what scoring uses of a calibration lives in inference.py (no cycle with verdict.py); re-exported here
 from .inference import RECALIBRATE, combi_constants, inference_kwargs  # noqa: F401
 from .predictors import PredictorOptions, combi_map, compute_maps, finish_maps
-from .registry import ENSEMBLE, PAPER_PREDICTORS, predictors_for
+from .registry import ENSEMBLE, PAPER_PREDICTORS, PREDICTOR_INFO, option_defaults, predictors_for
+from .threshold import Tails
 
 QUANTILE = 99.0
 # a region above the threshold is kept only when its peak reaches this percentile of healthy brain (hysteresis):
@@ -60,6 +72,51 @@ class CalibrationData:
 # metadata updates (merged into calibrate()'s result). The verdict limits (issue 8) belong here, e.g.
 # `calibration.HOOKS.append(verdict.calibrate_limits)` in verdict.py, or pass hooks=[...] to calibrate().
 HOOKS: list[Callable[[CalibrationData], dict]] = []
+
+
+ONE_SIDED = ("both", "bright", "dark")  # the polarities whose map is >= 0 (one threshold); 'signed' has two tails
+
+
+def two_tailed(values: np.ndarray, q: float = QUANTILE, peak_q: float = PEAK_QUANTILE) -> dict:
+    """The two-tailed calibration of a signed map from its healthy brain values s (pooled): each tail at half the
+    rate r = 1 - q/100, so the union flags r of healthy brain: {'bright': {threshold: Q(s, 1 - r/2), region_peak:
+    Q(s, 1 - r_peak/2)}, 'dark': {the same on -s}} (r_peak = 1 - peak_q/100; dark levels are magnitudes: a voxel is
+    darker than expected where s < -threshold)."""
+    s = np.asarray(values, np.float64).ravel()
+    if not s.size:
+        raise ValueError("two-tailed calibration needs healthy brain values")
+    tail_q, tail_peak_q = 100 - (100 - q) / 2, 100 - (100 - peak_q) / 2
+    return {side: {"threshold": float(np.percentile(v, tail_q)), "region_peak": float(np.percentile(v, tail_peak_q))}
+            for side, v in (("bright", s), ("dark", -s))}
+
+
+def _polarity_calibration(model, beta, cases, brains, signed, opts, device, brain_values, q, progress=None) -> tuple:
+    """({predictor: {polarity: {threshold, region_peak}}} for the one-sided polarities, {predictor: two_tailed(...)})
+    for the signed predictors, each map computed as scoring computes it with that polarity (its values under the
+    calibration's own polarity reused from brain_values)."""
+    own = {p: opts.for_map(p).polarity for p in signed}
+    values = {p: {} for p in signed}
+    for pol in ONE_SIDED + ("signed",):
+        need = [p for p in signed if own[p] != pol]
+        for p in signed:
+            if own[p] == pol:
+                values[p][pol] = np.concatenate(brain_values[p])
+        if not need:
+            continue
+        acc = {p: [] for p in need}
+        for name, slices, brain, slice_mm in cases:
+            maps = compute_maps(model, slices, need, beta, replace(opts, polarity=pol), device, brain=brain,
+                                slice_mm=slice_mm)
+            for p in need:
+                acc[p].append(maps[p][brain])
+            if progress:
+                progress(1.0)
+        for p in need:
+            values[p][pol] = np.concatenate(acc[p])
+    one_sided = {p: {pol: {"threshold": float(np.percentile(values[p][pol], q)),
+                           "region_peak": float(np.percentile(values[p][pol], PEAK_QUANTILE))} for pol in ONE_SIDED}
+                 for p in signed}
+    return one_sided, {p: two_tailed(values[p]["signed"], q) for p in signed}
 
 
 def option_subset(options: PredictorOptions) -> dict:
@@ -115,7 +172,11 @@ def calibrate(model, beta: float, healthy_cases: Iterable, options: Optional[Pre
     pooled_sel = np.linspace(0, n_total - 1, min(n_total, max_projection_slices)).astype(int)
     project = not dae and (only is None or "proj-rec-error" in only)
     proj_cost = opts.proj_steps / 20 if project else 0
-    total, done = len(cases) + proj_cost * len(pooled_sel) / n_total, 0.0
+    # the signed maps under every other polarity (one more pass per case and polarity, the signed maps alone)
+    signed = [p for p in fused if PREDICTOR_INFO[p].signed and (only is None or p in only)]
+    n_polarity = len(cases) * sum(1 for pol in ONE_SIDED + ("signed",) if any(opts.for_map(p).polarity != pol
+                                                                           for p in signed))
+    total, done = len(cases) + n_polarity + proj_cost * len(pooled_sel) / n_total, 0.0
     kl_min, kl_max = [], []
     # the maps before the finishing options (smoothing across slices, rim): Combi and the ensemble are made from
     # these, as compute_maps makes them; every map is then finished as scoring finishes it
@@ -143,6 +204,15 @@ def calibrate(model, beta: float, healthy_cases: Iterable, options: Optional[Pre
             elif p in data.maps:
                 data.maps[p][i] = m
             data.brain_values[p].append(m[brain])
+    polarity_thresholds, tails = {}, {}
+    if signed:
+        def one_pass(_):
+            nonlocal done
+            done += 1
+            if progress:
+                progress(done / total)
+        polarity_thresholds, tails = _polarity_calibration(model, beta, cases, data.brains, signed, opts, device,
+                                                           data.brain_values, q, one_pass)
     if project:
         x = np.concatenate([c[1] for c in cases])[pooled_sel]
         b = np.concatenate(data.brains)[pooled_sel]
@@ -167,10 +237,19 @@ def calibrate(model, beta: float, healthy_cases: Iterable, options: Optional[Pre
                         "n_slices": int(n_total),
                         "n_projection_slices": int(len(pooled_sel)) if project else 0, "ensemble": ensemble is not None},
     }
+    if signed:
+        out["polarity_thresholds"] = polarity_thresholds
+        out["two_tailed"] = tails
+        out["two_tailed_note"] = (f"signed maps: polarity_thresholds, each one-sided polarity's own {q:g}th (and "
+                                  f"{PEAK_QUANTILE:g}th) percentile; two_tailed, the signed map (positive: brighter "
+                                  f"than expected) with each tail at half the rate: bright Q(s, {tail_note(q)}), "
+                                  f"dark Q(-s, {tail_note(q)}), region peaks at {tail_note(PEAK_QUANTILE)}; the "
+                                  f"options otherwise as thresholds_options")
     if dae:
         del out["combi_normalisation"]
     if only is not None:  # a partial calibration: thresholds only (the rest stays as the checkpoint has it)
-        out = {"thresholds": out["thresholds"], "region_peaks": out["region_peaks"]}
+        out = {k: out[k] for k in ("thresholds", "region_peaks", "polarity_thresholds", "two_tailed",
+                                   "two_tailed_note") if k in out}
     from .verdict import calibration_hook  # the out-of-distribution verdict's limits (issue 8)
     for hook in [calibration_hook] + list(HOOKS) + list(hooks or []):
         out.update(hook(data) or {})
@@ -179,13 +258,109 @@ def calibrate(model, beta: float, healthy_cases: Iterable, options: Optional[Pre
     return out
 
 
+def tail_note(q: float) -> str:
+    return f"{100 - (100 - q) / 2:g}th percentile"
+
+
 # --------------------------------------------------------------------------- using the calibration
+def _is_signed(predictor: str) -> bool:
+    return predictor in PREDICTOR_INFO and PREDICTOR_INFO[predictor].signed
+
+
+def recorded_polarity(checkpoint, predictor: str) -> str:
+    """The polarity the checkpoint's main thresholds (``thresholds``) hold for `predictor`."""
+    rec = checkpoint.threshold_options.get("polarity")
+    return rec if rec is not None else option_defaults(predictor)["polarity"]
+
+
+def _polarity_entry(checkpoint, predictor: str, opts: PredictorOptions):
+    """For a signed predictor asked with another polarity than the main calibration's: (polarity asked, its
+    polarity_thresholds entry or None); (None, None) where the main calibration's polarity is asked. ValueError
+    where the checkpoint's entry exists but the other options differ from the calibration's."""
+    if not _is_signed(predictor):
+        return None, None
+    asked = opts.for_map(predictor).polarity
+    if asked == recorded_polarity(checkpoint, predictor):
+        return None, None
+    entry = ((checkpoint.meta.get("polarity_thresholds") or {}).get(predictor) or {}).get(asked)
+    if entry is not None:
+        _check_other_options(checkpoint, predictor, opts)
+    return asked, entry
+
+
+def _check_other_options(checkpoint, predictor: str, opts: PredictorOptions) -> None:
+    """ValueError where the options other than the polarity differ from those the checkpoint calibrated with."""
+    same = replace(opts, polarity=recorded_polarity(checkpoint, predictor))
+    diff = options_mismatch(checkpoint.threshold_options, same, [predictor])
+    if diff:
+        raise ValueError(f"the calibrated '{predictor}' thresholds hold for other options: you asked "
+                         + "; ".join(diff) + f". Use those options, give a percentile such as p99, or {RECALIBRATE} "
+                         "with your options")
+
+
+def calibrated_tails(checkpoint, predictor: str, options: Optional[PredictorOptions] = None) -> Optional[dict]:
+    """The two-tailed calibration of signed map `predictor` (polarity 'signed'): {'bright': {'threshold',
+    'region_peak'}, 'dark': {...}} (dark levels are magnitudes: flagged where s < -threshold; see `two_tailed`), or
+    None where the checkpoint records none (calibrated before two-tailed calibration, or not a signed map).
+    ValueError where the options other than the polarity differ from those it calibrated with."""
+    entry = ((checkpoint.meta.get("two_tailed") or {}) if checkpoint is not None else {}).get(predictor)
+    if not entry:
+        return None
+    _check_other_options(checkpoint, predictor, options or PredictorOptions())
+    return {side: {k: float(v) for k, v in entry[side].items()} for side in ("bright", "dark")}
+
+
+def is_two_tailed(predictor: str, options: Optional[PredictorOptions] = None) -> bool:
+    """Whether map `predictor` is signed under these options (a signed map with polarity 'signed'): its label and
+    findings then threshold each tail apart (1 = brighter, 2 = darker than expected)."""
+    return _is_signed(predictor) and (options or PredictorOptions()).for_map(predictor).polarity == "signed"
+
+
+def tails_or_fallback(checkpoint, predictors, options: Optional[PredictorOptions] = None):
+    """(options, note) for `--threshold auto`: the options unchanged where every signed map asked with polarity
+    'signed' has per-tail thresholds in the checkpoint; else (a checkpoint calibrated before two-tailed calibration)
+    the options with the polarity its thresholds hold for (one threshold, no direction: the behaviour before), and
+    a note that says so and what to do."""
+    opts = options or PredictorOptions()
+    lacking = [p for p in predictors if is_two_tailed(p, opts) and not (checkpoint.meta.get("two_tailed") or {}).get(p)]
+    if not lacking:
+        return opts, None
+    rec = checkpoint.threshold_options.get("polarity")
+    shown = rec if rec is not None else ", ".join(f"{p}: {option_defaults(p)['polarity']}" for p in lacking)
+    return replace(opts, polarity=rec), (
+        f"note: the checkpoint records no per-tail thresholds for {', '.join(lacking)} (calibrated before two-tailed "
+        f"calibration): scored with the polarity its threshold holds for ({shown}), one threshold and no direction; "
+        f"{RECALIBRATE} for the two tails, or give a percentile such as p99 to keep the sign")
+
+
+def auto_threshold(checkpoint, predictor: str, options: Optional[PredictorOptions] = None):
+    """What `--threshold auto` uses: the per-tail thresholds (threshold.Tails) of a signed map under polarity
+    'signed', else `calibrated_threshold` (a float). ValueError where none holds."""
+    opts = options or PredictorOptions()
+    if _is_signed(predictor) and opts.for_map(predictor).polarity == "signed":
+        tails = calibrated_tails(checkpoint, predictor, opts)
+        if tails is None:
+            raise ValueError(f"the checkpoint records no per-tail thresholds for '{predictor}' (calibrated before "
+                             f"two-tailed calibration); {RECALIBRATE}, or give a percentile such as p99 (on |value|, "
+                             f"both tails)")
+        return Tails(tails["bright"]["threshold"], tails["dark"]["threshold"])
+    return calibrated_threshold(checkpoint, predictor, opts)
+
+
 def calibrated_threshold(checkpoint, predictor: str, options: Optional[PredictorOptions] = None) -> float:
     """The checkpoint's calibrated threshold for `predictor`, or ValueError saying why it does not hold
-    for these options and what to do."""
+    for these options and what to do. A signed map under another one-sided polarity than the main calibration's
+    ('both', 'bright', 'dark') has its own (``polarity_thresholds``, recorded by calibrate()); under 'signed' it has
+    two (calibrated_tails, auto_threshold)."""
     opts = options or PredictorOptions()
     thr = checkpoint.thresholds
     legacy = "thresholds_options" not in checkpoint.meta
+    asked, entry = _polarity_entry(checkpoint, predictor, opts)
+    if asked == "signed":
+        raise ValueError(f"'{predictor}' with polarity 'signed' has two calibrated thresholds, one per tail "
+                         f"(calibration.calibrated_tails)")
+    if entry is not None:
+        return float(entry["threshold"])
     if predictor not in thr:
         why = ("the checkpoint's ensemble has no calibrated threshold (calibrated before ensembles had one)"
                if predictor == ENSEMBLE else f"the checkpoint has no calibrated threshold for '{predictor}'")
@@ -206,15 +381,28 @@ def calibrated_threshold(checkpoint, predictor: str, options: Optional[Predictor
     return float(thr[predictor])
 
 
-def region_peak(checkpoint, predictor: str, options: Optional[PredictorOptions] = None) -> Optional[float]:
+def region_peak(checkpoint, predictor: str, options: Optional[PredictorOptions] = None):
     """The level a region above the threshold must reach to be kept (the checkpoint's calibrated
     PEAK_QUANTILE-th percentile of healthy brain for `predictor`), or None where the checkpoint has none or its
-    calibration does not hold for these options (then every region is kept, as before)."""
-    peaks = (checkpoint.meta.get("region_peaks") or {}) if checkpoint is not None else {}
-    if predictor not in peaks:
+    calibration does not hold for these options (then every region is kept, as before). A signed map under
+    polarity 'signed': a threshold.Tails of the two tails' region peaks (the dark one on -s)."""
+    if checkpoint is None:
         return None
+    opts = options or PredictorOptions()
+    if _is_signed(predictor) and opts.for_map(predictor).polarity == "signed":
+        try:
+            tails = calibrated_tails(checkpoint, predictor, opts)
+        except ValueError:
+            return None
+        return None if tails is None else Tails(tails["bright"]["region_peak"], tails["dark"]["region_peak"])
+    peaks = checkpoint.meta.get("region_peaks") or {}
     try:
-        calibrated_threshold(checkpoint, predictor, options)
+        asked, entry = _polarity_entry(checkpoint, predictor, opts)
+        if entry is not None:
+            return float(entry["region_peak"])
+        if predictor not in peaks:
+            return None
+        calibrated_threshold(checkpoint, predictor, opts)
     except ValueError:
         return None
     return float(peaks[predictor])

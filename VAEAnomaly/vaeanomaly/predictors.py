@@ -37,7 +37,8 @@ class PredictorOptions:
     smooth_mm, polarity and evidence left None take each map's own default (registry.option_defaults: the
     papers' settings for the VAE maps, measured ones for the DAE residual); for_map(name) resolves them.
     polarity: for the signed maps (registry `signed`): 'both' (absolute value, the papers), 'bright' (only
-    where the scan is brighter than the model expects), 'dark'.
+    where the scan is brighter than the model expects), 'dark', 'signed' (the map with its sign, positive: brighter;
+    its intensity evidence is that of 'both', its median normalisation divides by the median absolute value).
     smooth_z_mm: through-plane smoothing of a finished map over the slices of one volume (sigma in mm at the
     slices' spacing; 0: none, the papers); None takes the map's own default.
     normalise: 'median' divides a finished map by its median over the brain of the whole scan (a lesion is a
@@ -144,7 +145,10 @@ DEFAULT_PIXEL_MM = 240.0 / 64  # the model grid of the paper (240 mm over 64 pix
 
 
 def apply_polarity(signed: torch.Tensor, polarity: str) -> torch.Tensor:
-    """A signed map (positive: brighter than expected) as an anomaly score >= 0."""
+    """A signed map (positive: brighter than expected) as an anomaly score >= 0; 'signed' keeps the sign (the two tails
+    are thresholded apart: calibration.calibrated_tails)."""
+    if polarity == "signed":
+        return signed
     if polarity == "bright":
         return signed.clamp_min(0)
     if polarity == "dark":
@@ -444,9 +448,10 @@ def finish_maps(maps: dict, x_all, brain, opts: PredictorOptions, pixel_mm: floa
 
 
 def normalise_median(m: np.ndarray, brain=None) -> np.ndarray:
-    """A map divided by its median over the brain (where it is not 0 without a mask); unchanged when that is 0."""
+    """A map divided by its median over the brain (where it is not 0 without a mask); unchanged when that is 0.
+    A signed map (polarity 'signed') by the median of its absolute value (the same for a map >= 0)."""
     inside = np.asarray(brain, bool) if brain is not None else m != 0
-    level = float(np.median(m[inside])) if inside.any() else 0.0
+    level = float(np.median(np.abs(m[inside]))) if inside.any() else 0.0
     return (m / level).astype(np.float32) if level > 0 else m.astype(np.float32)
 
 

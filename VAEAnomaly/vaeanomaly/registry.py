@@ -74,7 +74,11 @@ DEFAULT_PREDICTOR = "rec-grad"
 PAPER_PREDICTORS = ("rec-error", "elbo-grad", "kl-grad", "rec-grad", "combi", "proj-rec-error")
 DAE_PREDICTORS = ("dae-residual", "rec-error")
 DEFAULT_PREDICTORS = {"vae": DEFAULT_PREDICTOR, "dae": "dae-residual"}  # per model kind
-POLARITIES = ("both", "bright", "dark")  # signed maps: |value|, brighter than expected only, darker only
+# signed maps: |value|, brighter than expected only, darker only, or the map with its sign (positive: brighter than
+# expected; thresholded per tail with the checkpoint's two-tailed calibration: calibration.calibrated_tails)
+POLARITIES = ("both", "bright", "dark", "signed")
+DIRECTIONS = {"bright": "brighter than expected", "dark": "darker than expected"}  # a finding's direction, in words
+LABEL_VALUES = {"bright": 1, "dark": 2}  # a signed map's label map: 1 = brighter than expected, 2 = darker
 ENSEMBLE = "ensemble"
 RECONSTRUCTION = "reconstruction"  # not a predictor: the model's reconstruction (z = mu), for display
 THRESHOLD_MODES = ("calibrated", "percentile", "absolute")
