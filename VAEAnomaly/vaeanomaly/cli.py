@@ -94,7 +94,9 @@ def _add_model_args(p, predictor_default: Optional[str] = None):
                         f"map's own: {_own_defaults('smooth_z_mm', 'none')}); 0: none (the papers)")
     p.add_argument("--polarity", choices=POLARITIES, default=None,
                    help=f"signed maps (rec-grad, elbo-grad, dae-residual): 'bright' scores only where the "
-                        f"scan is brighter than the model expects, 'dark' only darker, 'both' either (default: each "
+                        f"scan is brighter than the model expects, 'dark' only darker, 'both' either, 'signed' the map "
+                        f"with its sign (positive: brighter; with --threshold auto each tail has its own calibrated "
+                        f"threshold, --label writes 1 = brighter, 2 = darker, findings say which) (default: each "
                         f"map's own: {_own_defaults('polarity')})")
     p.add_argument("--evidence", choices=EVIDENCE, default=None,
                    help=f"'intensity': the signed maps times how unusual the scan's own intensity is in the same "
@@ -141,12 +143,13 @@ class ScorePlan:
     report_html: Optional[Path] = None                  # --report-html R.html
     verdict: Optional[Path] = None                      # --report R.json (read back for the HTML report)
     region_peaks: dict = field(default_factory=dict)    # {predictor: level a kept region reaches, or None}
+    signed: tuple = ()                                  # predictors whose map keeps its sign (polarity 'signed')
 
 
 def plan_score(a) -> ScorePlan:
     """Check every option, the predictors, the thresholds and the output paths; nothing is computed
     or written. Raises ValueError (and subclasses) with a message that says what to do."""
-    from .calibration import calibrated_threshold, region_peaks
+    from .calibration import auto_threshold, is_two_tailed, region_peaks, tails_or_fallback
     from .checkpoint import load_checkpoint
     from .io import OutputError, check_outputs
     opts = _options(a)
@@ -194,8 +197,11 @@ def plan_score(a) -> ScorePlan:
             labels = {n: lab / f"{n}_label.nii.gz" for n in heat}
     calibrated = {}
     if threshold and threshold[0] == "auto":  # calibrated for these options? (else: say what to do, now)
+        opts, note = tails_or_fallback(ck, heat, opts)  # a signed map: per-tail thresholds, where the checkpoint has
+        if note:
+            print(note, file=sys.stderr)
         for n in heat:
-            calibrated[n] = calibrated_threshold(ck, n, opts)
+            calibrated[n] = auto_threshold(ck, n, opts)
     ins = {"input volume": a.input, "brain mask": a.mask, "checkpoint": ck.path,
            "options file": getattr(a, "options", None)}
     outs = {f"output ({n} map)": p for n, p in outputs.items()}
@@ -226,7 +232,8 @@ def plan_score(a) -> ScorePlan:
     return ScorePlan(ck, names, opts, outputs, labels, a.threshold, calibrated,
                      min_region_mm3(ck) if min_mm3 is None else float(min_mm3), findings_path, report_path,
                      Path(a.report) if getattr(a, "report", None) else None,
-                     region_peaks(ck, heat, opts, threshold, keep_all=getattr(a, "all_regions", False)))
+                     region_peaks(ck, heat, opts, threshold, keep_all=getattr(a, "all_regions", False)),
+                     tuple(n for n in heat if is_two_tailed(n, opts)))
 
 
 def _check_dicom_outputs(a, out: Path) -> dict:
@@ -257,9 +264,11 @@ def write_score_outputs(plan: ScorePlan, maps: dict, img=None, mask=None, source
     for name, path in plan.labels.items():
         peak = plan.region_peaks.get(name)
         lab, t, kept, dropped = label_image(maps[name], plan.threshold, plan.calibrated, name, plan.min_region_mm3,
-                                            peak)
+                                            peak, signed=name in plan.signed)
         write_image(lab, path, name, label=True)
-        print(f"wrote {path}: {name} > {t:.4g}, {kept} voxels in {describe_regions(plan.min_region_mm3, peak)} "
+        above = (f"{name} > {t.bright:.4g} (1: brighter than expected) or < -{t.dark:.4g} (2: darker)"
+                 if name in plan.signed else f"{name} > {t:.4g}")
+        print(f"wrote {path}: {above}, {kept} voxels in {describe_regions(plan.min_region_mm3, peak)} "
               f"({dropped} voxels in other regions dropped)", file=sys.stderr)
     if plan.findings or plan.report_html:
         write_findings_and_report(plan, maps, img, mask, source)
@@ -282,10 +291,13 @@ def _dicom_writer(plan: ScorePlan, source: str, write_image):
     return write
 
 
-def threshold_source(spec: str) -> str:
-    """Where a threshold came from, in words (for the report)."""
+def threshold_source(spec: str, signed: bool = False) -> str:
+    """Where a threshold came from, in words (for the report); signed: a signed map's two tails."""
     from .threshold import describe
-    return describe(*parse_threshold(spec))
+    kind, value = parse_threshold(spec)
+    if signed and kind == "auto":
+        return describe("auto-signed")
+    return describe(kind, value) + (" (on |value|, both tails)" if signed else "")
 
 
 def write_findings_and_report(plan: ScorePlan, maps: dict, img, mask, source: str = "") -> list:
@@ -293,16 +305,24 @@ def write_findings_and_report(plan: ScorePlan, maps: dict, img, mask, source: st
     import SimpleITK as sitk
 
     from . import findings as fnd
-    from .threshold import resolve_threshold
+    from .registry import PREDICTOR_INFO
+    from .threshold import resolve_tails, resolve_threshold
     from .volume import mask_for
     name = next(n for n in plan.names if n != RECONSTRUCTION)
     heat = maps[name]
     arr = sitk.GetArrayFromImage(heat)
-    t = resolve_threshold(plan.threshold, arr, arr > 0, plan.calibrated, name)
+    signed = name in plan.signed
+    t = resolve_tails(plan.threshold, arr, arr != 0, plan.calibrated, name) if signed else \
+        resolve_threshold(plan.threshold, arr, arr > 0, plan.calibrated, name)
     brain = mask_for(img, mask) if img is not None else None
-    found = fnd.find(heat, t, img, brain, plan.min_region_mm3, plan.region_peaks.get(name))
-    meta = {"predictor": name, "threshold": t, "threshold_source": threshold_source(plan.threshold),
-            "min_region_mm3": plan.min_region_mm3, "region_peak": plan.region_peaks.get(name),
+    info = PREDICTOR_INFO.get(name)
+    polarity = plan.options.for_map(name).polarity if info and info.signed else None
+    found = fnd.find(heat, t, img, brain, plan.min_region_mm3, plan.region_peaks.get(name),
+                     direction=polarity if polarity in ("bright", "dark") else None)
+    peak = plan.region_peaks.get(name)
+    meta = {"predictor": name, "threshold": t.to_dict() if signed else t,
+            "threshold_source": threshold_source(plan.threshold, signed),
+            "min_region_mm3": plan.min_region_mm3, "region_peak": peak.to_dict() if hasattr(peak, "to_dict") else peak,
             "model": plan.checkpoint.name, "input": source}
     if plan.findings:
         fnd.write(plan.findings, found, meta)
@@ -313,7 +333,7 @@ def write_findings_and_report(plan: ScorePlan, maps: dict, img, mask, source: st
             else None
         from .regions import describe_regions
         kept = describe_regions(plan.min_region_mm3, plan.region_peaks.get(name))
-        report.write(plan.report_html, img, heat, t, f"{threshold_source(plan.threshold)}; {kept}", found, name,
+        report.write(plan.report_html, img, heat, t, f"{threshold_source(plan.threshold, signed)}; {kept}", found, name,
                      plan.checkpoint.card().splitlines()[0], verdict, source)
         print(f"wrote {plan.report_html}", file=sys.stderr)
     return found

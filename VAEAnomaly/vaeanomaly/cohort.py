@@ -198,7 +198,8 @@ def score_many(checkpoint, items: list[Item], names: list[str], out: Path, reque
                     if labels and n != "reconstruction":
                         from .regions import label_image
                         lab, t = label_image(img, labels["threshold"], labels["calibrated"], n,
-                                             labels["min_region_mm3"], labels["region_peaks"].get(n))[:2]
+                                             labels["min_region_mm3"], labels["region_peaks"].get(n),
+                                             signed=n in labels.get("signed", ()))[:2]
                         if "findings" not in row:  # the first heatmap's findings (vaeanomaly/findings.py)
                             from .findings import find, summary
                             row.update(summary(find(img, t, p.image, p.mask, labels["min_region_mm3"],
@@ -272,7 +273,7 @@ def cmd_score_many(a, opts) -> int:
     command line's flags (cli._options)."""
     import torch
 
-    from .calibration import calibrated_threshold
+    from .calibration import auto_threshold, is_two_tailed, tails_or_fallback
     from .checkpoint import load_checkpoint
     from .registry import RECONSTRUCTION
     from .scoring import parse_threshold, pick_device
@@ -299,13 +300,19 @@ def cmd_score_many(a, opts) -> int:
     labels = None
     if threshold:
         heat = [n for n in names if n != RECONSTRUCTION]
-        calibrated = {n: calibrated_threshold(ck, n, opts) for n in heat} if threshold[0] == "auto" else {}
+        if threshold[0] == "auto":  # a signed map: per-tail thresholds, where the checkpoint has them
+            opts, note = tails_or_fallback(ck, heat, opts)
+            if note:
+                print(note, file=sys.stderr)
+                request = replace(request, options=opts)
+        calibrated = {n: auto_threshold(ck, n, opts) for n in heat} if threshold[0] == "auto" else {}
         from .calibration import region_peaks
         from .regions import min_region_mm3
         labels = {"threshold": a.threshold, "calibrated": calibrated, "folder": Path(a.label),
                   "min_region_mm3": min_region_mm3(ck) if getattr(a, "min_region_mm3", None) is None
                   else float(a.min_region_mm3),
-                  "region_peaks": region_peaks(ck, heat, opts, threshold, keep_all=getattr(a, "all_regions", False))}
+                  "region_peaks": region_peaks(ck, heat, opts, threshold, keep_all=getattr(a, "all_regions", False)),
+                  "signed": [n for n in heat if is_two_tailed(n, opts)]}
     inputs = {str(Path(x).resolve()) for it in items for x in (it.volume, it.mask) if x}
     for it in items:
         for p in outputs_for(it, names, out).values():

@@ -20,20 +20,44 @@ import SimpleITK as sitk
 from .regions import keep_large, label_regions, voxel_mm3
 
 COORDINATES = "LPS"
-FIELDS = ("id", "volume_ml", "peak", "mean", "score_mass", "centroid_lps_mm", "bbox_min_lps_mm", "bbox_max_lps_mm",
-          "slice_first", "slice_last", "mean_intensity_z", "voxels")
+FIELDS = ("id", "direction", "volume_ml", "peak", "mean", "score_mass", "centroid_lps_mm", "bbox_min_lps_mm",
+          "bbox_max_lps_mm", "slice_first", "slice_last", "mean_intensity_z", "voxels")
 
 
-def find(heat: sitk.Image, threshold: float, image: Optional[sitk.Image] = None, mask: Optional[sitk.Image] = None,
-         min_mm3: float = 0.0, min_peak: Optional[float] = None) -> list[dict]:
+def find(heat: sitk.Image, threshold, image: Optional[sitk.Image] = None, mask: Optional[sitk.Image] = None,
+         min_mm3: float = 0.0, min_peak=None, direction: Optional[str] = None) -> list[dict]:
     """The findings of one heatmap (on the input grid): regions of voxels > threshold (inside `mask` when given),
     without those under min_mm3 and those whose peak stays below min_peak (calibration.region_peak), ranked by
     score mass. image: the scan, for each region's mean intensity in
     z-score units (the scan standardised by the mean and SD of its brain, as the model's input); slice_first/last
-    are indices along the volume's third axis (k), as viewers count slices."""
+    are indices along the volume's third axis (k), as viewers count slices.
+    Each finding's `direction`: 'brighter than expected' / 'darker than expected' (registry.DIRECTIONS) or None.
+    direction: 'bright' or 'dark' for a one-sided map of a signed predictor (polarity 'bright' / 'dark'). A signed
+    map (threshold a threshold.Tails; min_peak a Tails or None): each tail apart, brighter where s > bright, darker
+    where s < -dark; peak, mean and score_mass are then magnitudes in the finding's direction (on -s for a darker
+    one), so both rank together."""
+    from .threshold import Tails
     h = sitk.GetArrayFromImage(heat).astype(np.float64)
     brain = sitk.GetArrayFromImage(mask) > 0 if mask is not None else np.ones(h.shape, bool)
-    above = keep_large((h > threshold) & brain, heat.GetSpacing(), min_mm3, h, min_peak)
+    if isinstance(threshold, Tails):
+        found = []
+        for side, score in (("bright", h), ("dark", -h)):
+            found += _regions(heat, score, score > getattr(threshold, side), brain, image, min_mm3,
+                              None if min_peak is None else getattr(min_peak, side), side)
+        return _ranked(found)
+    return _ranked(_regions(heat, h, h > threshold, brain, image, min_mm3, min_peak, direction))
+
+
+def _ranked(found: list[dict]) -> list[dict]:
+    found.sort(key=lambda f: -f["score_mass"])
+    return [{"id": f"A{i + 1}", **f} for i, f in enumerate(found)]
+
+
+def _regions(heat: sitk.Image, h: np.ndarray, above: np.ndarray, brain: np.ndarray, image, min_mm3: float, min_peak,
+             direction: Optional[str]) -> list[dict]:
+    """The kept regions of `above` inside `brain`, described with the scores h (find)."""
+    from .registry import DIRECTIONS
+    above = keep_large(above & brain, heat.GetSpacing(), min_mm3, h, min_peak)
     if not above.any():
         return []
     lab, n = label_regions(above)
@@ -57,7 +81,8 @@ def find(heat: sitk.Image, threshold: float, image: Optional[sitk.Image] = None,
     for r in range(n):
         pts = np.argwhere(lab[boxes[r]] == r + 1) + [s.start for s in boxes[r]]
         world = to_lps(pts)
-        out.append({"volume_ml": round(float(count[r]) * v_mm3 / 1000, 4), "peak": float(peak[r]),
+        out.append({"direction": DIRECTIONS.get(direction), "volume_ml": round(float(count[r]) * v_mm3 / 1000, 4),
+                    "peak": float(peak[r]),
                     "mean": float(total[r] / count[r]), "score_mass": float(total[r] * v_mm3 / 1000),
                     "centroid_lps_mm": [round(float(c), 2) for c in world.mean(0)],
                     "bbox_min_lps_mm": [round(float(c), 2) for c in world.min(0)],
@@ -65,8 +90,7 @@ def find(heat: sitk.Image, threshold: float, image: Optional[sitk.Image] = None,
                     "slice_first": int(boxes[r][0].start), "slice_last": int(boxes[r][0].stop - 1),
                     "mean_intensity_z": None if zmean[r] is None else round(float(zmean[r]), 3),
                     "voxels": int(count[r])})
-    out.sort(key=lambda f: -f["score_mass"])
-    return [{"id": f"A{i + 1}", **f} for i, f in enumerate(out)]
+    return out
 
 
 def summary(found: list[dict]) -> dict:
@@ -96,6 +120,6 @@ def write(path, found: list[dict], meta: Optional[dict] = None) -> Path:
                 w = csv.writer(f)
                 w.writerow(FIELDS)
                 for x in found:
-                    w.writerow([" ".join(str(v) for v in x[k]) if isinstance(x[k], list) else
-                                ("" if x[k] is None else x[k]) for k in FIELDS])
+                    w.writerow([" ".join(str(v) for v in x[k]) if isinstance(x.get(k), list) else
+                                ("" if x.get(k) is None else x[k]) for k in FIELDS])
     return p

@@ -63,21 +63,57 @@ def keep_large(mask: np.ndarray, spacing, min_mm3: float, score: Optional[np.nda
     return keep[lab]
 
 
-def label_image(heat, spec, calibrated: dict, predictor: str, min_mm3: float, min_peak: Optional[float] = None):
+def label_image(heat, spec, calibrated: dict, predictor: str, min_mm3: float, min_peak=None, signed: bool = False):
     """The label map a clinician gets from a heatmap (SimpleITK image): voxels above the threshold `spec`
     (threshold.resolve_threshold: a number, 'p99', 'auto'), regions below min_mm3 dropped and, given `min_peak`, the
     regions that never reach it. Returns (label image uint8 on the heatmap's grid, threshold, voxels kept,
-    voxels dropped)."""
+    voxels dropped). A signed map (signed=True, or calibrated[predictor] a threshold.Tails: polarity 'signed'): each
+    tail apart (threshold.resolve_tails; min_peak a Tails or None), label 1 where brighter than expected, 2 where
+    darker (signed_label); the threshold returned is then a Tails."""
     import SimpleITK as sitk
 
-    from .threshold import resolve_threshold
+    from .threshold import Tails, resolve_threshold, resolve_tails
     arr = sitk.GetArrayFromImage(heat)
+    if signed or isinstance(calibrated.get(predictor), Tails):
+        t = resolve_tails(spec, arr, arr != 0, calibrated, predictor)
+        lab_arr, n_above = signed_label(arr, t, heat.GetSpacing(), min_mm3, min_peak)
+        lab = sitk.GetImageFromArray(lab_arr)
+        lab.CopyInformation(heat)
+        kept = int((lab_arr > 0).sum())
+        return lab, t, kept, n_above - kept
     t = resolve_threshold(spec, arr, arr > 0, calibrated, predictor)
     above = arr > t
     kept = keep_large(above, heat.GetSpacing(), min_mm3, arr, min_peak)
     lab = sitk.GetImageFromArray(kept.astype(np.uint8))
     lab.CopyInformation(heat)
     return lab, t, int(kept.sum()), int(above.sum() - kept.sum())
+
+
+def direction_masks(arr: np.ndarray, tails, spacing, min_mm3: float, min_peak=None) -> dict:
+    """{'bright': voxels with s > tails.bright, 'dark': s < -tails.dark} of a signed map s, each direction's regions
+    kept as keep_large keeps them (min_peak: a threshold.Tails of region peaks, the dark one on -s, or None), plus
+    'above': how many voxels were above either threshold before."""
+    arr = np.asarray(arr)
+    out, n = {}, 0
+    for side, score, t in (("bright", arr, tails.bright), ("dark", -arr, tails.dark)):
+        above = score > t
+        n += int(above.sum())
+        out[side] = keep_large(above, spacing, min_mm3, score, None if min_peak is None else getattr(min_peak, side))
+    out["dark"] &= ~out["bright"]  # disjoint whenever both thresholds are >= 0 (always on a calibrated map)
+    out["above"] = n
+    return out
+
+
+def signed_label(arr: np.ndarray, tails, spacing, min_mm3: float, min_peak=None) -> tuple[np.ndarray, int]:
+    """The label of a signed map: registry.LABEL_VALUES (1 = brighter than expected, 2 = darker), 0 elsewhere
+    (uint8, arr's shape), and the number of voxels above either threshold before small / weak regions were
+    dropped."""
+    from .registry import LABEL_VALUES
+    m = direction_masks(arr, tails, spacing, min_mm3, min_peak)
+    lab = np.zeros(np.shape(arr), np.uint8)
+    for side in ("bright", "dark"):
+        lab[m[side]] = LABEL_VALUES[side]
+    return lab, m["above"]
 
 
 def lesion_detection(score: np.ndarray, label: np.ndarray, brain: np.ndarray, threshold: float, spacing,

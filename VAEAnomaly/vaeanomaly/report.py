@@ -91,18 +91,26 @@ def legend(heat: sitk.Image, threshold: float) -> str:
             f'through each finding\'s centroid)</div>')
 
 
-def _row(f: dict) -> str:
+def _row(f: dict, direction: bool = False) -> str:
     z = "" if f["mean_intensity_z"] is None else f"{f['mean_intensity_z']:.2f}"
     c = ", ".join(f"{v:.1f}" for v in f["centroid_lps_mm"])
-    return (f"<tr><td>{html.escape(f['id'])}</td><td>{f['volume_ml']:.2f}</td><td>{f['peak']:.3g}</td>"
+    d = f"<td>{html.escape(f.get('direction') or '')}</td>" if direction else ""
+    return (f"<tr><td>{html.escape(f['id'])}</td>{d}<td>{f['volume_ml']:.2f}</td><td>{f['peak']:.3g}</td>"
             f"<td>{f['mean']:.3g}</td><td>{c}</td><td>{f['slice_first']}–{f['slice_last']}</td><td>{z}</td></tr>")
 
 
 def render(image: sitk.Image, heat: sitk.Image, threshold: float, threshold_source: str, found: list[dict],
            predictor: str, model_line: str, verdict: Optional[dict] = None, source: str = "") -> str:
-    """The report as one HTML string."""
+    """The report as one HTML string. A signed map (threshold a threshold.Tails): the findings carry their direction
+    (a column), the overlay shows |value| above the lower of the two thresholds."""
+    from .threshold import Tails
     e = html.escape
-    rows = "".join(_row(f) for f in found) or '<tr><td colspan="7">No region above the threshold.</td></tr>'
+    shown = f"{threshold:.4g}"
+    if isinstance(threshold, Tails):
+        heat, threshold = sitk.Abs(heat), min(threshold.bright, threshold.dark)
+    direction = any(f.get("direction") for f in found)
+    rows = "".join(_row(f, direction) for f in found) or \
+        '<tr><td colspan="7">No region above the threshold.</td></tr>'
     thumbs = "".join(
         f'<figure><img class="thumb" alt="finding {e(f["id"])}" src="data:image/png;base64,'
         f'{thumbnails(image, heat, threshold, f["centroid_lps_mm"])}"><figcaption>{e(f["id"])}: '
@@ -132,11 +140,12 @@ vertical-align:middle;-webkit-print-color-adjust:exact;print-color-adjust:exact}
 <p class="note">{e(DISCLAIMER)}</p>
 <h2>Verdict</h2>{verdict_html}
 <h2>Model and threshold</h2>
-<p>Model: {e(model_line)}<br>Map: {e(predictor)}; threshold {threshold:.4g} ({e(threshold_source)}).</p>
+<p>Model: {e(model_line)}<br>Map: {e(predictor)}; threshold {e(shown)} ({e(threshold_source)}).</p>
 <h2>Findings</h2>
 <p>Regions above the threshold, largest score mass first. Coordinates: LPS mm (DICOM/ITK; Slicer shows RAS: negate
 the first two).</p>
-<table><tr><th>id</th><th>volume (ml)</th><th>peak</th><th>mean</th><th>centroid (LPS mm)</th><th>slices</th>
+<table><tr><th>id</th>{"<th>direction</th>" if direction else ""}<th>volume (ml)</th><th>peak</th><th>mean</th>
+<th>centroid (LPS mm)</th><th>slices</th>
 <th>mean intensity (z)</th></tr>{rows}</table>
 {thumbs}
 </body></html>
