@@ -55,6 +55,27 @@ def test_worker_answers_a_bad_request_with_the_command_lines_exit_code(tmp_path)
     said = {e["id"]: e["line"] for e in sent if "line" in e}
     assert done[1]["done"] == 2 and "unknown scoring request field(s) bogus" in said[1]
     assert done[2]["done"] == 2 and "missing.nrrd" in said[2]
+    assert done[1]["error"] == "ValueError" and done[1]["mask_source"] is None  # the failure's kind, for the panel
+
+
+def test_worker_says_where_the_mask_came_from_and_which_refusal_it_was(tmp_path):
+    """The warm worker's events name the brain mask's source (the maps event and the end) and write the mask to
+    mask_out; a head it may not extract ends with error 'NotSkullStrippedError' (the panel offers the install)."""
+    from vaeanomaly.synth import make_varied
+    sitk.WriteImage(make_phantom((48, 52, 14), (3.0, 3.0, 6.0), blob_index=(20, 24, 7)), str(tmp_path / "a.nrrd"))
+    head = make_varied(1_900_001, "tse", "glioma", head=True, step=2, off=("partial",))
+    sitk.WriteImage(head.t2, str(tmp_path / "head.nrrd"))
+    sent = []
+    reqs = [ScoreRequest(str(tmp_path / "a.nrrd"), output=str(tmp_path / "o1"), mask_out=str(tmp_path / "m1.nrrd")),
+            ScoreRequest(str(tmp_path / "head.nrrd"), output=str(tmp_path / "o2"), brain_extraction="off",
+                         mask_out=str(tmp_path / "m2.nrrd"))]
+    serve([json.dumps({"id": i + 1, "request": r.to_json()}) for i, r in enumerate(reqs)], sent.append)
+    done = {e["id"]: e for e in sent if "done" in e}
+    maps = {e["id"]: e for e in sent if "maps" in e}
+    assert done[1]["done"] == 0 and done[1]["error"] is None and done[1]["mask_source"] == "automatic"
+    assert maps[1]["mask_source"] == "automatic" and (tmp_path / "m1.nrrd").is_file()
+    assert done[2]["done"] == 2 and done[2]["error"] == "NotSkullStrippedError" and 2 not in maps
+    assert not (tmp_path / "m2.nrrd").exists()
 
 
 def spy_on_score_prepared(monkeypatch) -> list:

@@ -177,7 +177,8 @@ def describe_exit(rc: Optional[int]) -> str:
 # ----------------------------------------------------------------------------- one worker
 class Ticket:
     """One job's channel to its worker. `events` receives, in order: ("line", text) for each stderr line
-    of the request, then ("done", exit code, info dict) or, if the worker ended, ("died", its exit code)."""
+    of the request, ("maps", mask source) once the maps are written, then ("done", exit code, info dict: the
+    worker's end event, with its mask_source and error) or, if the worker ended, ("died", its exit code)."""
     _ids = itertools.count(1)
 
     def __init__(self, request: dict):
@@ -270,7 +271,7 @@ class Worker:
             elif "line" in ev:
                 t.events.put(("line", str(ev["line"])))
             elif "maps" in ev:
-                t.events.put(("maps",))
+                t.events.put(("maps", ev.get("mask_source")))
             elif "done" in ev:
                 with self._lock:
                     self.current = None

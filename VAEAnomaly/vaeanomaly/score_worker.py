@@ -11,8 +11,12 @@ Protocol, one JSON object per line (UTF-8):
   stdout  {"event": "ready", "pid": P}                            once the imports are done
           {"id": N, "started": true}                              the request was read
           {"id": N, "line": TEXT}      what `vaeanomaly score` prints on stderr ("PROGRESS ..." lines included)
-          {"id": N, "maps": true}                                 the maps are written (the verdict follows)
-          {"id": N, "done": RC, "pid": P, "model_cached": BOOL, "seconds": S}   RC as the command line's exit code
+          {"id": N, "maps": true, "mask_source": M}               the maps are written (the verdict follows);
+                                   M: where the brain mask came from (scoring.Heatmaps.mask_source: 'given',
+                                   'automatic' or 'extracted (HD-BET)'), the mask itself in request.mask_out
+          {"id": N, "done": RC, "pid": P, "model_cached": BOOL, "seconds": S, "mask_source": M, "error": E}
+                                   RC as the command line's exit code; E: the failure's exception class name
+                                   (e.g. 'NotSkullStrippedError': a head the worker cannot extract), or null
 
 A request is checked and computed by `vaeanomaly score`'s own code (`scoring.ScoreRequest.checked`,
 `scoring.run`: the maps and, with a report, the verdict of `scoring.score_prepared`); the difference is where the
@@ -95,9 +99,11 @@ def _write_uncompressed(img, path: Path) -> None:
         sitk.WriteImage(img, str(tmp), False)
 
 
-def score(request: dict, models: ModelCache, maps_written=lambda: None) -> bool:
+def score(request: dict, models: ModelCache, maps_written=lambda mask_source: None) -> tuple[bool, str]:
     """One scoring request (a scoring.ScoreRequest as JSON) for a single volume; maps into its output folder as
-    <name>.nrrd. Returns whether the checkpoint came from the cache. Raises what `vaeanomaly score` raises."""
+    <name>.nrrd. Returns (whether the checkpoint came from the cache, where the brain mask came from:
+    scoring.Heatmaps.mask_source). maps_written(mask_source) once the maps are written. Raises what
+    `vaeanomaly score` raises."""
     from .scoring import ScoreRequest, check_options, is_image_path, run
     from .volume import read_image
     r = ScoreRequest.from_json(request)
@@ -117,10 +123,10 @@ def score(request: dict, models: ModelCache, maps_written=lambda: None) -> bool:
         for name, m in maps.items():
             _write_uncompressed(m, out / f"{name}.nrrd")
             print(f"wrote {out / f'{name}.nrrd'}", file=sys.stderr)
-        maps_written()
+        maps_written(getattr(maps, "mask_source", ""))
 
-    run(r, ck, img, mask, names, on_maps=write)  # exactly `vaeanomaly score`'s computation
-    return cached
+    heat = run(r, ck, img, mask, names, on_maps=write)  # exactly `vaeanomaly score`'s computation
+    return cached, heat.mask_source
 
 
 def exit_code(err: BaseException) -> tuple[int, str]:
@@ -149,20 +155,22 @@ def serve(requests, send) -> None:
         job = req.get("id")
         send({"id": job, "started": True})
         lines = _Lines(lambda text, job=job: send({"id": job, "line": text}))
-        t0, cached, old_err = time.monotonic(), None, sys.stderr
+        t0, cached, source, error, old_err = time.monotonic(), None, None, None, sys.stderr
         old_warn = warnings.showwarning
         sys.stderr, warnings.showwarning = lines, cli.show_warning
         try:
-            cached = score(req.get("request"), models, lambda job=job: send({"id": job, "maps": True}))
+            cached, source = score(req.get("request"), models,
+                                   lambda src, job=job: send({"id": job, "maps": True, "mask_source": src}))
             rc = 0
         except Exception as err:  # noqa: BLE001  (every failure ends the request with a message, not the worker)
             rc, text = exit_code(err)
+            error = type(err).__name__
             print(text, file=sys.stderr)
         finally:
             lines.close_line()
             sys.stderr, warnings.showwarning = old_err, old_warn
         send({"id": job, "done": rc, "pid": os.getpid(), "model_cached": cached,
-              "seconds": round(time.monotonic() - t0, 4)})
+              "seconds": round(time.monotonic() - t0, 4), "mask_source": source, "error": error})
 
 
 def main() -> int:
