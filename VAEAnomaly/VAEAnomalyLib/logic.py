@@ -34,6 +34,18 @@ TERMINOLOGY_ENTRY = ("Segmentation category and type - DICOM master list"
                      "~SCT^12738006^Brain"
                      "~^^")
 SEGMENT_COLOR = (144 / 255, 238 / 255, 144 / 255)  # the type's recommendedDisplayRGBValue in the same file
+# The extracted brain (brain extraction, vaeanomaly/brainextract.py): category "Anatomical Structure", type "Brain"
+# of the same SegmentationCategoryTypeModifier-DICOM-Master.json, with its recommendedDisplayRGBValue
+BRAIN_SEGMENT_NAME = "Brain"
+BRAIN_TERMINOLOGY_ENTRY = ("Segmentation category and type - DICOM master list"
+                           "~SCT^123037004^Anatomical Structure"
+                           "~SCT^12738006^Brain"
+                           "~^^"
+                           "~Anatomic codes - DICOM master list"
+                           "~^^"
+                           "~^^")
+BRAIN_COLOR = (250 / 255, 250 / 255, 225 / 255)
+MASK_SOURCE = "VAEAnomaly.MaskSource"  # on a segmentation this module made from a brain mask: where it came from
 HEAT_TABLE_NAME = "VAEAnomaly Heat"
 
 # inferno anchor colours (matplotlib's, sampled every 1/8) for the self-built heat table
@@ -448,6 +460,58 @@ class VAEAnomalyLogic:
             self._remove(label)
         return new_ids
 
+    # ------------------------------------------------------------------ the extracted brain
+    def add_brain_segmentation(self, inputVolume, mask, source: str = ""):
+        """A NEW segmentation node "<input> brain (<method>)" with one segment 'Brain' (standard terminology) holding
+        `mask` (a SimpleITK image on the input volume's grid, e.g. the brain the scoring extracted), under the
+        input's parent transform, on the input's geometry: the user checks and edits it in the Segment Editor and
+        the panel reuses it as the brain mask. No existing node is touched; an empty mask is refused."""
+        import slicer
+
+        from vaeanomaly.volume import VolumeError
+        ref = image_from_node(inputVolume)
+        if mask.GetSize() != ref.GetSize() or not np.allclose(mask.GetOrigin(), ref.GetOrigin(), atol=1e-3) \
+                or not np.allclose(mask.GetSpacing(), ref.GetSpacing(), rtol=1e-4) \
+                or not np.allclose(mask.GetDirection(), ref.GetDirection(), atol=1e-4):
+            raise VolumeError(f"the brain mask is not on the grid of '{inputVolume.GetName()}'")
+        import SimpleITK as sitk
+        arr = sitk.GetArrayViewFromImage(mask) > 0
+        if not arr.any():
+            raise VolumeError(f"the brain mask of '{inputVolume.GetName()}' is empty")
+        method = source[source.find("(") + 1:source.rfind(")")] if "(" in source else (source or "mask")
+        seg = slicer.vtkMRMLSegmentationNode()
+        seg.SetName(self.scene.GenerateUniqueName(f"{inputVolume.GetName()} brain ({method})"))
+        self.scene.AddNode(seg)
+        try:
+            seg.CreateDefaultDisplayNodes()
+            seg.SetAndObserveTransformNodeID(inputVolume.GetTransformNodeID())  # where the input is shown
+            seg.SetReferenceImageGeometryParameterFromVolumeNode(inputVolume)
+            if source:
+                seg.SetAttribute(MASK_SOURCE, source)
+            label = slicer.vtkMRMLLabelMapVolumeNode()
+            label.SetName(BRAIN_SEGMENT_NAME)
+            self.scene.AddNode(label)
+            try:
+                clean = sitk.GetImageFromArray(arr.astype(np.uint8))
+                clean.CopyInformation(ref)  # the input's own geometry (a file's header may round it)
+                set_node_from_image(label, clean)
+                label.SetAndObserveTransformNodeID(inputVolume.GetTransformNodeID())
+                if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(label, seg):
+                    raise VolumeError("could not import the brain mask into a segmentation")
+            finally:
+                self._remove(label)
+            segmentation = seg.GetSegmentation()
+            if segmentation.GetNumberOfSegments() != 1:
+                raise VolumeError("the brain mask did not become one segment")
+            s = segmentation.GetNthSegment(0)
+            s.SetName(BRAIN_SEGMENT_NAME)
+            s.SetTag(s.GetTerminologyEntryTagName(), BRAIN_TERMINOLOGY_ENTRY)
+            s.SetColor(*BRAIN_COLOR)
+        except Exception:
+            self._remove(seg)  # never a half-made node left behind
+            raise
+        return seg
+
     # ------------------------------------------------------------------ findings
     def findings_nodes(self, heatmapNode):
         """(table node, markups node) holding the findings of this heatmap, or None for each not made yet."""
@@ -667,6 +731,7 @@ class JobResult:
     verdict: Optional[dict] = None
     warnings: list = field(default_factory=list)
     calibration_note: str = ""  # why there is no calibrated threshold, when there is none
+    brain_mask: object = None  # the segmentation made from the brain the scoring extracted (None: none extracted)
 
 
 class ScoringJob:
@@ -681,7 +746,8 @@ class ScoringJob:
     The checkpoint is loaded here once per file (name, calibrated threshold) and kept by the worker."""
 
     def __init__(self, logic: VAEAnomalyLogic, inputVolume, maskNode=None, model=None, predictor=None,
-                 options=None, device="cpu", reconstruction=False, launcher: Optional[str] = None):
+                 options=None, device="cpu", reconstruction=False, launcher: Optional[str] = None,
+                 brain_extraction: str = "auto"):
         import SimpleITK as sitk
 
         from vaeanomaly.predictors import PredictorOptions
@@ -704,12 +770,20 @@ class ScoringJob:
         names = [predictor] + ([RECONSTRUCTION] if reconstruction else [])
         self.report_path = self.tmp / "report.json"
         self.out = self.tmp / "out"
+        # without a mask, a head gets its brain extracted in the worker (brain_extraction 'auto', with the [brain]
+        # extra); the mask it used comes back in mask_path and becomes a segmentation (_load_maps)
+        self.mask_path = self.tmp / "brain_mask.nrrd" if mask is None else None
         self.request = ScoreRequest(
             input=str(self.tmp / "input.nrrd"), output=str(self.out), predictors=",".join(names),
             mask=str(self.tmp / "mask.nrrd") if mask is not None else None, model=str(self.checkpoint.path),
-            options=self.options, report=str(self.report_path), device=device, progress="lines").to_json()
+            options=self.options, report=str(self.report_path), device=device, progress="lines",
+            brain_extraction=brain_extraction,
+            mask_out=str(self.mask_path) if self.mask_path is not None else None).to_json()
         self.launcher = launcher or python_executable()
         self.progress, self.messages = 0.0, []
+        self.stage = ""  # what the worker does now (its progress lines' text: "extracting the brain (HD-BET)")
+        self.mask_source: Optional[str] = None  # where the scoring's brain mask came from (the worker says)
+        self.error_type: Optional[str] = None  # the failure's exception class in the worker (NotSkullStrippedError)
         self.ticket = None
         self.worker_pid: Optional[int] = None     # the Python process that scored (from its reply)
         self.model_cached: Optional[bool] = None  # whether the worker had the checkpoint loaded already
@@ -755,10 +829,13 @@ class ScoringJob:
                 self._rc, info = ev[1], ev[2]
                 self.worker_pid, self.model_cached = info.get("pid"), info.get("model_cached")
                 self.worker_seconds = info.get("seconds")
+                self.mask_source = info.get("mask_source") or self.mask_source
+                self.error_type = info.get("error")
             elif ev[0] == "maps":
                 self.maps_ready = True
+                self.mask_source = ev[1] if len(ev) > 1 else None
             elif ev[0] == "retry":  # its worker ended before reading it; a fresh one runs it
-                self.messages, self.progress = [], 0.0
+                self.messages, self.progress, self.stage = [], 0.0, ""
             elif ev[0] == "died":
                 from .worker import describe_exit
                 rc = ev[1]
@@ -774,11 +851,13 @@ class ScoringJob:
         return self._rc
 
     def _line(self, line: str) -> None:
-        if line.startswith("PROGRESS "):
+        if line.startswith("PROGRESS "):  # PROGRESS <fraction> ETA <seconds>s [<stage>] (scoring.Progress)
+            parts = line.split(maxsplit=4)
             try:
-                self.progress = float(line.split()[1])
+                self.progress = float(parts[1])
             except (IndexError, ValueError):
                 pass
+            self.stage = parts[4].strip() if len(parts) > 4 else ""
         elif line:
             self.messages.append(line)
 
@@ -812,9 +891,25 @@ class ScoringJob:
         if self.predictor not in maps:
             raise RuntimeError(f"the scoring process wrote no '{self.predictor}' heatmap "
                                f"({'; '.join(self.messages[-3:]) or 'no output'})")
+        brain = self.extracted_mask()  # read (and its grid checked) before the scene changes
         heat = self.logic.add_results(self.inputVolume, maps, self.checkpoint, self.predictor, self.options,
                                       heatmapNode)
-        return JobResult(heat, self.logic.lastReconstruction, self.calibrated, None, [], self.calibration_note)
+        result = JobResult(heat, self.logic.lastReconstruction, self.calibrated, None, [], self.calibration_note)
+        if brain is not None:
+            result.brain_mask = self.logic.add_brain_segmentation(self.inputVolume, brain, self.mask_source)
+        return result
+
+    def extracted_mask(self):
+        """The brain mask the worker extracted for this job (a SimpleITK image on the input's grid), or None when
+        the scoring used a given or the automatic mask."""
+        import SimpleITK as sitk
+
+        from vaeanomaly.brainextract import SOURCE
+        if self.mask_source != SOURCE or self.mask_path is None:
+            return None
+        if not self.mask_path.is_file():
+            raise RuntimeError(f"the scoring process extracted the brain but wrote no mask ({self.mask_path.name})")
+        return sitk.ReadImage(str(self.mask_path))
 
     def show_maps(self, heatmapNode=None) -> JobResult:
         """Once `maps_ready` (poll): load the maps into the scene while the worker still computes the verdict,

