@@ -72,7 +72,7 @@ def test_ui_binds_parameters_to_widgets():
     fields = set(re.findall(r"^    (\w+):", wrapper, re.M))
     # written and restored by the Widget/controller: ctkPathLineEdit binds only to pathlib.Path, the model combo
     # carries item data, the threshold slider's range follows the heatmap (test_conformance.py has the rules)
-    synced_by_hand = {"customModelPath", "model", "threshold", "calibratedThreshold"}
+    synced_by_hand = {"customModelPath", "model", "threshold", "calibratedThreshold", "gpuDefaultSet"}
     assert bound == fields - synced_by_hand, (bound ^ fields)
     assert "self._parameterNode.customModelPath" in src
 
