@@ -21,8 +21,9 @@ from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoada
 from slicer.util import VTKObservationMixin
 # the module's own package (its folder is on sys.path when Slicer loads the module: Base/QTGUI/
 # qSlicerScriptedLoadableModuleFactory.cxx); panel.py needs only the standard library
-from VAEAnomalyLib.panel import (CUSTOM_MODEL, DEFAULT_PREDICTOR, DEFAULT_THRESHOLD_MODE, OPTION_DEFAULTS,
-                                 PREDICTOR_CHOICES, PREDICTOR_INFO, THRESHOLD_MODE_CHOICES, default_model)
+from VAEAnomalyLib.panel import (CUSTOM_MODEL, DEFAULT_THRESHOLD_MODE, OPTION_DEFAULTS,
+                                 PREDICTOR_CHOICES, PREDICTOR_INFO, THRESHOLD_MODE_CHOICES, default_model,
+                                 adapt_base_for, default_predictor)
 
 MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
 SAMPLE_DIR = os.path.join(MODULE_DIR, "Resources", "SampleData")
@@ -81,7 +82,7 @@ class VAEAnomalyParameterNode:
     # carries item data that the Choice connector would clear, and ctkPathLineEdit binds only to pathlib.Path
     model: str = default_model()
     customModelPath: str = ""
-    predictor: Annotated[str, Choice(PREDICTOR_CHOICES)] = DEFAULT_PREDICTOR
+    predictor: Annotated[str, Choice(PREDICTOR_CHOICES)] = default_predictor()  # the default model's own
     projectionSteps: Annotated[int, WithinRange(0, 1000)] = OPTION_DEFAULTS["proj_steps"]
     projectionLambda: Annotated[float, WithinRange(0.0, 100.0)] = OPTION_DEFAULTS["proj_lambda"]
     smoothGradients: bool = OPTION_DEFAULTS["smooth"]
@@ -246,7 +247,7 @@ class VAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         index = self.ui.modelSelector.findData(self._parameterNode.model)
         self.ui.modelSelector.currentIndex = max(index, 0)
         self.ui.customModelPath.currentPath = self._parameterNode.customModelPath
-        base = self.ui.adaptBaseModelSelector.findData(self._parameterNode.model)
+        base = self.ui.adaptBaseModelSelector.findData(adapt_base_for(self._parameterNode.model))
         if base >= 0:
             self.ui.adaptBaseModelSelector.currentIndex = base
         for w, b in zip(widgets, wasBlocked):
@@ -283,8 +284,8 @@ class VAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onModelChanged(self, *args) -> None:
         self._call(self.controller.select_model, self.ui.modelSelector.currentData, self.ui.customModelPath.currentPath)
-        base = self.ui.adaptBaseModelSelector.findData(self.ui.modelSelector.currentData)
-        if base >= 0:  # the base model to adapt follows the chosen model
+        base = self.ui.adaptBaseModelSelector.findData(adapt_base_for(self.ui.modelSelector.currentData))
+        if base >= 0:  # the base model to adapt follows the chosen model (a VAE; else the default VAE)
             self.ui.adaptBaseModelSelector.currentIndex = base
 
     def _checkedVolumes(self) -> list:
@@ -488,7 +489,7 @@ class VAEAnomalyLogic(ScriptedLoadableModuleLogic):
         from VAEAnomalyLib.panel import BRAIN_REQUIREMENT
         slicer.util.pip_install(BRAIN_REQUIREMENT)
 
-    def process(self, inputVolume, brainMask=None, model=None, predictor=DEFAULT_PREDICTOR, **kwargs):
+    def process(self, inputVolume, brainMask=None, model=None, predictor=None, **kwargs):
         """Scripting entry point (blocking, in this process). Returns the heatmap node; the checkpoint's
         calibrated threshold for it is then `logic.lib.lastCalibratedThreshold`."""
         return self.lib.process(inputVolume, brainMask, model, predictor, **kwargs)
@@ -545,7 +546,7 @@ class VAEAnomalyTest(ScriptedLoadableModuleTest):
         self.assertEqual(widget._checkedVolumes(), [])
         combo.setCheckState(t2, qt.Qt.Checked)
         self.assertEqual(widget._checkedVolumes(), [t2])
-        self.assertEqual(widget.ui.adaptBaseModelSelector.currentData, params.model)
+        self.assertEqual(widget.ui.adaptBaseModelSelector.currentData, adapt_base_for(params.model))
         self.assertEqual(widget.ui.adaptButton.text, "Adapt")
         self.assertEqual(widget.ui.modelSelector.itemData(widget.ui.modelSelector.count - 1), CUSTOM_MODEL)
 
@@ -559,7 +560,7 @@ class VAEAnomalyTest(ScriptedLoadableModuleTest):
                           "and press Apply once in the module (it offers to install the rest)")
         self.delayDisplay("Computing the heatmap (CPU)")
         before = slicer.util.arrayFromVolume(t2).copy()
-        heat = logic.process(t2, None, None, DEFAULT_PREDICTOR)
+        heat = logic.process(t2)  # the default model with its own default predictor
         self.assertEqual(heat.GetImageData().GetDimensions(), t2.GetImageData().GetDimensions())
         arr = slicer.util.arrayFromVolume(heat)
         gt = logic.lib._segment_array(lesion, None, t2)

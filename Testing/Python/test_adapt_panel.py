@@ -19,7 +19,7 @@ from VAEAnomalyLib.adaptjob import (ENV_USER_MODELS, AdaptJob, AdaptJobError, ad
                                     check_model_name, folder_scans, user_models, user_models_dir)
 from VAEAnomalyLib.controller import PanelController, PanelParams  # noqa: E402
 from VAEAnomalyLib.logic import image_from_node  # noqa: E402
-from VAEAnomalyLib.panel import CUSTOM_MODEL, bundled_models, default_model  # noqa: E402
+from VAEAnomalyLib.panel import CUSTOM_MODEL, bundled_models, default_vae  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,7 @@ def test_adapt_from_scene_volumes_adds_and_selects_the_model(scene, site_images,
     params = PanelParams()
     ctl = PanelController(scene, params, user)
     assert not any(v.endswith(".safetensors") for _, v in ctl.model_choices())
-    assert ctl.start_adapt(scans, base_model=default_model(), name="my-scanner", minutes=0.05, masks=masks,
+    assert ctl.start_adapt(scans, base_model=default_vae(), name="my-scanner", minutes=0.05, masks=masks,
                            max_epochs=2), (ctl.adapt_status, user.shown)
     st = ctl.state()
     assert st.adapt_text == "Cancel" and st.adapt_enabled and st.adapt_progress_visible and not st.adapt_inputs_enabled
@@ -92,7 +92,7 @@ def test_adapt_from_scene_volumes_adds_and_selects_the_model(scene, site_images,
     assert ctl.take_models_changed() and not ctl.take_models_changed()
     assert params.model == str(out) and ctl.model_path() == str(out)
     card = ctl.state().model_card
-    assert card.startswith(f"Adapted from {default_model()} on 3 healthy scans") and "before" in card
+    assert card.startswith(f"Adapted from {default_vae()} on 3 healthy scans") and "before" in card
     assert "masks given" in card and "ADAPTED on 3 healthy scans" in card
     assert "saved in" in ctl.state().adapt_status and ctl.state().adapt_text == "Adapt"
     from vaeanomaly.checkpoint import load_checkpoint

@@ -342,7 +342,11 @@ def test_parameter_node_matches_the_controller_and_the_registry(params):
         else:
             assert p.base == "node" and getattr(ref, name) is None, name
     assert tuple(params["predictor"].validators["Choice"][0]) == tuple(predictor_names())
-    assert params["predictor"].default == DEFAULT_PREDICTOR
+    # the panel opens on the default model's own predictor (its kind's default), read without torch from the file
+    from vaeanomaly.checkpoint import DEFAULT_MODEL as _DM, load_checkpoint
+    from vaeanomaly.registry import DEFAULT_PREDICTORS
+    assert params["predictor"].default == DEFAULT_PREDICTORS[load_checkpoint(_DM).kind]
+    assert DEFAULT_PREDICTOR == "rec-grad"  # the VAE's (the papers') default is unchanged
     assert tuple(params["thresholdMode"].validators["Choice"][0]) == tuple(THRESHOLD_MODES)
     assert params["thresholdMode"].default == DEFAULT_THRESHOLD_MODE
     assert OPTION_DEFAULTS == PredictorOptions().to_dict()  # read without importing torch, equal to the real thing

@@ -385,7 +385,7 @@ def test_help_shows_every_default(capsys):
     for text in (f"Default: {DEFAULT_PREDICTOR} (VAE), dae-residual (denoising autoencoder) by the model's kind",
                  f"(default: {DEFAULT_MODEL})", f"(default: {d.proj_steps})",
                  f"(default: {d.proj_lambda})", f"(default: {d.proj_lr})", f"(default: {d.batch_size})",
-                 "(default: cpu)", "(default: bar)", "sigma 3, kernel 7", "reconstruction"):
+                 "(default: auto)", "(default: bar)", "sigma 3, kernel 7", "reconstruction"):
         assert text in out, text
     assert cli(["info", "--list"]) == 0
     assert f"{DEFAULT_MODEL}  (default)" in capsys.readouterr().out

@@ -23,8 +23,9 @@ from .adaptjob import (DEFAULT_MINUTES, AdaptJob, AdaptJobError, adaptation_summ
                        user_models)
 from .logic import ScoringJob, SegmentEditedError, VAEAnomalyLogic
 from vaeanomaly.registry import DEFAULT_PREDICTORS
-from .panel import (ABSOLUTE, BRAIN_DOWNLOAD_MB, CALIBRATED, CUSTOM_MODEL, DEFAULT_PERCENTILE, DEFAULT_PREDICTOR,
-                    DEFAULT_THRESHOLD_MODE, OPTION_DEFAULTS, PERCENTILE, PREDICTOR_INFO, bundled_models, default_model)
+from .panel import (ABSOLUTE, BRAIN_DOWNLOAD_MB, CALIBRATED, CUSTOM_MODEL, DEFAULT_PERCENTILE,
+                    DEFAULT_THRESHOLD_MODE, OPTION_DEFAULTS, PERCENTILE, PREDICTOR_INFO, bundled_models, default_model,
+                    default_predictor)
 
 REQUIRED_MODULES = ("torch", "safetensors", "sklearn")
 NOT_SKULL_STRIPPED = "NotSkullStrippedError"  # the worker's refusal of a head it cannot extract (vaeanomaly.errors)
@@ -60,7 +61,7 @@ class PanelParams:
     brainMask: object = None
     model: str = field(default_factory=default_model)
     customModelPath: str = ""
-    predictor: str = DEFAULT_PREDICTOR
+    predictor: str = field(default_factory=default_predictor)  # the default model's own predictor
     projectionSteps: int = OPTION_DEFAULTS["proj_steps"]
     projectionLambda: float = OPTION_DEFAULTS["proj_lambda"]
     smoothGradients: bool = OPTION_DEFAULTS["smooth"]
@@ -246,6 +247,8 @@ class PanelController:
         self._observers = []
 
     def _on_scene_start_close(self, caller=None, event=None) -> None:
+        if not hasattr(self, "job"):  # a scene torn down at interpreter exit, after this object's attributes
+            return
         if self.job is not None:
             self.cancel("Cancelled: the scene was closed during the computation.")
         self.verdict, self.warnings = None, []
@@ -379,6 +382,10 @@ class PanelController:
             opts = PredictorOptions(**{**OPTION_DEFAULTS, "smooth": bool(p.smoothGradients),
                                        "proj_steps": int(p.projectionSteps),
                                        "proj_lambda": float(p.projectionLambda)})
+            from .logic import _cached_checkpoint
+            # a predictor this model does not compute (a saved scene, another model chosen by script): the model's
+            # own default, said in the status (the checkpoint is the one the job loads, from the same cache)
+            self._predictor_for(_cached_checkpoint(self.model_path()).kind)
             self.job = ScoringJob(self.logic, p.inputVolume, p.brainMask, self.model_path(), p.predictor, opts,
                                   device, bool(p.showReconstruction), launcher=self.launcher).start()
         except Exception as err:

@@ -250,11 +250,11 @@ class VAEAnomalyLogic:
         (ScoreRequest.checked, scoring.run), without a report."""
         from vaeanomaly.checkpoint import load_checkpoint
         from vaeanomaly.predictors import PredictorOptions
-        from vaeanomaly.registry import DEFAULT_PREDICTOR, RECONSTRUCTION
+        from vaeanomaly.registry import DEFAULT_PREDICTORS, RECONSTRUCTION
         from vaeanomaly.scoring import ScoreRequest, run
-        predictor = predictor or DEFAULT_PREDICTOR
         img, mask = self.input_images(inputVolume, maskNode)
         ck = load_checkpoint(model)
+        predictor = predictor or DEFAULT_PREDICTORS[ck.kind]  # none given: the model's own default
         request = ScoreRequest(input=inputVolume.GetName(), model=str(ck.path),
                                predictors=",".join([predictor] + ([RECONSTRUCTION] if reconstruction else [])),
                                options=options if options is not None else PredictorOptions(), device=device)
@@ -751,13 +751,13 @@ class ScoringJob:
         import SimpleITK as sitk
 
         from vaeanomaly.predictors import PredictorOptions
-        from vaeanomaly.registry import DEFAULT_PREDICTOR, RECONSTRUCTION
+        from vaeanomaly.registry import DEFAULT_PREDICTORS, RECONSTRUCTION
         from vaeanomaly.scoring import ScoreRequest
-        predictor = predictor or DEFAULT_PREDICTOR
-        self.logic, self.inputVolume, self.predictor = logic, inputVolume, predictor
         self.options = options if options is not None else PredictorOptions()
         img, mask = logic.input_images(inputVolume, maskNode)  # validate before any work
         self.checkpoint = _cached_checkpoint(model)
+        predictor = predictor or DEFAULT_PREDICTORS[self.checkpoint.kind]  # none given: the model's own default
+        self.logic, self.inputVolume, self.predictor = logic, inputVolume, predictor
         self.calibrated, self.calibration_note = calibrated_threshold(self.checkpoint, predictor, self.options)
         self.tmp = Path(tempfile.mkdtemp(prefix="vaeanomaly-"))
         try:

@@ -8,10 +8,12 @@ which may not be installed yet when Slicer starts).
 from __future__ import annotations
 
 import ast
+import json
+import struct
 from pathlib import Path
 
-from vaeanomaly.registry import (DEFAULT_PERCENTILE, DEFAULT_PREDICTOR, DEFAULT_THRESHOLD_MODE, PREDICTOR_INFO,
-                                 THRESHOLD_MODES, predictor_names)
+from vaeanomaly.registry import (DEFAULT_PERCENTILE, DEFAULT_PREDICTOR, DEFAULT_PREDICTORS, DEFAULT_THRESHOLD_MODE,
+                                 PREDICTOR_INFO, THRESHOLD_MODES, predictor_names)
 
 MODULE_DIR = Path(__file__).resolve().parent.parent
 MODELS_DIR = MODULE_DIR / "Resources" / "Models"
@@ -27,6 +29,7 @@ CALIBRATED, PERCENTILE, ABSOLUTE = "calibrated", "percentile", "absolute"
 assert set(THRESHOLD_MODE_CHOICES) == {CALIBRATED, PERCENTILE, ABSOLUTE}, "registry.THRESHOLD_MODES changed"
 __all__ = ["PREDICTOR_CHOICES", "THRESHOLD_MODE_CHOICES", "DEFAULT_PREDICTOR", "DEFAULT_THRESHOLD_MODE",
            "DEFAULT_PERCENTILE", "PREDICTOR_INFO", "CUSTOM_MODEL", "CALIBRATED", "PERCENTILE", "ABSOLUTE", "bundled_models", "default_model",
+           "default_predictor", "model_kind_of_file", "default_vae", "adapt_base_for",
            "option_defaults", "OPTION_DEFAULTS"]
 
 
@@ -40,6 +43,42 @@ def default_model() -> str:
     name = _module_constants(MODULE_DIR / "vaeanomaly" / "checkpoint.py").get("DEFAULT_MODEL")
     models = bundled_models()
     return name if isinstance(name, str) else (models[0] if models else "")
+
+
+def model_kind_of_file(path: Path) -> str:
+    """'dae' or 'vae' of a checkpoint file, from its safetensors header's JSON metadata (no torch, no weights read):
+    what vaeanomaly.checkpoint.load_checkpoint would say (its architecture key)."""
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(n))
+    meta = json.loads(header.get("__metadata__", {}).get("vaeanomaly", "{}"))
+    return "dae" if (meta.get("model") or {}).get("architecture") == "unet-dae" else "vae"
+
+
+def default_vae() -> str:
+    """vaeanomaly.checkpoint.DEFAULT_VAE (the base of a site adaptation), read without importing torch."""
+    name = _module_constants(MODULE_DIR / "vaeanomaly" / "checkpoint.py").get("DEFAULT_VAE")
+    return name if isinstance(name, str) else default_model()
+
+
+def adapt_base_for(model: str) -> str:
+    """The base model the adapt section offers for the chosen model: that model when it is a bundled VAE (the
+    one adaptation fine-tunes), else the default VAE."""
+    try:
+        if model in bundled_models() and model_kind_of_file(MODELS_DIR / f"{model}.safetensors") == "vae":
+            return model
+    except (OSError, ValueError, struct.error):
+        pass
+    return default_vae()
+
+
+def default_predictor() -> str:
+    """The panel's predictor when it opens: the default model's own default (registry.DEFAULT_PREDICTORS by its
+    kind), so a new user's first Apply computes what that model is best at."""
+    try:
+        return DEFAULT_PREDICTORS[model_kind_of_file(MODELS_DIR / f"{default_model()}.safetensors")]
+    except (OSError, ValueError, KeyError, struct.error):
+        return DEFAULT_PREDICTOR
 
 
 def option_defaults() -> dict:

@@ -160,7 +160,11 @@ def adapt(scans, output, model=None, masks=None, options: Optional[AdaptOptions]
     out = check_output(output, scans + masks)
     if out.exists() and not o.force:
         raise AdaptError(f"output '{out}' exists; choose another name, or pass --force to replace it")
-    base = load_checkpoint(model)
+    from .checkpoint import DEFAULT_VAE
+    base = load_checkpoint(model if model is not None else DEFAULT_VAE)
+    if base.kind != "vae":
+        raise AdaptError(f"'{base.name}' is a denoising autoencoder; adaptation fine-tunes a VAE (its predictors and "
+                         f"verdict are recalibrated with it): choose a VAE as the base, e.g. --model {DEFAULT_VAE}")
     prep = Preprocessing.from_dict(base.preprocessing)
     t_start = time.monotonic()
 
@@ -394,7 +398,8 @@ def add_parser(sub, **kwargs):
                        description=__doc__.split("\n\n")[0] + " Healthy scans only.", **kwargs)
     p.add_argument("scans", nargs="+", help=f"healthy T2 volumes from one scanner and protocol (at least {MIN_SCANS}; "
                                             f"10 recommended)")
-    p.add_argument("--model", help="base checkpoint file or bundled model name (default: the bundled default)")
+    p.add_argument("--model", help="base checkpoint file or bundled model name, a VAE (default: the bundled default "
+                                   "VAE, checkpoint.DEFAULT_VAE)")
     p.add_argument("-o", "--output", required=True, help="NEW.safetensors (never a bundled model or an input); "
                                                          "its card is written beside it as NEW.md")
     p.add_argument("--masks", nargs="+", help="brain masks, one per scan in the same order (default: automatic, "

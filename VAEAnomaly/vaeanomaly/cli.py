@@ -18,8 +18,8 @@ from typing import Optional
 import numpy as np
 
 from .predictors import EVIDENCE, PRESETS, PredictorOptions
-from .registry import (DEFAULT_PREDICTOR, DEFAULT_PREDICTORS, ENSEMBLE, NORMALISE, PAPER_PREDICTORS,  # noqa: F401
-                       POLARITIES, PREDICTOR_INFO, RECONSTRUCTION)
+from .registry import (DAE_PREDICTORS, DEFAULT_PREDICTOR, DEFAULT_PREDICTORS, ENSEMBLE, NORMALISE,  # noqa: F401
+                       PAPER_PREDICTORS, POLARITIES, PREDICTOR_INFO, RECONSTRUCTION)
 # the helpers every command shares, and the scoring request, live in scoring.py (importable without cli.py)
 from .scoring import (DEVICE_HELP, IMAGE_SUFFIXES, Progress, ScoreRequest, check_options, is_image_path,  # noqa: F401
                       parse_threshold, pick_device, select_predictors)
@@ -430,9 +430,12 @@ def cmd_demo(a) -> int:
     sub = make_subject(a.seed, lesion=True)
     for name, im in (("case_t2", sub.t2), ("case_seg", sub.seg), ("case_brainmask", sub.mask)):
         write_image(im, out / f"{name}.nii.gz")
-    names = [p for p in PAPER_PREDICTORS if p != "proj-rec-error" or a.with_projection]
-    if ck.ensemble is not None:
-        names.append(ENSEMBLE)
+    if ck.kind == "dae":  # a denoising autoencoder's own maps (the default model's kind)
+        names = list(DAE_PREDICTORS)
+    else:
+        names = [p for p in PAPER_PREDICTORS if p != "proj-rec-error" or a.with_projection]
+        if ck.ensemble is not None:
+            names.append(ENSEMBLE)
     request = ScoreRequest("demo case", model=str(ck.path), predictors=",".join(names), progress=a.progress)
     maps = run_request(request, ck, sub.t2, sub.mask, request.checked(ck))  # the one scoring path (scoring.py)
     brain = sitk.GetArrayFromImage(sub.mask) > 0
