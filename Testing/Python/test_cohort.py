@@ -12,7 +12,8 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import ROOT, make_phantom, oblique_direction
-from vaeanomaly.checkpoint import load_checkpoint
+from vaeanomaly.checkpoint import DEFAULT_VAE, load_checkpoint
+from vaeanomaly.registry import DEFAULT_PREDICTORS
 from vaeanomaly.cli import main
 from vaeanomaly.cohort import expand_inputs, is_cohort
 from vaeanomaly.scoring import ScoreRequest
@@ -72,15 +73,16 @@ def test_cohort_outputs_equal_single_scoring_and_summary(volumes, tmp_path, caps
     assert [r["input"].split("/")[-1] for r in summary] == ["T2.nii.gz", "T2.nii.gz", "c.nrrd", "broken.nii.gz"]
     assert [r["status"] for r in summary] == ["ok", "ok", "ok", "error"]
     assert "gzip" in summary[3]["message"] or "corrupt" in summary[3]["message"]
-    ck = load_checkpoint(None)
+    ck = load_checkpoint(None)  # the default model, with its own default predictor
+    pred = DEFAULT_PREDICTORS[ck.kind]
     for r, (name, key, mask) in zip(summary, [("a_T2", "a/T2.nii.gz", None), ("b_T2", "b/T2.nii.gz", None),
                                              ("c", "c.nrrd", d / "c_mask.nrrd")]):
         assert r["outputs"] == str(out / f"{name}.nii.gz")
-        assert float(r["seconds"]) > 0 and r["predictor"] == "rec-grad" and float(r["threshold"]) > 0
+        assert float(r["seconds"]) > 0 and r["predictor"] == pred and float(r["threshold"]) > 0
         assert 0 <= float(r["flagged_percent"]) <= 100 and r["in_distribution"] in ("True", "False")
         got = sitk.ReadImage(r["outputs"])
         img = sitk.ReadImage(str(d / key))  # as written (NIfTI stores the geometry in float32)
-        ref = score_volume(ck, img, sitk.ReadImage(str(mask)) if mask else None, ["rec-grad"])["rec-grad"]
+        ref = score_volume(ck, img, sitk.ReadImage(str(mask)) if mask else None, [pred])[pred]
         assert got.GetSize() == img.GetSize() and np.allclose(got.GetDirection(), img.GetDirection(), atol=1e-5)
         np.testing.assert_allclose(sitk.GetArrayFromImage(got), sitk.GetArrayFromImage(ref), rtol=1e-5, atol=1e-6)
     assert "3 of 4 volumes" in capsys.readouterr().err
@@ -89,7 +91,7 @@ def test_cohort_outputs_equal_single_scoring_and_summary(volumes, tmp_path, caps
 def test_folder_glob_several_predictors_labels(volumes, tmp_path, capsys):
     d, _ = volumes
     out, lab = tmp_path / "maps", tmp_path / "labels"
-    rc = main(["score", str(d / "*/T2.nii.gz"), str(d / "c.nrrd"), "-o", str(out), "--predictor", "rec-error,rec-grad",
+    rc = main(["score", str(d / "*/T2.nii.gz"), str(d / "c.nrrd"), "-o", str(out), "--model", DEFAULT_VAE, "--predictor", "rec-error,rec-grad",
                "--threshold", "p99", "--label", str(lab), "--progress", "none", "--workers", "0"])
     assert rc == 0
     for name in ("a_T2", "b_T2", "c"):
@@ -164,7 +166,7 @@ def test_each_input_is_scored_as_the_cohorts_request_checked_once(volumes, tmp_p
     monkeypatch.setattr(ScoreRequest, "checked", check)
     monkeypatch.setattr(scoring, "score_prepared", score)
     inputs = [str(d / "a/T2.nii.gz"), str(d / "c.nrrd")]
-    rc = main(["score", *inputs, "-o", str(tmp_path / "out"), "--predictor", "rec-grad,kl-grad", "--smooth-mm", "6",
+    rc = main(["score", *inputs, "-o", str(tmp_path / "out"), "--model", DEFAULT_VAE, "--predictor", "rec-grad,kl-grad", "--smooth-mm", "6",
                "--progress", "none", "--workers", "0"])
     assert rc == 0
     assert len(checked) == 1 and checked[0].input == " ".join(inputs) and checked[0].predictors == "rec-grad,kl-grad"

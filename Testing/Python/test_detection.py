@@ -66,7 +66,8 @@ def test_smoothing_in_mm_means_the_same_on_any_grid():
 def test_signed_rec_grad_is_positive_on_a_bright_spot():
     """A bright blob in the scan: Rec-grad's 'bright' map carries it, the 'dark' one does not; 'both' is the old
     absolute map."""
-    ck = load_checkpoint()  # the default bundled model
+    from vaeanomaly.checkpoint import DEFAULT_VAE
+    ck = load_checkpoint(DEFAULT_VAE)  # the default bundled VAE (Rec-grad is a VAE's map)
     size = ck.model.image_size
     x = np.zeros((1, size, size), np.float32)
     yy, xx = np.mgrid[:size, :size]
@@ -569,9 +570,10 @@ def test_the_ensemble_may_weigh_the_scans_own_intensity():
 
 
 def test_the_bundled_sample_gives_one_finding_on_its_lesion():
-    """The bundled sample with the default model, its options and calibrated threshold (what Apply gives): one
-    finding, on the lesion; no slice away from the lesion lights up (before the maps were smoothed across slices
-    one slice near the vertex did, over half its brain: a false 7.4 ml finding)."""
+    """The bundled sample with the default VAE's Rec-grad, its options and calibrated threshold (what Apply gave
+    before the default became a DAE, docs/default_rule.md): one finding, on the lesion; no slice away from the
+    lesion lights up (before the maps were smoothed across slices one slice near the vertex did, over half its
+    brain: a false 7.4 ml finding). (The default dae-64 gives two regions there, one of them false: README.)"""
     import SimpleITK as sitk
     from vaeanomaly import findings
     from vaeanomaly.calibration import calibrated_threshold
@@ -579,7 +581,8 @@ def test_the_bundled_sample_gives_one_finding_on_its_lesion():
     from vaeanomaly.volume import score_volume
     img = sitk.ReadImage(str(sample_data("VAEAnomalySample_T2.nrrd")))
     lesion = sitk.GetArrayFromImage(sitk.ReadImage(str(sample_data("VAEAnomalySample_Lesion.nrrd")))) > 0
-    ck = load_checkpoint(None)
+    from vaeanomaly.checkpoint import DEFAULT_VAE
+    ck = load_checkpoint(DEFAULT_VAE)
     heat = score_volume(ck, img, None, ["rec-grad"])["rec-grad"]
     thr = calibrated_threshold(ck, "rec-grad")
     found = findings.find(heat, thr, img, min_mm3=100)

@@ -13,7 +13,7 @@ slicer = pytest.importorskip("slicer")
 from conftest import make_phantom, oblique_direction  # noqa: E402
 from VAEAnomalyLib.logic import (ScoringJob, SegmentEditedError, VAEAnomalyLogic, calibrated_threshold,  # noqa: E402
                                  geometry_of, image_from_node, set_node_from_image)
-from vaeanomaly.checkpoint import load_checkpoint  # noqa: E402
+from vaeanomaly.checkpoint import DEFAULT_VAE, load_checkpoint  # noqa: E402
 from vaeanomaly.predictors import Cancelled, PredictorOptions  # noqa: E402
 from vaeanomaly.volume import VolumeError, score_volume  # noqa: E402
 
@@ -276,17 +276,21 @@ def test_sample_data_end_to_end_with_bundled_model(scene):
     t2, lesion = nodes
     before = VAEAnomalyLogic.heatmap_array(t2).copy()
     logic = VAEAnomalyLogic(scene)
-    heat = logic.process(t2, None, None, "elbo-grad")  # default bundled model
+    heat = logic.process(t2)  # the default bundled model with its own default predictor, as the self-test does
+    from vaeanomaly.registry import DEFAULT_PREDICTORS
+    pred = DEFAULT_PREDICTORS[load_checkpoint(None).kind]
+    assert heat.GetAttribute("VAEAnomaly.Predictor") in (None, pred) and pred in heat.GetName()
     arr = logic.heatmap_array(heat)
     gt = logic.heatmap_array(lesion) > 0
     brain = arr > 0
-    assert pixel_metrics(arr[brain], gt[brain])["auroc"] > 0.9
+    # measured 2026-12-07: dae-64's residual 0.777 on this sample (the older generator), bvae-l64-b10-v2's Rec-grad 0.953
+    assert pixel_metrics(arr[brain], gt[brain])["auroc"] > 0.75
     t = logic.resolve_threshold(heat, "auto", logic.lastCalibratedThreshold)
-    assert t == pytest.approx(float(load_checkpoint(None).thresholds["elbo-grad"]))
+    assert t == pytest.approx(float(load_checkpoint(None).thresholds[pred]))
     seg = logic.create_segment(heat, t, None, t2)
     found = logic._segment_array(seg, seg.GetSegmentation().GetSegmentIdBySegmentName("Anomaly"), t2)
-    # the default model's threshold is calibrated on varied healthy brains (conservative): on this sample it
-    # outlines about 40% of the lesion at Dice about 0.5 (the paper-grid bvae-l64-b10 outlined 70%)
+    # the default model's threshold is calibrated on varied healthy brains (conservative): on this sample (the older
+    # generator) dae-64 outlines about 35% of the lesion at Dice about 0.4 (bvae-l64-b10-v2: 55%, Dice 0.69)
     assert dice(found, gt) > 0.3 and found[gt].mean() > 0.3
     assert np.array_equal(VAEAnomalyLogic.heatmap_array(t2), before)
 
@@ -322,7 +326,7 @@ def test_outputs_follow_the_input_volume_transform(scene):
     tf.SetMatrixTransformToParent(m)
     node.SetAndObserveTransformNodeID(tf.GetID())
     logic = VAEAnomalyLogic(scene)
-    heat = logic.process(node, None, None, "rec-grad", reconstruction=True)  # the default bundled model
+    heat = logic.process(node, None, DEFAULT_VAE, "rec-grad", reconstruction=True)  # the default bundled VAE
     rec = logic.lastReconstruction
     assert heat.GetTransformNodeID() == rec.GetTransformNodeID() == tf.GetID()
     thr = logic.resolve_threshold(heat, "p99")

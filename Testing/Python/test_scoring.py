@@ -10,8 +10,9 @@ import SimpleITK as sitk
 
 from conftest import make_phantom
 from vaeanomaly import scoring
-from vaeanomaly.checkpoint import load_checkpoint
+from vaeanomaly.checkpoint import DEFAULT_VAE, load_checkpoint
 from vaeanomaly.cli import main as cli
+from vaeanomaly.registry import DEFAULT_PREDICTORS
 from vaeanomaly.predictors import PredictorOptions
 from vaeanomaly.scoring import ScoreRequest, check_options
 from vaeanomaly.score_worker import ModelCache, score, serve
@@ -36,11 +37,14 @@ def test_request_is_checked_with_messages_that_say_what_is_known():
         check_options(PredictorOptions(proj_steps=-1, batch_size=0))
     with pytest.raises(ValueError, match="normalise must be one of none, median"):  # a request's JSON options too
         check_options(PredictorOptions(normalise="mean"))
-    ck = load_checkpoint(None)
+    ck = load_checkpoint(DEFAULT_VAE)
     with pytest.raises(ValueError, match="progress"):
         ScoreRequest("x.nrrd", progress="fancy").checked(ck)
     assert ScoreRequest("x.nrrd").checked(ck) == ["rec-grad"]  # the default of the model's kind
     assert ScoreRequest("x.nrrd", predictors="rec-grad,reconstruction").checked(ck) == ["rec-grad", "reconstruction"]
+    assert ScoreRequest("x.nrrd").checked(load_checkpoint("dae-64")) == ["dae-residual"]
+    with pytest.raises(ValueError, match="rec-grad: not computed by a denoising autoencoder"):
+        ScoreRequest("x.nrrd", predictors="rec-grad").checked(load_checkpoint("dae-64"))
 
 
 def test_worker_answers_a_bad_request_with_the_command_lines_exit_code(tmp_path):
@@ -101,7 +105,8 @@ def test_the_command_line_and_the_worker_score_through_score_prepared(tmp_path, 
                 "--report", str(tmp_path / "r.json")]) == 0
     assert calls == [False, True] and (tmp_path / "r.json").is_file()
     score(ScoreRequest(str(tmp_path / "a.nrrd"), output=str(tmp_path / "w")).to_json(), ModelCache())
-    assert calls == [False, True, False] and (tmp_path / "w" / "rec-grad.nrrd").is_file()
+    pred = DEFAULT_PREDICTORS[load_checkpoint(None).kind]  # the default model's own map
+    assert calls == [False, True, False] and (tmp_path / "w" / f"{pred}.nrrd").is_file()
 
 
 def test_logic_process_runs_a_request_as_the_worker_does(scene, monkeypatch):
@@ -121,11 +126,11 @@ def test_logic_process_runs_a_request_as_the_worker_does(scene, monkeypatch):
     calls = spy_on_score_prepared(monkeypatch)
     node = add_volume(scene, make_phantom((48, 52, 14), (3.0, 3.0, 6.0), blob_index=(20, 24, 7)))
     logic, fractions = VAEAnomalyLogic(scene), []
-    heat = logic.process(node, None, None, "rec-grad", options=PredictorOptions(batch_size=5), reconstruction=True,
+    heat = logic.process(node, None, DEFAULT_VAE, "rec-grad", options=PredictorOptions(batch_size=5), reconstruction=True,
                          progress=fractions.append)
     assert heat is not None and logic.lastReconstruction is not None and fractions[-1] == pytest.approx(1.0)
     assert calls == [False] and len(seen) == 1 and isinstance(seen[0], ScoreRequest)
     assert seen[0].predictors == "rec-grad,reconstruction" and seen[0].options == PredictorOptions(batch_size=5)
     assert seen[0].report is None
     with pytest.raises(Cancelled):
-        logic.process(node, None, None, "rec-grad", cancel=lambda: True)
+        logic.process(node, None, DEFAULT_VAE, "rec-grad", cancel=lambda: True)

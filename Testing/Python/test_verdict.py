@@ -9,6 +9,7 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage
 
+from conftest import ROOT
 from vaeanomaly import verdict
 from vaeanomaly.checkpoint import load_checkpoint
 from vaeanomaly.volume import VolumeError, prepare, read_image, score_volume
@@ -93,9 +94,10 @@ def healthy(cohort):
 
 @pytest.fixture(scope="module")
 def calibrated(healthy):
-    """The bundled default model with its verdict calibrated on the first two healthy subjects
+    """The bundled default VAE with its verdict calibrated on the first two healthy subjects
     (the third is the unseen healthy scan of the tests)."""
-    ck = load_checkpoint()
+    from vaeanomaly.checkpoint import DEFAULT_VAE
+    ck = load_checkpoint(DEFAULT_VAE)
     assert "verdict" not in ck.meta or ck.meta["verdict"]
     cases = []
     for img, mask in healthy[:2]:
@@ -185,8 +187,9 @@ def test_calibration_hook_stores_the_same_limits(cohort):
     identical to calibrate_verdict's (one implementation of the statistics and limits)."""
     from vaeanomaly.calibration import calibrate, cases_from_cache
     from vaeanomaly.data import SliceCache
+    from vaeanomaly.checkpoint import DEFAULT_VAE
     from vaeanomaly.predictors import PredictorOptions
-    ck = load_checkpoint()
+    ck = load_checkpoint(DEFAULT_VAE)
     cases = cases_from_cache(SliceCache.load(cohort / "healthy.npz"))[:2]
     upd = calibrate(ck.model, ck.beta, cases, PredictorOptions(proj_steps=2), max_projection_slices=8)
     v = upd["verdict"]
@@ -297,3 +300,19 @@ def test_unstripped_head_is_still_refused_with_ringing(generated_head):
         with pytest.raises(VolumeError, match="not look skull-stripped"):
             mask_for(img, None)
         assert automatic_mask_problems(img, auto_mask(img))
+
+
+def test_the_verdict_of_a_dae_equals_the_one_scoring_writes(tmp_path):
+    """verdict.assess computes a denoising autoencoder's residual as scoring does: normalised by its median over the
+    BRAIN (it took the median over every non-zero pixel of the slices, background included, and flagged 10-50 % of
+    healthy brains of another generator)."""
+    from vaeanomaly.checkpoint import load_checkpoint
+    from vaeanomaly.scoring import ScoreRequest, run
+    ck = load_checkpoint("dae-64")
+    img = read_image(ROOT / "VAEAnomaly" / "Resources" / "SampleData" / "VAEAnomalySample_T2.nrrd")
+    run(ScoreRequest("sample", report=str(tmp_path / "r.json")), ck, img, None, ["dae-residual"])
+    written = json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))
+    r = verdict.assess(ck, img, None)
+    assert r["predictor"] == written["predictor"] == "dae-residual"
+    assert r["flagged_percent"] == pytest.approx(written["flagged_percent"], abs=0.01)
+    assert r["flagged_percent"] < 10

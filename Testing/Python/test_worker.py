@@ -118,7 +118,8 @@ def test_results_equal_the_command_line(scene, sample_small, tmp_path):
     logic = VAEAnomalyLogic(scene)
     node = add_volume(scene, sample_small, "T2")
     opts = PredictorOptions(smooth=False, batch_size=9)  # not the defaults: the worker must get these
-    job = ScoringJob(logic, node, None, None, "elbo-grad", opts, reconstruction=True).start()
+    from vaeanomaly.checkpoint import DEFAULT_VAE
+    job = ScoringJob(logic, node, None, DEFAULT_VAE, "elbo-grad", opts, reconstruction=True).start()
     assert run(job) == 0, job.messages
     result = job.finish()
     inp = tmp_path / "in.nrrd"
@@ -126,7 +127,8 @@ def test_results_equal_the_command_line(scene, sample_small, tmp_path):
     (tmp_path / "opts.json").write_text(json.dumps(opts.to_dict()), encoding="utf-8")
     env = {**os.environ, "PYTHONPATH": str(ROOT / "VAEAnomaly")}
     cp = subprocess.run([sys.executable, "-m", "vaeanomaly.cli", "score", str(inp), "-o", str(tmp_path / "out"),
-                         "--predictor", "elbo-grad,reconstruction", "--options", str(tmp_path / "opts.json"),
+                         "--model", DEFAULT_VAE, "--predictor", "elbo-grad,reconstruction", "--options",
+                         str(tmp_path / "opts.json"),
                          "--report", str(tmp_path / "r.json"), "--progress", "none"],
                         env=env, capture_output=True, text=True, timeout=300)
     assert cp.returncode == 0, cp.stderr

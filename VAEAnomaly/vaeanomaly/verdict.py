@@ -83,11 +83,14 @@ def statistics(slices: np.ndarray, brain: np.ndarray, rec_error: np.ndarray, pix
             "contrast": skew + edge}
 
 
-def _maps(checkpoint, slices, predictor: Optional[str], options=None, device="cpu") -> dict:
+def _maps(checkpoint, slices, predictor: Optional[str], options=None, device="cpu", brain=None) -> dict:
+    """rec-error and the flagged predictor on the slices; with the brain mask, as scoring computes them (a map
+    normalised by the scan's median takes it over the brain: without the mask, over every non-zero pixel of the
+    slices, background included, which made a DAE flag 10-50 % of a healthy brain)."""
     from .predictors import compute_maps
     from .inference import inference_kwargs
     names = ["rec-error"] + ([predictor] if predictor and predictor != "rec-error" else [])
-    return compute_maps(checkpoint.model, slices, names, checkpoint.beta, options, device,
+    return compute_maps(checkpoint.model, slices, names, checkpoint.beta, options, device, brain=brain,
                         **inference_kwargs(checkpoint, names, options))
 
 
@@ -134,7 +137,7 @@ def calibrate_verdict(checkpoint, cases, thresholds: Optional[dict] = None, pred
     `calibration.calibrate` does the same through `calibration_hook` without recomputing maps.
     """
     th = dict(thresholds if thresholds is not None else checkpoint.thresholds)
-    pred = predictor or DEFAULT_PREDICTOR
+    pred = predictor or DEFAULT_PREDICTORS[getattr(checkpoint, "kind", "vae")]  # the model kind's own map
     pred = pred if pred in th else None
     pix = pixel_mm(checkpoint)
     values = {s: [] for s in STATISTICS}
@@ -142,7 +145,7 @@ def calibrate_verdict(checkpoint, cases, thresholds: Optional[dict] = None, pred
     for case in cases:
         name, slices, brain = (f"case{len(names)}", *case) if len(case) == 2 else case[:3]
         slices, brain = np.asarray(slices, np.float32), np.asarray(brain, bool)
-        maps = _maps(checkpoint, slices, pred, options, device)
+        maps = _maps(checkpoint, slices, pred, options, device, brain)
         for s, v in statistics(slices, brain, maps["rec-error"], pix).items():
             values[s].append(v)
         if pred:
@@ -186,7 +189,7 @@ def assess_slices(checkpoint, slices, brain, predictor: Optional[str] = None, op
     b = np.asarray(brain, bool)
     pred = _flag_predictor(checkpoint, predictor)
     if maps is None or "rec-error" not in maps or (pred and pred not in maps):
-        maps = _maps(checkpoint, slices, pred, options, device)
+        maps = _maps(checkpoint, slices, pred, options, device, b)
     st = statistics(slices, b, maps["rec-error"], pixel_mm(checkpoint))
     report = {"in_distribution": True, "fit": None, "fit_range": None, "flagged_percent": None,
               "predictor": pred, "threshold": None, "statistics": {k: round(v, 6) for k, v in st.items()},
@@ -319,8 +322,12 @@ def assess(checkpoint, image, mask=None, predictor: Optional[str] = None, option
     base, scoreable = input_part(checkpoint, image, mask)
     if not scoreable:
         return base
+    from .volume import grid_maps
     p = prepare(image, mask, Preprocessing.from_dict(checkpoint.preprocessing))
-    return with_grid_part(base, assess_slices(checkpoint, p.slices, p.brain, predictor, options, device))
+    # the maps as scoring computes them on this grid (slice spacing for the smoothing across slices, the brain)
+    pred = _flag_predictor(checkpoint, predictor)
+    maps = grid_maps(checkpoint, p, ["rec-error"] + ([pred] if pred and pred != "rec-error" else []), options, device)
+    return with_grid_part(base, assess_slices(checkpoint, p.slices, p.brain, predictor, options, device, maps=maps))
 
 
 def write_report(path, report: dict) -> Path:
