@@ -14,7 +14,8 @@ the same with the replaced 3D-resampling preprocessing ('score-volume-resampling
 Every time is also given as a ratio to the network time (the 'rec-grad' case). Peak memory: the process's peak
 resident set (ru_maxrss) and the peak of memory traced by tracemalloc (numpy arrays and Python objects; torch's
 CPU tensors are not traced) during one extra run of the case. The Slicer job (cold and warm Apply) comes from
-benchmarks/bench_slicer_job.py's measure(), in a process of its own.
+benchmarks/bench_slicer_job.py's measure(), in a process of its own, for the default model and for the default VAE
+(checkpoint.DEFAULT_VAE, which every VAE case above uses): their warm Apply times side by side (issue 24: <= 3x).
 
 --interleaved (for a busy machine): one process; each round times every case back to back, so the load hits them
 alike; medians over rounds and ratios to the network time of the same rounds, with the load average next to each
@@ -60,10 +61,12 @@ def traced_peak_mb(f) -> float:
         tracemalloc.stop()
 
 
-def slicer_job(threads: int, repeats: int = 3) -> dict | str:
-    """benchmarks/bench_slicer_job.py's measure() in a process of its own: its dict, or why it was not measured."""
+def slicer_job(threads: int, repeats: int = 3, model: str | None = None) -> dict | str:
+    """benchmarks/bench_slicer_job.py's measure() in a process of its own: its dict, or why it was not measured.
+    model: None for the default model."""
     code = ("import json, sys; sys.path.insert(0, %r); import bench_slicer_job as B; "
-            "print(json.dumps(B.measure(repeats=%d, threads=%d)))" % (str(ROOT / "benchmarks"), repeats, threads))
+            "print(json.dumps(B.measure(repeats=%d, threads=%d, model=%r)))"
+            % (str(ROOT / "benchmarks"), repeats, threads, model))
     try:
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900)
     except (OSError, subprocess.TimeoutExpired) as err:
@@ -100,6 +103,20 @@ def print_slicer_job(res, net_ms: float) -> None:
           f"{ratios(verdict - res['warm_ms'], TARGET_VERDICT_EXTRA_RATIO)}")
 
 
+TARGET_DEFAULT_VS_VAE = 3.0  # issue 24: the default model's warm Apply -> heatmap <= 3x the VAE's, in one run
+
+
+def print_default_against_vae(default, vae) -> None:
+    """The default model's warm Apply (start -> heatmap node) beside the default VAE's, measured in the same run."""
+    if isinstance(default, str) or isinstance(vae, str):
+        print(f"default model against the VAE: not measured ({default if isinstance(default, str) else vae})")
+        return
+    ratio = default["warm_ms"] / vae["warm_ms"]
+    print(f"slicer job, warm start -> heatmap node: {default['model']} ({default['predictor']}) {default['warm_ms']:.0f} ms, "
+          f"{vae['model']} ({vae['predictor']}) {vae['warm_ms']:.0f} ms: {ratio:.2f}x (target <= "
+          f"{TARGET_DEFAULT_VS_VAE:g}x: {'met' if ratio <= TARGET_DEFAULT_VS_VAE else 'NOT met'})")
+
+
 def busy_warning(load: float | None = None) -> str | None:
     """A warning when the 1-minute load average says other work is running (timings then mean little)."""
     import os
@@ -120,12 +137,12 @@ def run_case(case: str, threads: int, repeat: int, device: str) -> dict:
     import SimpleITK as sitk
     import torch
     torch.set_num_threads(threads)
-    from vaeanomaly.checkpoint import load_checkpoint, sample_data
+    from vaeanomaly.checkpoint import DEFAULT_VAE, load_checkpoint, sample_data
     from vaeanomaly.predictors import PredictorOptions, compute_maps, reference_map
     from vaeanomaly import volume as V
     from vaeanomaly.volume import prepare, score_volume
     model, pred = OTHER_GRIDS.get(case, (None, None))
-    ck = load_checkpoint(model, device)
+    ck = load_checkpoint(model or DEFAULT_VAE, device)  # the VAE's cases: the default VAE
     img = sitk.ReadImage(str(sample_data("VAEAnomalySample_T2.nrrd")))
     from vaeanomaly.preprocessing import Preprocessing
     prepared = prepare(img, None, Preprocessing.from_dict(ck.preprocessing))
@@ -214,12 +231,12 @@ def interleaved(threads: int, rounds: int, device: str, cohort_items: int, clock
     import torch
     torch.set_num_threads(threads)
     from vaeanomaly import volume as V
-    from vaeanomaly.checkpoint import load_checkpoint, sample_data
+    from vaeanomaly.checkpoint import DEFAULT_VAE, load_checkpoint, sample_data
     from vaeanomaly.cohort import expand_inputs, score_many
     from vaeanomaly.predictors import PredictorOptions, compute_maps, reference_map
     from vaeanomaly.scoring import ScoreRequest
     tick = time.process_time if clock == "cpu" else time.perf_counter
-    ck = load_checkpoint(None, device)
+    ck = load_checkpoint(DEFAULT_VAE, device)
     img = sitk.ReadImage(str(sample_data("VAEAnomalySample_T2.nrrd")))
     p = V.prepare(img)
     compute_maps(ck.model, p.slices, ["rec-grad"], ck.beta, None, device)  # warm-up
@@ -391,7 +408,10 @@ def main():
               f"peak RSS of the main process {c['peak_mb']:.0f} MB, workers not counted)")
     if not a.no_slicer_job:
         loads.append(os.getloadavg()[0])
-        print_slicer_job(slicer_job(a.threads, a.repeat), net)
+        default = slicer_job(a.threads, a.repeat)
+        print_slicer_job(default, net)
+        from vaeanomaly.checkpoint import DEFAULT_VAE
+        print_default_against_vae(default, slicer_job(a.threads, a.repeat, DEFAULT_VAE))
     worst = max(loads + [os.getloadavg()[0]])
     print(f"\nload average during the run: up to {worst:.2f} on {os.cpu_count()} cores" +
           (f" -- {busy_warning(worst)}" if busy_warning(worst) else " (quiet)"))

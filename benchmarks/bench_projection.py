@@ -52,10 +52,10 @@ def main():
     a = ap.parse_args()
     import torch
     torch.set_num_threads(a.threads)
-    from vaeanomaly.checkpoint import load_checkpoint
+    from vaeanomaly.checkpoint import DEFAULT_VAE, load_checkpoint
     from vaeanomaly.metrics import pixel_metrics
     from vaeanomaly.predictors import PredictorOptions, _project, compute_maps
-    ck = load_checkpoint(None)
+    ck = load_checkpoint(DEFAULT_VAE)  # the projection is a VAE's
     model = ck.model.eval().requires_grad_(False)
     source, cases = lesion_cases(Path(a.cache), a.cases)
     print(f"model {ck.name}; {source}; {a.threads} threads")

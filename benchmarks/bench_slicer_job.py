@@ -3,11 +3,12 @@
     python benchmarks/bench_slicer_job.py [--repeats 3] [--threads N]
 
 On the bundled sample volume (240x240x155) in a real vtkMRMLScene (slicer-core, headless), with the default
-model and Rec-grad, as the panel runs it: `ScoringJob(...).start(); wait(); finish()`.
+model and its own default predictor (--model: another), as the panel runs it: `ScoringJob(...).start(); wait();
+finish()`.
 - cold: the first Apply of a session (no worker yet: it starts, imports torch, loads the checkpoint);
 - warm: the next Applies (the same worker; the checkpoint cached), the median of `repeats`: start -> heatmap
   node in the scene (shown as soon as the worker has written the maps, as the panel does), and start -> verdict;
-each in ms and as a ratio to the network time (`compute_maps` for Rec-grad on the same prepared slices,
+each in ms and as a ratio to the network time (`compute_maps` for that predictor on the same prepared slices,
 median of `repeats` runs after a warm-up). Issue 11's target: warm <= 4x the network time.
 `measure()` returns the figures as a dict (benchmarks/bench_predictors.py prints them with the others).
 """
@@ -24,11 +25,12 @@ sys.path.insert(0, str(ROOT / "VAEAnomaly"))
 TARGET_WARM_RATIO = 4.0
 
 
-def measure(repeats: int = 3, threads: int | None = None) -> dict:
+def measure(repeats: int = 3, threads: int | None = None, model: str | None = None) -> dict:
     """{'network_ms', 'cold_ms', 'warm_ms' (median), 'warm_runs_ms', 'cold_ratio', 'warm_ratio',
     'worker_ms' (median time of a warm request inside the worker: read, report, score_volume, write),
     'score_volume_ms' (in this process, for reference), 'target_warm_ratio', 'met', 'load', 'volume',
-    'threads'}. threads: torch threads here and in the worker (None: torch's default in both)."""
+    'threads', 'model', 'predictor'}. threads: torch threads here and in the worker (None: torch's default in both).
+    model: a bundled name or file (None: the default model); the predictor is that model's own default."""
     import numpy as np
     import SimpleITK as sitk
     import slicer
@@ -38,6 +40,8 @@ def measure(repeats: int = 3, threads: int | None = None) -> dict:
     from VAEAnomalyLib import worker as W
     from vaeanomaly.checkpoint import load_checkpoint, sample_data
     from vaeanomaly.predictors import compute_maps
+    from vaeanomaly.preprocessing import Preprocessing
+    from vaeanomaly.registry import DEFAULT_PREDICTORS
     from vaeanomaly.volume import prepare, score_volume
     old_env = os.environ.get("OMP_NUM_THREADS")
     if threads:
@@ -54,19 +58,21 @@ def measure(repeats: int = 3, threads: int | None = None) -> dict:
         L.set_node_from_image(node, img)
         node.CreateDefaultDisplayNodes()
 
-        # the network: compute_maps for Rec-grad on the prepared slices
-        ck = load_checkpoint(None)
-        slices = prepare(img).slices
-        compute_maps(ck.model, slices, ["rec-grad"], ck.beta)  # warm-up
+        # the network: compute_maps for the model's own predictor on its prepared slices
+        ck = load_checkpoint(model)
+        pred = DEFAULT_PREDICTORS[ck.kind]
+        p = prepare(img, None, Preprocessing.from_dict(ck.preprocessing))
+        slices = p.slices
+        compute_maps(ck.model, slices, [pred], ck.beta, brain=p.brain)  # warm-up
         net = []
         for _ in range(repeats):
             t = time.perf_counter()
-            compute_maps(ck.model, slices, ["rec-grad"], ck.beta)
+            compute_maps(ck.model, slices, [pred], ck.beta, brain=p.brain)
             net.append(time.perf_counter() - t)
         sv = []
         for _ in range(repeats):
             t = time.perf_counter()
-            score_volume(ck, img, None, ["rec-grad"])
+            score_volume(ck, img, None, [pred])
             sv.append(time.perf_counter() - t)
         loads.append(os.getloadavg()[0])
 
@@ -74,7 +80,7 @@ def measure(repeats: int = 3, threads: int | None = None) -> dict:
             """As the panel runs it (its timer polls every 100 ms; here every 2 ms, so the figures measure the
             job, not the timer): the heatmap node as soon as the maps are written, then the verdict."""
             t = time.perf_counter()
-            job = L.ScoringJob(logic, node, None, None, "rec-grad").start()
+            job = L.ScoringJob(logic, node, None, model, pred).start()
             t_heat = None
             while (rc := job.poll()) is None:
                 if job.maps_ready and job.shown is None:
@@ -115,21 +121,23 @@ def measure(repeats: int = 3, threads: int | None = None) -> dict:
             "worker_ms": 1000 * float(np.median([x for x in inside if x is not None])),
             "score_volume_ms": 1000 * float(np.median(sv)),
             "target_warm_ratio": TARGET_WARM_RATIO, "met": warm_ms / net_ms <= TARGET_WARM_RATIO,
-            "load": max(loads), "volume": list(img.GetSize()), "threads": threads or torch.get_num_threads()}
+            "load": max(loads), "volume": list(img.GetSize()), "threads": threads or torch.get_num_threads(),
+            "model": ck.name, "predictor": pred}
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="torch threads here and in the worker")
+    ap.add_argument("--model", default=None, help="bundled model name or file (default: the default model)")
     a = ap.parse_args()
-    r = measure(a.repeats, a.threads)
+    r = measure(a.repeats, a.threads, a.model)
     net = r["network_ms"]
-    print(f"Slicer job on the sample {r['volume']}, default model, Rec-grad, {r['threads']} thread(s), "
+    print(f"Slicer job on the sample {r['volume']}, {r['model']}, {r['predictor']}, {r['threads']} thread(s), "
           f"load average up to {r['load']:.2f} on {os.cpu_count()} cores")
     print("| case | ms | / network time |\n|---|---|---|")
-    print(f"| network (compute_maps, rec-grad; median of {a.repeats}) | {net:.0f} | 1.00x |")
-    print(f"| score_volume (rec-grad), in-process | {r['score_volume_ms']:.0f} | {r['score_volume_ms'] / net:.2f}x |")
+    print(f"| network (compute_maps, {r['predictor']}; median of {a.repeats}) | {net:.0f} | 1.00x |")
+    print(f"| score_volume ({r['predictor']}), in-process | {r['score_volume_ms']:.0f} | {r['score_volume_ms'] / net:.2f}x |")
     print(f"| cold job: first Apply (worker start, torch import, checkpoint load) | {r['cold_ms']:.0f} | "
           f"{r['cold_ratio']:.2f}x |")
     print(f"| warm job: next Apply, start -> heatmap node (median of {a.repeats}) | {r['warm_ms']:.0f} | "

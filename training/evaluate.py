@@ -174,7 +174,8 @@ def run_benchmark(a, device) -> None:
     from vaeanomaly.checkpoint import DEFAULT_MODEL
     from vaeanomaly.evaluation import headline_table
     from vaeanomaly.registry import DEFAULT_PREDICTOR
-    lead = a.lead or f"{DEFAULT_MODEL} {DEFAULT_PREDICTOR}"
+    from vaeanomaly.registry import DEFAULT_PREDICTORS
+    lead = a.lead or f"{DEFAULT_MODEL} {DEFAULT_PREDICTORS[load_checkpoint(DEFAULT_MODEL).kind]}"
     lead = lead if any(r["scorer"] == lead for r in rows) else rows[0]["scorer"]
     lead_size = next((sz for n, sz in sizes.items() if lead.startswith(n + " ")), 64)
     base = f"{INTENSITY} ({lead_size}x{lead_size})"
