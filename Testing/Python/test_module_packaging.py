@@ -176,7 +176,7 @@ def test_installed_tree_scores_and_runs_the_command_line(tmp_path):
     # one Apply, as ScoringJob sends it to the warm worker: a request line, the heatmap and the verdict
     out, report = tmp_path / "out", tmp_path / "report.json"
     sample = tree / "Resources" / "SampleData" / "VAEAnomalySample_T2.nrrd"
-    request = {"input": str(sample), "output": str(out), "predictors": "rec-grad", "device": "cpu",
+    request = {"input": str(sample), "output": str(out), "device": "cpu",  # the default model's own predictor
                "progress": "lines", "report": str(report)}
     requests = json.dumps({"id": 1, "request": request}) + "\n" + json.dumps({"quit": True}) + "\n"
     r = run(["-m", "vaeanomaly.score_worker"], input=requests)
@@ -186,7 +186,9 @@ def test_installed_tree_scores_and_runs_the_command_line(tmp_path):
     assert done and done[0]["done"] == 0, (events, r.stderr)
     assert any(e.get("maps") for e in events)
     import SimpleITK as sitk
-    heat = sitk.ReadImage(str(out / "rec-grad.nrrd"))
+    from vaeanomaly.checkpoint import load_checkpoint
+    from vaeanomaly.registry import DEFAULT_PREDICTORS
+    heat = sitk.ReadImage(str(out / f"{DEFAULT_PREDICTORS[load_checkpoint(None).kind]}.nrrd"))
     assert heat.GetSize() == sitk.ReadImage(str(sample)).GetSize()
     verdict = json.loads(report.read_text(encoding="utf-8"))
     assert isinstance(verdict["in_distribution"], bool) and verdict["mask"] == "automatic"
