@@ -275,9 +275,9 @@ def test_maps_through_the_network_equal_the_old_path(tiny_checkpoint):
 
 @pytest.mark.slow
 def test_sample_case_equals_the_old_path():
-    """The bundled 240x240x155 sample with the default model (Rec-grad), automatic mask."""
-    from vaeanomaly.checkpoint import sample_data
-    ck = load_checkpoint(None)
+    """The bundled 240x240x155 sample with the default VAE (Rec-grad), automatic mask."""
+    from vaeanomaly.checkpoint import DEFAULT_VAE, sample_data
+    ck = load_checkpoint(DEFAULT_VAE)
     img = sitk.ReadImage(str(sample_data("VAEAnomalySample_T2.nrrd")))
     new, old = V.prepare(img), old_prepare(img)
     assert_same_prepared(new, old)

@@ -23,7 +23,7 @@ from conftest import ROOT  # noqa: E402
 from test_logic import add_volume  # noqa: E402
 from VAEAnomalyLib import worker  # noqa: E402
 from VAEAnomalyLib.logic import ScoringJob, VAEAnomalyLogic  # noqa: E402
-from vaeanomaly.checkpoint import sample_data  # noqa: E402
+from vaeanomaly.checkpoint import DEFAULT_VAE, sample_data  # noqa: E402
 from vaeanomaly.predictors import PredictorOptions  # noqa: E402
 
 
@@ -118,7 +118,6 @@ def test_results_equal_the_command_line(scene, sample_small, tmp_path):
     logic = VAEAnomalyLogic(scene)
     node = add_volume(scene, sample_small, "T2")
     opts = PredictorOptions(smooth=False, batch_size=9)  # not the defaults: the worker must get these
-    from vaeanomaly.checkpoint import DEFAULT_VAE
     job = ScoringJob(logic, node, None, DEFAULT_VAE, "elbo-grad", opts, reconstruction=True).start()
     assert run(job) == 0, job.messages
     result = job.finish()
@@ -152,11 +151,11 @@ def test_cancel_kills_the_tree_and_the_next_job_starts_a_fresh_worker(scene, sam
     node = add_volume(scene, sample_small, "T2")
     exe = launcher(tmp_path)
     long = PredictorOptions(proj_steps=100000)
-    early = ScoringJob(logic, node, None, None, "proj-rec-error", long, launcher=exe).start()
+    early = ScoringJob(logic, node, None, DEFAULT_VAE, "proj-rec-error", long, launcher=exe).start()
     early.cancel()  # before the new worker even read the job: it is not handed to another worker
     assert early.proc.poll() is not None and early.poll() is not None
     assert not [w for w in worker.workers() if w.launcher == exe]
-    job = ScoringJob(logic, node, None, None, "proj-rec-error", long, launcher=exe).start()
+    job = ScoringJob(logic, node, None, DEFAULT_VAE, "proj-rec-error", long, launcher=exe).start()
     python = wait_running(job)
     assert python != job.proc.pid and alive(python)  # the launcher's child does the work
     t0 = time.monotonic()
@@ -177,7 +176,7 @@ def test_a_worker_killed_from_outside_fails_its_job_and_is_replaced(scene, sampl
     logic = VAEAnomalyLogic(scene)
     node = add_volume(scene, sample_small, "T2")
     exe = launcher(tmp_path)
-    job = ScoringJob(logic, node, None, None, "proj-rec-error", PredictorOptions(proj_steps=100000),
+    job = ScoringJob(logic, node, None, DEFAULT_VAE, "proj-rec-error", PredictorOptions(proj_steps=100000),
                      launcher=exe).start()
     python = wait_running(job)
     os.kill(python, signal.SIGKILL)  # a crash: nobody asked for it
@@ -240,7 +239,7 @@ def test_shutdown_leaves_no_process(scene, sample_small, tmp_path):
     idle = ScoringJob(logic, node, launcher=exe).start()
     assert run(idle) == 0
     idle.cleanup()
-    busy = ScoringJob(logic, node, None, None, "proj-rec-error", PredictorOptions(proj_steps=100000),
+    busy = ScoringJob(logic, node, None, DEFAULT_VAE, "proj-rec-error", PredictorOptions(proj_steps=100000),
                       launcher=launcher(tmp_path, "second")).start()
     wait_running(busy)
     pids = [w.pid for w in worker.workers()] + [w.proc.pid for w in worker.workers()]
