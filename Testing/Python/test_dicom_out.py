@@ -213,3 +213,73 @@ def test_oblique_series_frames_reference_the_instances_they_came_from(tmp_path):
     seg = hd.seg.segread(tmp_path / "seg.dcm")
     for frame, k in zip(seg.pixel_array, frame_slices(seg, uids)):
         assert frame.sum() == 1 and frame[k % arr.shape[1], 3] == 1
+
+
+def segment_volumes(seg, uids, shape) -> dict:
+    """{segment number: its voxels} of a SEG, frame by frame through the frame's segment and source instance."""
+    out = {int(s.SegmentNumber): np.zeros(shape, bool) for s in seg.SegmentSequence}
+    frames = seg.pixel_array if seg.pixel_array.ndim == 3 else seg.pixel_array[None]
+    shared = seg.SharedFunctionalGroupsSequence[0]
+    for frame, item, k in zip(frames, seg.PerFrameFunctionalGroupsSequence, frame_slices(seg, uids)):
+        ident = item if "SegmentIdentificationSequence" in item else shared  # one segment: in the shared group
+        out[int(ident.SegmentIdentificationSequence[0].ReferencedSegmentNumber)][k] |= frame.astype(bool)
+    return out
+
+
+def test_signed_label_gives_one_segment_per_direction(tmp_path):
+    """No scoring: a label with 1 (brighter) and 2 (darker) voxels becomes two segments named by direction, each with
+    its type modifier (Hyperintense / Hypointense) and exactly its own voxels; a direction without voxels is a
+    segment all the same; a label with other values is refused."""
+    from vaeanomaly import dicom_out
+    img = sitk.Shrink(sitk.ReadImage(str(SAMPLE)), (6, 6, 10))
+    uids = write_mr_series(tmp_path / "series", img)
+    src = read_image(tmp_path / "series")
+    files = dicom_out.series_files(tmp_path / "series")
+    lab = np.zeros(sitk.GetArrayViewFromImage(src).shape, np.uint8)
+    lab[3:6, 10:15, 10:15] = 1
+    lab[8:10, 20:25, 18:25] = 2
+
+    def write(arr, name, **kw):
+        li = sitk.GetImageFromArray(arr)
+        li.CopyInformation(src)
+        return dicom_out.write_segmentation(tmp_path / name, li, files, "dae-64", **kw)
+
+    seg = hd.seg.segread(write(lab, "signed.dcm", signed=True))
+    assert seg.SegmentationType == "BINARY"
+    got = [(int(s.SegmentNumber), s.SegmentLabel, s.SegmentedPropertyTypeCodeSequence[0].CodeValue,
+            s.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence[0].CodeValue,
+            s.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence[0].CodeMeaning)
+           for s in seg.SegmentSequence]
+    assert got == [(1, "Brighter than expected", "4147007", "RID35805", "Hyperintense"),
+                   (2, "Darker than expected", "4147007", "RID35804", "Hypointense")]
+    vols = segment_volumes(seg, uids, lab.shape)
+    assert np.array_equal(vols[1], lab == 1) and np.array_equal(vols[2], lab == 2)
+    only_bright = np.where(lab == 2, 0, lab).astype(np.uint8)
+    seg = hd.seg.segread(write(only_bright, "bright.dcm", signed=True))
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == ["Brighter than expected", "Darker than expected"]
+    vols = segment_volumes(seg, uids, lab.shape)
+    assert np.array_equal(vols[1], lab == 1) and not vols[2].any()
+    # unsigned (the default): one segment, the nonzero voxels, no modifier
+    seg = hd.seg.segread(write(lab, "one.dcm"))
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == ["VAEAnomaly anomaly"]
+    assert "SegmentedPropertyTypeModifierCodeSequence" not in \
+        seg.SegmentSequence[0].SegmentedPropertyTypeCodeSequence[0]
+    assert np.array_equal(segment_volumes(seg, uids, lab.shape)[1], lab != 0)
+    with pytest.raises(ValueError, match="1 \\(brighter\\) and 2 \\(darker\\)"):
+        write(np.where(lab == 2, 3, lab).astype(np.uint8), "bad.dcm", signed=True)
+
+
+def test_signed_polarity_from_the_command_line_gives_two_segments(series, tmp_path):
+    """`--polarity signed --threshold auto --label seg.dcm`: the SEG's two segments hold the NIfTI label's 1 and 2
+    voxels of the same run (dae-64 records per-tail thresholds)."""
+    folder, uids = series
+    args = ["--polarity", "signed", "--threshold", "auto"]
+    assert score([folder, "-o", tmp_path / "heat.nii.gz", *args, "--label", tmp_path / "seg.dcm"]) == 0
+    assert score([folder, "-o", tmp_path / "heat2.nii.gz", *args, "--label", tmp_path / "label.nii.gz"]) == 0
+    label = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "label.nii.gz")))
+    assert set(np.unique(label)) <= {0, 1, 2} and (label == 1).any()
+    seg = hd.seg.segread(tmp_path / "seg.dcm")
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == ["Brighter than expected", "Darker than expected"]
+    vols = segment_volumes(seg, uids, label.shape)
+    assert np.array_equal(vols[1], label == 1) and np.array_equal(vols[2], label == 2)
+

@@ -285,8 +285,8 @@ def _dicom_writer(plan: ScorePlan, source: str, write_image):
         from . import dicom_out
         if not files:
             files.extend(dicom_out.series_files(source))
-        if label:
-            return dicom_out.write_segmentation(path, img, files, plan.checkpoint.name)
+        if label:  # a signed map's label (1 brighter, 2 darker): one segment per direction
+            return dicom_out.write_segmentation(path, img, files, plan.checkpoint.name, signed=name in plan.signed)
         return dicom_out.write_parametric_map(path, img, files, plan.checkpoint.name, name)
     return write
 

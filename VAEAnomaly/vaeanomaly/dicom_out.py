@@ -21,6 +21,12 @@ CATEGORY = ("49755003", "SCT", "Morphologically Altered Structure")
 PROPERTY_TYPE = ("4147007", "SCT", "Mass")
 ANATOMIC_REGION = ("12738006", "SCT", "Brain")
 SEGMENT_RGB = (144, 238, 144)  # the panel's SEGMENT_COLOR
+# A signed map's label (registry.LABEL_VALUES: 1 = brighter, 2 = darker than expected) gives one segment per direction:
+# the same category, type and region with a type modifier, the MR signal intensity codes of DICOM CID 6335 (RadLex
+# "Hyperintense" / "Hypointense", pydicom codes.cid6335). The Slicer panel's segments use the same codes
+# (VAEAnomalyLib/logic.py SIGNED_TERMINOLOGY) and colours (red brighter, blue darker: its diverging colour map).
+DIRECTION_MODIFIERS = {"bright": ("RID35805", "RADLEX", "Hyperintense"), "dark": ("RID35804", "RADLEX", "Hypointense")}
+DIRECTION_RGB = {"bright": (214, 48, 39), "dark": (33, 102, 172)}
 SEG_SERIES_NUMBER = 901
 PM_SERIES_NUMBER = 902
 
@@ -99,24 +105,54 @@ def _save(obj, path) -> Path:
     return Path(path)
 
 
-def write_segmentation(path, label_img, source_files, model_name: str) -> Path:
-    """The label map (nonzero: the anomaly) as a binary DICOM Segmentation of the source series, one segment."""
+def segment_label(direction: str) -> str:
+    """A direction's segment name: 'Brighter than expected' / 'Darker than expected' (registry.DIRECTIONS)."""
+    from .registry import DIRECTIONS
+    text = DIRECTIONS[direction]
+    return text[0].upper() + text[1:]
+
+
+def write_segmentation(path, label_img, source_files, model_name: str, signed: bool = False) -> Path:
+    """The label map as a binary DICOM Segmentation of the source series: one segment (nonzero: the anomaly), or with
+    `signed` (a signed map's label, registry.LABEL_VALUES) two, 'Brighter than expected' (label 1) and 'Darker than
+    expected' (label 2), each with its type modifier (DIRECTION_MODIFIERS). A direction without a voxel is a segment
+    all the same (readers see both, one empty)."""
     require_highdicom()
     import highdicom as hd
     import SimpleITK as sitk
     from pydicom.sr.coding import Code
+
+    from .registry import LABEL_VALUES
     datasets, slices = _sources_by_slice(label_img, source_files)
     arr = sitk.GetArrayViewFromImage(label_img)
-    pixels = np.stack([arr[k] != 0 for k in slices]).astype(np.uint8)  # frame i <-> datasets[i]
-    segment = hd.seg.SegmentDescription(
-        segment_number=1, segment_label="VAEAnomaly anomaly",
-        segmented_property_category=Code(*CATEGORY), segmented_property_type=Code(*PROPERTY_TYPE),
-        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=_algorithm(model_name),
-        anatomic_regions=[Code(*ANATOMIC_REGION)],
-        display_color=hd.color.CIELabColor.from_rgb(*SEGMENT_RGB))
+
+    def describe(number: int, label: str, rgb, modifier=None):
+        d = hd.seg.SegmentDescription(
+            segment_number=number, segment_label=label,
+            segmented_property_category=Code(*CATEGORY), segmented_property_type=Code(*PROPERTY_TYPE),
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=_algorithm(model_name),
+            anatomic_regions=[Code(*ANATOMIC_REGION)], display_color=hd.color.CIELabColor.from_rgb(*rgb))
+        if modifier is not None:  # (0062,0011) inside the type's item: highdicom's constructor takes none
+            d.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = \
+                [hd.sr.CodedConcept(*modifier)]
+        return d
+
+    if signed:
+        bad = sorted(set(np.unique(arr).tolist()) - {0, *LABEL_VALUES.values()})
+        if bad:
+            raise ValueError(f"a signed label holds 0, 1 (brighter) and 2 (darker) only; it holds {bad}")
+        sides = ("bright", "dark")
+        segments = [describe(i + 1, segment_label(s), DIRECTION_RGB[s], DIRECTION_MODIFIERS[s])
+                    for i, s in enumerate(sides)]
+        # frame i <-> datasets[i]; the segment numbers 1, 2 are the label values (a label-map style array)
+        pixels = np.stack([np.where(arr[k] == LABEL_VALUES["bright"], 1, np.where(arr[k] == LABEL_VALUES["dark"], 2, 0))
+                           for k in slices]).astype(np.uint8)
+    else:
+        segments = [describe(1, "VAEAnomaly anomaly", SEGMENT_RGB)]
+        pixels = np.stack([arr[k] != 0 for k in slices]).astype(np.uint8)  # frame i <-> datasets[i]
     seg = hd.seg.Segmentation(
         source_images=datasets, pixel_array=pixels, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=[segment], series_number=SEG_SERIES_NUMBER,
+        segment_descriptions=segments, series_number=SEG_SERIES_NUMBER,
         series_description=f"VAEAnomaly {model_name} label"[:64], **_common(model_name))
     return _save(seg, path)
 
