@@ -90,6 +90,7 @@ class VAEAnomalyParameterNode:
     gpuDefaultSet: bool = False
     showReconstruction: bool = False
     opacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.6
+    signedHeatmap: bool = False  # "Bright and dark apart" (polarity 'signed' where the model has per-tail thresholds)
     thresholdMode: Annotated[str, Choice(THRESHOLD_MODE_CHOICES)] = DEFAULT_THRESHOLD_MODE
     threshold: float = 0.0  # not bound: the slider's range follows the heatmap (the controller sets it)
     calibratedThreshold: Optional[float] = None  # the checkpoint's threshold for the heatmap's predictor
@@ -356,12 +357,14 @@ class VAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             ui.advancedCollapsibleButton.enabled = s.inputs_enabled
             ui.customModelPath.visible = s.custom_path_visible
             ui.customModelPathLabel.visible = s.custom_path_visible
+            ui.signedHeatmapCheckBox.enabled = s.signed_enabled
+            ui.signedHeatmapCheckBox.toolTip = _(s.signed_tooltip)
             ui.modelCardLabel.text = s.model_card
             ui.outputsCollapsibleButton.enabled = s.outputs_enabled
             ui.createSegmentButton.enabled = s.create_segment_enabled
             ui.saveReportButton.enabled = s.report_enabled
             ui.findingsLabel.text = s.findings_text
-            self._showFindings(s.findings_rows)
+            self._showFindings(s.findings_rows, s.findings_header)
             ui.verdictLabel.text = s.verdict_text
             ui.verdictLabel.visible = bool(s.verdict_text)
             ui.verdictLabel.styleSheet = "" if not s.verdict or s.verdict.get("in_distribution") else "color: #c0392b"
@@ -390,11 +393,14 @@ class VAEAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._rendering = False
 
 
-    def _showFindings(self, rows) -> None:
+    def _showFindings(self, rows, header) -> None:
         table = self.ui.findingsTable
-        if [tuple(r) for r in rows] == self._findingsShown:
+        if [tuple(r) for r in rows] == self._findingsShown and table.columnCount == len(header):
             return  # unchanged: keep the user's selection
         self._findingsShown = [tuple(r) for r in rows]
+        if table.columnCount != len(header):  # a signed heatmap's findings have a direction column
+            table.setColumnCount(len(header))
+            table.setHorizontalHeaderLabels(list(header))
         table.setRowCount(len(rows))
         for r, row in enumerate(rows):
             for c, text in enumerate(row):

@@ -19,13 +19,15 @@ import sys
 from dataclasses import dataclass, field, fields
 from typing import Callable, Optional
 
+import numpy as np
+
 from .adaptjob import (DEFAULT_MINUTES, AdaptJob, AdaptJobError, adaptation_summary, folder_scans,
                        user_models)
-from .logic import ScoringJob, SegmentEditedError, VAEAnomalyLogic
+from .logic import ScoringJob, SegmentEditedError, VAEAnomalyLogic, is_signed
 from vaeanomaly.registry import DEFAULT_PREDICTORS
 from .panel import (ABSOLUTE, BRAIN_DOWNLOAD_MB, CALIBRATED, CUSTOM_MODEL, DEFAULT_PERCENTILE,
                     DEFAULT_THRESHOLD_MODE, OPTION_DEFAULTS, PERCENTILE, PREDICTOR_INFO, bundled_models, default_model,
-                    default_predictor)
+                    default_predictor, two_tailed_predictors)
 
 REQUIRED_MODULES = ("torch", "safetensors", "sklearn")
 NOT_SKULL_STRIPPED = "NotSkullStrippedError"  # the worker's refusal of a head it cannot extract (vaeanomaly.errors)
@@ -69,9 +71,12 @@ class PanelParams:
     gpuDefaultSet: bool = False  # useGPU got its default (CUDA seen by PyTorch) when the node was new
     showReconstruction: bool = False
     opacity: float = 0.6
+    # "Bright and dark apart": score a signed map with its sign (polarity 'signed') where the model records per-tail
+    # thresholds for it (otherwise ignored, with a note); the heatmap is then shown in a diverging colour map
+    signedHeatmap: bool = False
     thresholdMode: str = DEFAULT_THRESHOLD_MODE
-    threshold: float = 0.0
-    calibratedThreshold: Optional[float] = None
+    threshold: float = 0.0  # a signed heatmap: the slider acts on |value| (one threshold for both tails)
+    calibratedThreshold: Optional[float] = None  # a signed heatmap: the larger of its tails (the pair is on the node)
     show3D: bool = False
     heatmap: object = None
     segmentation: object = None
@@ -79,6 +84,8 @@ class PanelParams:
 
 PARAMETER_NAMES = tuple(f.name for f in fields(PanelParams))
 FINDINGS_HEADER = ("id", "volume (ml)", "peak", "centroid RAS (mm)", "slices")  # the panel's findings table
+# a signed heatmap's findings (bright and dark apart): each one's direction; its peak is a magnitude in that direction
+SIGNED_FINDINGS_HEADER = ("id", "direction", "volume (ml)", "peak", "centroid RAS (mm)", "slices")
 
 
 @dataclass
@@ -99,6 +106,10 @@ class PanelState:
     threshold_step: float = 0.01
     threshold_decimals: int = 4
     threshold_value: float = 0.0
+    # "Bright and dark apart": whether the chosen model and predictor allow it (why not, or what it does)
+    signed_enabled: bool = False
+    signed_tooltip: str = ""
+    signed_shown: bool = False  # the panel's heatmap is a signed one (diverging colours; two segments)
     create_segment_enabled: bool = False
     verdict: Optional[dict] = None
     verdict_text: str = ""
@@ -120,10 +131,11 @@ class PanelState:
     adapt_inputs_enabled: bool = True
 
 
-def finding_row(f: dict) -> tuple:
-    """A finding as the panel's table shows it (FINDINGS_HEADER)."""
-    return (f["id"], f"{f['volume_ml']:.2f}", f"{f['peak']:.3g}",
-            ", ".join(f"{c:.1f}" for c in f["centroid_ras_mm"]), f"{f['slice_first']}-{f['slice_last']}")
+def finding_row(f: dict, signed: bool = False) -> tuple:
+    """A finding as the panel's table shows it (FINDINGS_HEADER; signed: SIGNED_FINDINGS_HEADER)."""
+    row = (f["id"], f"{f['volume_ml']:.2f}", f"{f['peak']:.3g}",
+           ", ".join(f"{c:.1f}" for c in f["centroid_ras_mm"]), f"{f['slice_first']}-{f['slice_last']}")
+    return (row[0], f.get("direction") or "", *row[1:]) if signed else row
 
 
 def dependencies_present() -> bool:
@@ -176,6 +188,8 @@ class PanelController:
         self._brain_installed = False  # installed in this session: a second refusal is not another offer
         self._computing = ""  # the status while a job runs, before its stage
         self._brain_note = ""  # what the status adds after a job whose brain was extracted
+        self._signed_note = ""  # what the status adds after a job asked for bright and dark apart
+        self._tails_cache = (None, ())  # ((model, file mtime), two_tailed_predictors) for state()
         self.job: Optional[ScoringJob] = None
         self.adapt_job: Optional[AdaptJob] = None
         self.adapt_status = ""
@@ -320,6 +334,64 @@ class PanelController:
                 self.model_card = f"Model unavailable: {err}"
         return self.model_card
 
+    # ------------------------------------------------------------------ bright and dark apart
+    def _two_tailed(self) -> tuple:
+        """The chosen model's signed maps with per-tail thresholds (panel.two_tailed_predictors, read without torch
+        from the file's header; cached per file version: state() asks on every redraw)."""
+        model = self.model_path()
+        try:
+            import os
+            from .panel import MODELS_DIR
+            path = MODELS_DIR / f"{model}.safetensors" if model in bundled_models() else model
+            key = (model, os.stat(path).st_mtime_ns) if model else None
+        except (OSError, TypeError):
+            key = (model, None)
+        if self._tails_cache[0] != key:
+            self._tails_cache = (key, two_tailed_predictors(model))
+        return self._tails_cache[1]
+
+    def signed_available(self) -> tuple[bool, str]:
+        """Whether "Bright and dark apart" can score the chosen predictor with the chosen model: a signed map
+        (registry `signed`) whose per-tail thresholds the model records. (ok, what it does / why not)."""
+        p = self.params
+        if p is None:
+            return False, "No parameter node"
+        info = PREDICTOR_INFO.get(p.predictor)
+        title = info.title if info is not None else p.predictor
+        if info is None or not info.signed:
+            return False, f"{title} has no sign (it does not say brighter or darker); choose a signed map"
+        if not self.model_path():
+            return False, "Choose a checkpoint file first"
+        if p.predictor not in self._two_tailed():
+            return False, (f"This model records no per-tail thresholds for {title} (recalibrate it with "
+                           f"training/calibrate.py); the heatmap shows |value|")
+        return True, ("Keep the sign: red where the scan is brighter than a healthy brain would be, blue where darker, "
+                      "each direction with its own calibrated threshold")
+
+    def set_signed_heatmap(self, on: bool) -> None:
+        """The "Bright and dark apart" check box (the web page; in Slicer the parameter node binds it)."""
+        if self.params is not None:
+            self.params.signedHeatmap = bool(on)
+
+    def _signed_options(self, checkpoint, opts):
+        """(options, note) for Apply with "Bright and dark apart" ticked: polarity 'signed' where the checkpoint's
+        per-tail thresholds hold for the predictor and these options (vaeanomaly.calibration.calibrated_tails);
+        otherwise the options unchanged (the heatmap shows |value| as before) and a note that says why."""
+        from dataclasses import replace
+
+        from .logic import calibrated_pair
+        p = self.params
+        info = PREDICTOR_INFO.get(p.predictor)
+        title = info.title if info is not None else p.predictor
+        if info is None or not info.signed:
+            return opts, f"(Bright and dark apart ignored: {title} has no sign.)"
+        signed = replace(opts, polarity="signed")
+        tails, why = calibrated_pair(checkpoint, p.predictor, signed)
+        if tails is None:
+            return opts, f"(Bright and dark apart ignored: {why}; the heatmap shows |value|.)"
+        return signed, ("Bright and dark apart: red = brighter, blue = darker than expected, each direction at its "
+                        "calibrated threshold; a threshold you set acts on |value|, both directions.")
+
     # ------------------------------------------------------------------ apply / cancel
     def warm_up(self) -> bool:
         """When the module opens: start the scoring worker in the background (torch imported, waiting for
@@ -385,7 +457,9 @@ class PanelController:
             from .logic import _cached_checkpoint
             # a predictor this model does not compute (a saved scene, another model chosen by script): the model's
             # own default, said in the status (the checkpoint is the one the job loads, from the same cache)
-            self._predictor_for(_cached_checkpoint(self.model_path()).kind)
+            ck = _cached_checkpoint(self.model_path())
+            self._predictor_for(ck.kind)
+            opts, self._signed_note = self._signed_options(ck, opts) if p.signedHeatmap else (opts, "")
             self.job = ScoringJob(self.logic, p.inputVolume, p.brainMask, self.model_path(), p.predictor, opts,
                                   device, bool(p.showReconstruction), launcher=self.launcher).start()
         except Exception as err:
@@ -394,8 +468,9 @@ class PanelController:
             self.dialogs.error(f"Could not start the computation:\n{err}")
             return False
         title = PREDICTOR_INFO[p.predictor].title if p.predictor in PREDICTOR_INFO else p.predictor
-        self._computing, self._brain_note = f"Computing {title}", ""
-        self.status = f"{self._computing}..."
+        apart = self.job.options.for_map(p.predictor).polarity == "signed"
+        self._computing, self._brain_note = f"Computing {title}" + (", bright and dark apart" if apart else ""), ""
+        self.status = f"{self._computing}..." + (f" {self._signed_note}" if self._signed_note else "")
         self.verdict, self.warnings = None, []
         return True
 
@@ -462,7 +537,7 @@ class PanelController:
             self._take_brain(result)
             self._brain_installed = False
             self.status = ("Done." if not self.warnings else "Done, with warnings: read them before using the heatmap.") \
-                + self._brain_note
+                + self._brain_note + (f" {self._signed_note}" if self._signed_note else "")
         except Exception as err:
             self.status = "The heatmap was computed but could not be displayed."
             self.dialogs.error(f"Could not display the result:\n{err}")
@@ -644,8 +719,9 @@ class PanelController:
         heat = self.params.heatmap
         if heat is not None and heat.GetScene() is self.scene \
                 and heat.GetAttribute("VAEAnomaly.Input") == job.inputVolume.GetID() \
-                and heat.GetAttribute("VAEAnomaly.Predictor") == job.predictor:
-            return heat
+                and heat.GetAttribute("VAEAnomaly.Predictor") == job.predictor \
+                and is_signed(heat) == (job.options.for_map(job.predictor).polarity == "signed"):
+            return heat  # (a signed heatmap and one of |value| are two heatmaps: neither replaces the other)
         return None
 
     # ------------------------------------------------------------------ display
@@ -683,6 +759,8 @@ class PanelController:
         """(maximum, step, decimals) for the slider."""
         heat = self.heatmap()
         arr = self.logic.heatmap_array(heat) if heat is not None else None
+        if arr is not None and is_signed(heat):  # the slider acts on |value|
+            arr = np.abs(arr)
         hi = float(arr.max()) if arr is not None and arr.size else 1.0
         hi = hi if hi > 0 else 1.0
         step = hi / 500
@@ -719,8 +797,19 @@ class PanelController:
             self.status = str(err)
             return
         p.threshold = value
-        self.logic.preview_threshold(heat, value)
+        self.logic.preview_threshold(heat, self.current_threshold())
         self.findings_pending = True
+
+    def current_threshold(self):
+        """The threshold the preview, the segment, the findings and the report use: the slider's number; a signed
+        heatmap's a threshold.Tails: its calibrated tails while the mode is calibrated (the slider then shows the
+        larger), else the slider's number on |value| for both tails (brighter above +t, darker below -t)."""
+        from .logic import as_tails, tails_of
+        p, heat = self.params, self.heatmap()
+        if heat is None or not is_signed(heat):
+            return float(p.threshold)
+        tails = tails_of(heat) if p.thresholdMode == CALIBRATED and p.calibratedThreshold is not None else None
+        return tails if tails is not None else as_tails(p.threshold)
 
     def set_threshold(self, value: float) -> None:
         """The slider moved. A value other than the mode's own turns the mode to 'absolute'."""
@@ -733,7 +822,10 @@ class PanelController:
             p.threshold = float(value)
             if p.thresholdMode != ABSOLUTE:
                 p.thresholdMode = ABSOLUTE
-        self.logic.preview_threshold(heat, float(p.threshold))
+                if is_signed(heat):
+                    self.status = (f"The threshold now acts on |value|: brighter than expected above "
+                                   f"+{p.threshold:.4g}, darker below -{p.threshold:.4g}.")
+        self.logic.preview_threshold(heat, self.current_threshold())
         self.findings_pending = True
 
     # ------------------------------------------------------------------ segment
@@ -758,21 +850,29 @@ class PanelController:
             self.status = "Wait for the computation to finish."
             return False
         kw = dict(show3D=bool(p.show3D), min_peak=self.region_peak())
+        threshold = self.current_threshold()
         try:
             try:
-                seg = self.logic.create_segment(heat, float(p.threshold), p.segmentation, p.inputVolume, **kw)
+                seg = self.logic.create_segment(heat, threshold, p.segmentation, p.inputVolume, **kw)
             except SegmentEditedError as err:
                 if not self.dialogs.confirm(f"{err}\n\nOverwrite your edits?"):
                     self.status = "Kept your edited segment."
                     return False
-                seg = self.logic.create_segment(heat, float(p.threshold), p.segmentation, p.inputVolume,
+                seg = self.logic.create_segment(heat, threshold, p.segmentation, p.inputVolume,
                                                 overwrite=True, **kw)
         except Exception as err:
             self.status = "Could not create the segment."
             self.dialogs.error(f"Could not create the segment:\n{err}")
             return False
         p.segmentation = seg
-        if self.logic.empty_reason:
+        if is_signed(heat):
+            from .logic import SIGNED_SEGMENT_NAMES
+            names = " and ".join(f"'{n}'" + (" (empty)" if n in self.logic.empty_segments else "")
+                                 for n in SIGNED_SEGMENT_NAMES.values())
+            self.status = (f"Segments {names} written: edit them in the Segment Editor." if not self.logic.empty_reason
+                           else f"Segments {names} are empty: {self.logic.empty_reason}. Lower the threshold, or "
+                                f"paint them in the Segment Editor.")
+        elif self.logic.empty_reason:
             self.status = (f"Segment 'Anomaly' is empty: {self.logic.empty_reason}. Lower the threshold, or paint "
                            f"it in the Segment Editor.")
         else:
@@ -791,14 +891,14 @@ class PanelController:
         if heat is None:
             self.findings, self._findings_for = [], None
             return False
+        threshold = self.current_threshold()
         try:
-            _, _, found = self.logic.update_findings(heat, float(p.threshold), p.inputVolume,
-                                                     min_peak=self.region_peak())
+            _, _, found = self.logic.update_findings(heat, threshold, p.inputVolume, min_peak=self.region_peak())
         except Exception as err:
             self.findings, self._findings_for = [], None
             self.status = f"Could not list the findings: {err}"
             return False
-        self.findings, self._findings_for = found, (heat.GetID(), float(p.threshold))
+        self.findings, self._findings_for = found, (heat.GetID(), threshold)
         return True
 
     def _current_findings(self) -> list:
@@ -806,7 +906,7 @@ class PanelController:
         heat = self.heatmap()
         if heat is None:
             return []
-        if self.findings_pending or self._findings_for != (heat.GetID(), float(self.params.threshold)):
+        if self.findings_pending or self._findings_for != (heat.GetID(), self.current_threshold()):
             self.refresh_findings()
         return self.findings
 
@@ -841,8 +941,14 @@ class PanelController:
 
     def threshold_source(self) -> str:
         """Where the panel's threshold comes from, in words (for the report)."""
-        from vaeanomaly.threshold import describe
+        from vaeanomaly.threshold import Tails, describe
         p = self.params
+        if is_signed(self.heatmap()):
+            if isinstance(self.current_threshold(), Tails) and p.thresholdMode == CALIBRATED \
+                    and p.calibratedThreshold is not None:
+                return describe("calibrated-signed")
+            kind = PERCENTILE if p.thresholdMode == PERCENTILE else ABSOLUTE
+            return describe(kind, DEFAULT_PERCENTILE) + " (on |value|, both tails)"
         if p.thresholdMode == CALIBRATED:
             if p.calibratedThreshold is not None:
                 return describe("calibrated")
@@ -894,8 +1000,8 @@ class PanelController:
             source = f"{src.GetName() if src is not None else 'unknown scan'}: heatmap '{heat.GetName()}'"
             from vaeanomaly.regions import DEFAULT_MIN_REGION_MM3, describe_regions
             kept = describe_regions(DEFAULT_MIN_REGION_MM3, self.region_peak())
-            written = report.write(path, image, heat_img, float(p.threshold), f"{self.threshold_source()}; {kept}",
-                                   found, title, model_line, verdict, source)
+            written = report.write(path, image, heat_img, self.current_threshold(),
+                                   f"{self.threshold_source()}; {kept}", found, title, model_line, verdict, source)
         except Exception as err:
             self.status = "Could not write the report."
             self.dialogs.error(f"Could not write the report:\n{err}")
@@ -920,16 +1026,23 @@ class PanelController:
         if p is None:
             return s
         s.custom_path_visible = p.model == CUSTOM_MODEL
+        s.signed_enabled, s.signed_tooltip = self.signed_available()
         has_heat = self.heatmap() is not None
+        signed = has_heat and is_signed(self.heatmap())
+        s.signed_shown = signed
+        s.findings_header = SIGNED_FINDINGS_HEADER if signed else FINDINGS_HEADER
         s.outputs_enabled = has_heat and not self.running
         s.create_segment_enabled = s.outputs_enabled
         s.report_enabled = s.outputs_enabled
         s.findings_pending = self.findings_pending
         if has_heat and self._findings_for is not None and self._findings_for[0] == self.heatmap().GetID():
-            s.findings_rows = [finding_row(f) for f in self.findings]
+            s.findings_rows = [finding_row(f, signed) for f in self.findings]
             n = len(self.findings)
             peak = self.region_peak()
-            s.findings_text = (f"{n} finding{'s' if n != 1 else ''} above {self._findings_for[1]:.4g}"
+            t = self._findings_for[1]
+            s.findings_text = (f"{n} finding{'s' if n != 1 else ''} "
+                               + (f"brighter than +{t.bright:.4g} or darker than -{t.dark:.4g}" if signed else
+                                  f"above {t:.4g}")
                                + (f", each reaching the model's region peak {peak:.4g}" if peak is not None else "")
                                + ("" if n else " (none of at least the minimum region size)"))
         if has_heat:

@@ -19,6 +19,9 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from vaeanomaly.dicom_out import DIRECTION_MODIFIERS, DIRECTION_RGB, segment_label
+from vaeanomaly.threshold import Tails
+
 SEGMENT_NAME = "Anomaly"
 HASH_TAG = "VAEAnomaly.LabelHash"
 # Standard terminology of the segment, in Slicer's TerminologyEntry format (7 parts separated by '~',
@@ -45,6 +48,32 @@ BRAIN_TERMINOLOGY_ENTRY = ("Segmentation category and type - DICOM master list"
                            "~^^"
                            "~^^")
 BRAIN_COLOR = (250 / 255, 250 / 255, 225 / 255)
+
+
+def _with_type_modifier(entry: str, code) -> str:
+    """A TerminologyEntry with its 4th part (the type modifier) set to code (value, scheme, meaning)."""
+    parts = entry.split("~")
+    parts[3] = f"{code[1]}^{code[0]}^{code[2]}"
+    return "~".join(parts)
+
+
+# "Bright and dark apart" (a signed heatmap, polarity 'signed'): one segment per direction, named as the DICOM
+# Segmentation of `vaeanomaly score --label seg.dcm` names them (vaeanomaly.dicom_out.segment_label), each the
+# 'Anomaly' entry with a type modifier, the MR signal intensity codes of DICOM CID 6335 (RadLex Hyperintense /
+# Hypointense: dicom_out.DIRECTION_MODIFIERS). Neither list Slicer ships (Modules/Loadable/Terminologies/Resources:
+# the DICOM master list, the General Anatomy list) has a hyper- or hypointensity type or a modifier for Mass; Slicer's
+# vtkSlicerTerminologiesModuleLogic::DeserializeTerminologyEntry reads whatever codes the 7 parts carry. Colours: the
+# diverging colour map's ends (red brighter, blue darker).
+SIGNED_SIDES = ("bright", "dark")
+SIGNED_SEGMENT_NAMES = {side: segment_label(side) for side in SIGNED_SIDES}
+SIGNED_TERMINOLOGY = {side: _with_type_modifier(TERMINOLOGY_ENTRY, DIRECTION_MODIFIERS[side]) for side in SIGNED_SIDES}
+SIGNED_COLORS = {side: tuple(c / 255 for c in DIRECTION_RGB[side]) for side in SIGNED_SIDES}
+SIGNED = "VAEAnomaly.Signed"  # on a heatmap scored with polarity 'signed' (add_results): "1"
+DIVERGING_OF = "VAEAnomaly.DivergingOf"  # on a signed heatmap's own diverging colour table: the heatmap's ID
+# a diverging map (RdBu reversed, ColorBrewer): blue = darker than expected, near white = as expected, red = brighter
+_DIVERGING = [(0.020, 0.188, 0.380), (0.129, 0.400, 0.675), (0.263, 0.576, 0.765), (0.573, 0.773, 0.871),
+              (0.820, 0.898, 0.941), (0.969, 0.969, 0.969), (0.992, 0.859, 0.780), (0.957, 0.647, 0.510),
+              (0.839, 0.376, 0.302), (0.698, 0.094, 0.169), (0.404, 0.000, 0.122)]
 MASK_SOURCE = "VAEAnomaly.MaskSource"  # on a segmentation this module made from a brain mask: where it came from
 HEAT_TABLE_NAME = "VAEAnomaly Heat"
 
@@ -136,6 +165,7 @@ class VAEAnomalyLogic:
             raise ValueError("VAEAnomalyLogic needs an MRML scene")
         self.scene = scene
         self.empty_reason = None  # why the last create_segment gave an empty segment (None: it was not empty)
+        self.empty_segments = []  # the names of the segments the last create_segment wrote empty
         self._register_converters()
 
     # ------------------------------------------------------------------ setup helpers
@@ -279,15 +309,20 @@ class VAEAnomalyLogic:
         for k, v in {"VAEAnomaly.Model": checkpoint.name, "VAEAnomaly.Predictor": predictor,
                      "VAEAnomaly.Input": inputVolume.GetID(), "VAEAnomaly.Options": json.dumps(opts)}.items():
             node.SetAttribute(k, v)  # provenance only; nothing parses these back
-        from vaeanomaly.calibration import region_peak
+        from vaeanomaly.calibration import is_two_tailed, region_peak
+        if is_two_tailed(predictor, options):  # the map keeps its sign: bright and dark apart
+            node.SetAttribute(SIGNED, "1")
+        else:
+            node.RemoveAttribute(SIGNED)
         peak = region_peak(checkpoint, predictor, options)  # read back by create_segment and update_findings
         if peak is None:
             node.RemoveAttribute(REGION_PEAK)
-        else:
-            node.SetAttribute(REGION_PEAK, repr(float(peak)))
+        else:  # a signed map: the two tails' peaks
+            node.SetAttribute(REGION_PEAK, json.dumps(peak.to_dict()) if isinstance(peak, Tails) else repr(float(peak)))
         self.lastCalibratedThreshold, self.lastCalibrationNote = calibrated_threshold(checkpoint, predictor, options)
         # kept on the heatmap (saved with the scene): picking it again in the panel restores its own threshold
-        store_calibration(node, self.lastCalibratedThreshold, self.lastCalibrationNote)
+        store_calibration(node, self.lastCalibratedThreshold, self.lastCalibrationNote,
+                          calibrated_pair(checkpoint, predictor, options)[0])
         self._display_heatmap(node)
         self.lastReconstruction = None
         if "reconstruction" in maps:  # registry.RECONSTRUCTION
@@ -302,16 +337,74 @@ class VAEAnomalyLogic:
         return node
 
     def _display_heatmap(self, node):
+        """Inferno from 0 to the 99.5th percentile; a signed heatmap (is_signed) its own diverging colour table
+        (diverging_color_node) on a window symmetric about 0 (+-the 99.5th percentile of |value|), so 0 (as
+        expected) sits in its middle: blue darker, red brighter than expected."""
         from vtk.util.numpy_support import vtk_to_numpy
         if node.GetDisplayNode() is None:
             node.CreateDefaultDisplayNodes()
         disp = node.GetDisplayNode()
-        disp.SetAndObserveColorNodeID(self.heat_color_node().GetID())
         arr = vtk_to_numpy(node.GetImageData().GetPointData().GetScalars())
+        disp.AutoWindowLevelOff()
+        if is_signed(node):
+            mag = np.abs(arr[arr != 0])
+            hi = float(np.percentile(mag, 99.5)) if mag.size else 1.0
+            disp.SetAndObserveColorNodeID(self.diverging_color_node(node).GetID())
+            disp.SetWindowLevelMinMax(-hi, hi)
+            disp.ApplyThresholdOff()
+            return
+        disp.SetAndObserveColorNodeID(self.heat_color_node().GetID())
         pos = arr[arr > 0]
         hi = float(np.percentile(pos, 99.5)) if pos.size else 1.0
-        disp.AutoWindowLevelOff()
         disp.SetWindowLevelMinMax(0.0, hi)
+
+    def diverging_color_node(self, heatmapNode):
+        """The signed heatmap's own diverging colour table (made once, attribute DIVERGING_OF): its own because the
+        threshold preview makes the entries between the tails transparent (preview_threshold), and another heatmap
+        keeps its own band."""
+        import slicer
+        for i in range(self.scene.GetNumberOfNodesByClass("vtkMRMLColorTableNode")):
+            node = self.scene.GetNthNodeByClass(i, "vtkMRMLColorTableNode")
+            if node.GetAttribute(DIVERGING_OF) == heatmapNode.GetID():
+                return node
+        node = slicer.vtkMRMLColorTableNode()
+        node.SetName(self.scene.GenerateUniqueName(f"VAEAnomaly Diverging ({heatmapNode.GetName()})"))
+        node.SetTypeToUser()
+        node.SetNumberOfColors(256)
+        anchors = np.array(_DIVERGING)
+        x = np.linspace(0, 1, len(anchors))
+        for i in range(256):
+            rgb = [float(np.interp(i / 255, x, anchors[:, k])) for k in range(3)]
+            node.SetColor(i, f"{i}", *rgb, 1.0)
+        node.SetAttribute("Category", "VAEAnomaly")
+        node.SetAttribute(DIVERGING_OF, heatmapNode.GetID())
+        self.scene.AddNode(node)
+        return node
+
+    def _preview_band(self, heatmapNode, tails: Optional[Tails]) -> None:
+        """A signed heatmap's preview: the entries of its diverging table whose values all lie between the tails
+        (-dark <= s <= bright) transparent, the others opaque (tails None: all opaque). The display node maps its
+        window [lo, hi] onto the 256 entries (vtkMRMLScalarVolumeDisplayNode: window/level to 0..255, then the
+        table; the table's alpha becomes the slice view's), values beyond the window onto the end entries; an entry
+        is shown when any value it stands for is beyond a tail, so no voxel above a threshold is ever hidden (one
+        entry, 1/255 of the window, below it may show)."""
+        disp = heatmapNode.GetDisplayNode()
+        table = self.diverging_color_node(heatmapNode)
+        if disp.GetColorNodeID() != table.GetID():
+            disp.SetAndObserveColorNodeID(table.GetID())
+        lo, hi = disp.GetWindowLevelMin(), disp.GetWindowLevelMax()
+        step = (hi - lo) / 255
+        rgba = [0.0] * 4
+        was = table.StartModify()
+        try:
+            for i in range(256):
+                low = -np.inf if i == 0 else lo + i * step
+                high = np.inf if i == 255 else lo + (i + 1) * step
+                table.GetColor(i, rgba)
+                shown = tails is None or high > tails.bright or low < -tails.dark
+                table.SetColor(i, *rgba[:3], 1.0 if shown else 0.0)
+        finally:
+            table.EndModify(was)
 
     # ------------------------------------------------------------------ threshold and segment
     @staticmethod
@@ -322,15 +415,28 @@ class VAEAnomalyLogic:
 
     def resolve_threshold(self, heatmapNode, spec, calibrated: Optional[float] = None) -> float:
         """A number, 'pNN' (percentile inside the brain) or 'auto' (`calibrated`: the checkpoint's
-        healthy-brain threshold for this predictor, a number carried by the job's result)."""
-        from vaeanomaly.threshold import resolve_threshold
+        healthy-brain threshold for this predictor, a number carried by the job's result). A signed heatmap
+        (is_signed): a percentile of |value| inside the brain (value != 0), one threshold for both tails; 'auto' its
+        calibrated tails (a threshold.Tails, tails_of)."""
+        from vaeanomaly.threshold import resolve_tails, resolve_threshold
         arr = self.heatmap_array(heatmapNode)
         pred = heatmapNode.GetAttribute("VAEAnomaly.Predictor") or ""
+        if is_signed(heatmapNode):
+            tails = tails_of(heatmapNode)
+            t = resolve_tails(spec, arr, arr != 0, {pred: tails} if tails is not None else {}, pred)
+            return t if str(spec).strip().lower() == "auto" else float(t.bright)
         return resolve_threshold(spec, arr, arr > 0, {pred: float(calibrated)} if calibrated is not None else {}, pred)
 
-    def preview_threshold(self, heatmapNode, threshold: Optional[float]):
-        """Live preview: show only voxels above the threshold (display only; voxels unchanged)."""
+    def preview_threshold(self, heatmapNode, threshold):
+        """Live preview: show only voxels above the threshold (display only; voxels unchanged). A signed heatmap:
+        `threshold` a threshold.Tails (or a number t for both: |value| > t), the voxels brighter than +bright or
+        darker than -dark are shown, through its colour table (_preview_band): the display node's threshold keeps
+        one interval only."""
         disp = heatmapNode.GetDisplayNode()
+        if is_signed(heatmapNode):
+            disp.ApplyThresholdOff()
+            self._preview_band(heatmapNode, None if threshold is None else as_tails(threshold))
+            return
         if threshold is None:
             disp.ApplyThresholdOff()
             return
@@ -387,28 +493,45 @@ class VAEAnomalyLogic:
     def _hash(mask: np.ndarray) -> str:
         return hashlib.sha1(np.packbits(mask.astype(bool)).tobytes() + str(mask.shape).encode()).hexdigest()
 
-    def create_segment(self, heatmapNode, threshold: float, segmentationNode=None, referenceVolume=None,
+    def create_segment(self, heatmapNode, threshold, segmentationNode=None, referenceVolume=None,
                        overwrite: bool = False, show3D: bool = False, min_region_mm3: Optional[float] = None,
-                       min_peak: Optional[float] = None):
+                       min_peak=None):
         """Write voxels above `threshold` as segment 'Anomaly' (reference geometry = the input volume), without
         regions smaller than min_region_mm3 (default: vaeanomaly.regions.DEFAULT_MIN_REGION_MM3, as the command
         line's --label) and, given min_peak (at the calibrated threshold the panel passes the heatmap's region
         peak, region_peak_of, as `--threshold auto` does), regions whose peak stays below it. Refuses to replace an
         'Anomaly' segment the user edited unless overwrite=True. Nothing above the threshold is a valid result: an
-        empty 'Anomaly' segment (to paint in), and `empty_reason` says why it is empty (None when it is not)."""
+        empty 'Anomaly' segment (to paint in), and `empty_reason` says why it is empty (None when it is not).
+
+        A signed heatmap (is_signed; threshold a threshold.Tails or a number t for both tails, min_peak a Tails or
+        None): two segments, 'Brighter than expected' (s > bright) and 'Darker than expected' (s < -dark), each
+        direction's regions kept apart (vaeanomaly.regions.direction_masks: the voxels of `score --label`'s 1 and
+        2), each with its own terminology (SIGNED_TERMINOLOGY); an edited one of them is refused as 'Anomaly' is,
+        before either changes. `empty_segments`: the names of the segments written empty."""
         import slicer
 
-        from vaeanomaly.regions import DEFAULT_MIN_REGION_MM3, keep_large
+        from vaeanomaly.regions import DEFAULT_MIN_REGION_MM3, direction_masks, keep_large
         ref = referenceVolume or self.scene.GetNodeByID(heatmapNode.GetAttribute("VAEAnomaly.Input") or "") or heatmapNode
         heat = self.heatmap_array(heatmapNode)
-        above = heat > float(threshold)
         min_mm3 = DEFAULT_MIN_REGION_MM3 if min_region_mm3 is None else float(min_region_mm3)
-        peak = None if min_peak is None else float(min_peak)
-        mask = keep_large(above, heatmapNode.GetSpacing(), min_mm3, heat, peak)
-        self.empty_reason = None if mask.any() else (  # an empty result is a valid, empty segment (not an error)
-            f"no voxel of '{heatmapNode.GetName()}' is above the threshold {float(threshold):.4g}"
-            + (f" in a region of at least {min_mm3:g} mm3" if above.any() else "")
-            + (f" that reaches {peak:.4g} (the model's region peak)" if above.any() and peak is not None else ""))
+        if is_signed(heatmapNode):
+            tails = as_tails(threshold)
+            peaks = None if min_peak is None else as_tails(min_peak)
+            masks = direction_masks(heat, tails, heatmapNode.GetSpacing(), min_mm3, peaks)
+            segments = [(SIGNED_SEGMENT_NAMES[d], masks[d], SIGNED_TERMINOLOGY[d], SIGNED_COLORS[d])
+                        for d in SIGNED_SIDES]
+            above_any, shown = masks["above"] > 0, f"{tails:.4g}"
+        else:
+            peaks = None if min_peak is None else float(min_peak)
+            above = heat > float(threshold)
+            segments = [(SEGMENT_NAME, keep_large(above, heatmapNode.GetSpacing(), min_mm3, heat, peaks),
+                         TERMINOLOGY_ENTRY, SEGMENT_COLOR)]
+            above_any, shown = bool(above.any()), f"{float(threshold):.4g}"
+        self.empty_segments = [name for name, mask, _, _ in segments if not mask.any()]
+        self.empty_reason = None if len(self.empty_segments) < len(segments) else (  # a valid, empty result
+            f"no voxel of '{heatmapNode.GetName()}' is above the threshold {shown}"
+            + (f" in a region of at least {min_mm3:g} mm3" if above_any else "")
+            + (f" that reaches {peaks:.4g} (the model's region peak)" if above_any and peaks is not None else ""))
         if segmentationNode is None:
             segmentationNode = slicer.vtkMRMLSegmentationNode()
             segmentationNode.SetName(self.scene.GenerateUniqueName(f"{ref.GetName()} anomaly segmentation"))
@@ -417,26 +540,32 @@ class VAEAnomalyLogic:
             segmentationNode.SetAndObserveTransformNodeID(ref.GetTransformNodeID())  # where the input is shown
             segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(ref)
         seg = segmentationNode.GetSegmentation()
-        old_id = seg.GetSegmentIdBySegmentName(SEGMENT_NAME)
-        if old_id:
+        old = {}
+        for name, _, _, _ in segments:  # every segment checked before any is replaced
+            old_id = seg.GetSegmentIdBySegmentName(name)
+            if not old_id:
+                continue
             import vtk
             ref_str = vtk.reference("")
             stored = str(ref_str) if seg.GetSegment(old_id).GetTag(HASH_TAG, ref_str) else None
             current = self._hash(self._segment_array(segmentationNode, old_id, ref))
             if stored != current and not overwrite:
-                raise SegmentEditedError(f"segment '{SEGMENT_NAME}' in '{segmentationNode.GetName()}' was edited "
+                raise SegmentEditedError(f"segment '{name}' in '{segmentationNode.GetName()}' was edited "
                                          f"since it was created; keep it, or confirm to overwrite it")
-            seg.RemoveSegment(old_id)
-        if not mask.any():  # nothing to import: an empty 'Anomaly' segment the user can paint in
-            new_ids = [seg.AddEmptySegment("", SEGMENT_NAME, list(SEGMENT_COLOR))]
-        else:
-            new_ids = self._import_mask(mask, heatmapNode, segmentationNode)
-        s = seg.GetSegment(new_ids[0]) if new_ids else None
-        if s is not None:
-            s.SetName(SEGMENT_NAME)
-            s.SetTag(s.GetTerminologyEntryTagName(), TERMINOLOGY_ENTRY)
-            s.SetColor(*SEGMENT_COLOR)
-            s.SetTag(HASH_TAG, self._hash(self._segment_array(segmentationNode, new_ids[0], ref)))
+            old[name] = old_id
+        for name, mask, entry, color in segments:
+            if name in old:
+                seg.RemoveSegment(old[name])
+            if not mask.any():  # nothing to import: an empty segment the user can paint in
+                new_ids = [seg.AddEmptySegment("", name, list(color))]
+            else:
+                new_ids = self._import_mask(mask, heatmapNode, segmentationNode)
+            s = seg.GetSegment(new_ids[0]) if new_ids else None
+            if s is not None:
+                s.SetName(name)
+                s.SetTag(s.GetTerminologyEntryTagName(), entry)
+                s.SetColor(*color)
+                s.SetTag(HASH_TAG, self._hash(self._segment_array(segmentationNode, new_ids[0], ref)))
         if show3D:
             segmentationNode.CreateClosedSurfaceRepresentation()
         return segmentationNode
@@ -524,14 +653,16 @@ class VAEAnomalyLogic:
                     break
         return out["vtkMRMLTableNode"], out["vtkMRMLMarkupsFiducialNode"]
 
-    def update_findings(self, heatmapNode, threshold: float, inputVolume=None, min_region_mm3: Optional[float] = None,
-                        min_peak: Optional[float] = None):
+    def update_findings(self, heatmapNode, threshold, inputVolume=None, min_region_mm3: Optional[float] = None,
+                        min_peak=None):
         """The findings of the heatmap above `threshold` (vaeanomaly.findings.find: regions of at least
         min_region_mm3, default vaeanomaly.regions.DEFAULT_MIN_REGION_MM3 as for Create segment, reaching min_peak
         where given as for Create segment, ranked by
         score mass; the input volume gives their mean intensity) into the scene: a table node (one row per
         finding, saved with the scene) and one point list with a control point per finding at its centroid,
-        labelled "A1 3.2 ml". Both are this heatmap's own (attribute VAEAnomaly.FindingsOf), updated in place on
+        labelled "A1 3.2 ml". A signed heatmap (is_signed; threshold and min_peak as create_segment takes them): each
+        direction's regions (find's per-tail findings: their `direction`, peak and mean as magnitudes in it), and the
+        table has a direction column. Both are this heatmap's own (attribute VAEAnomaly.FindingsOf), updated in place on
         later calls. Centroids are RAS in the heatmap's frame, so the point list sits under the heatmap's parent
         transform (the input volume's: add_results puts it there). No finding: an empty table and point list.
         Returns (table node, markups node, the findings as find() gives them, LPS, each with centroid_ras_mm)."""
@@ -547,10 +678,16 @@ class VAEAnomalyLogic:
             if image.GetSize() != heat.GetSize():  # not the heatmap's grid: no intensities rather than wrong ones
                 image = None
         # the brain is where the heatmap is positive (as resolve_threshold's percentile): the intensities' z-scores
-        # are taken inside it, and a threshold at or below zero never makes the background a finding
-        brain = sitk.Cast(heat > 0, sitk.sitkUInt8)
+        # are taken inside it, and a threshold at or below zero never makes the background a finding; a signed
+        # heatmap's brain is where it is not zero (scoring writes 0 outside the brain)
+        signed = is_signed(heatmapNode)
+        brain = sitk.Cast(heat != 0 if signed else heat > 0, sitk.sitkUInt8)
         min_mm3 = DEFAULT_MIN_REGION_MM3 if min_region_mm3 is None else float(min_region_mm3)
-        found = find(heat, float(threshold), image, brain, min_mm3, None if min_peak is None else float(min_peak))
+        if signed:
+            threshold, min_peak = as_tails(threshold), None if min_peak is None else as_tails(min_peak)
+        else:
+            threshold, min_peak = float(threshold), None if min_peak is None else float(min_peak)
+        found = find(heat, threshold, image, brain, min_mm3, min_peak)
         for f in found:
             x, y, z = f["centroid_lps_mm"]
             f["centroid_ras_mm"] = [-x, -y, z]
@@ -569,7 +706,7 @@ class VAEAnomalyLogic:
             with _active_place_node_kept(self.scene):  # never the list the user's next point goes into
                 self.scene.AddNode(points)
             points.CreateDefaultDisplayNodes()
-        self._fill_findings_table(table, found)
+        self._fill_findings_table(table, found, signed)
         points.SetAndObserveTransformNodeID(heatmapNode.GetTransformNodeID())
         wasModifying = points.StartModify()
         try:
@@ -579,14 +716,17 @@ class VAEAnomalyLogic:
         finally:
             points.EndModify(wasModifying)
         for node in (table, points):
-            node.SetAttribute("VAEAnomaly.Threshold", f"{float(threshold):.6g}")
+            node.SetAttribute("VAEAnomaly.Threshold", f"{threshold:.6g}")  # a signed one: "+b / -d"
         return table, points, found
 
     @staticmethod
-    def _fill_findings_table(table, found: list) -> None:
+    def _fill_findings_table(table, found: list, signed: bool = False) -> None:
         import vtk
-        columns = [(vtk.vtkStringArray, "id", lambda f: f["id"], "A1 is the largest score mass"),
-                   (vtk.vtkDoubleArray, "volume (ml)", lambda f: f["volume_ml"], ""),
+        columns = [(vtk.vtkStringArray, "id", lambda f: f["id"], "A1 is the largest score mass")]
+        if signed:  # a signed heatmap: each finding's direction; its peak and mean are magnitudes in that direction
+            columns.append((vtk.vtkStringArray, "direction", lambda f: f.get("direction") or "",
+                            "brighter or darker than a healthy brain would be"))
+        columns += [(vtk.vtkDoubleArray, "volume (ml)", lambda f: f["volume_ml"], ""),
                    (vtk.vtkDoubleArray, "peak", lambda f: f["peak"], "highest anomaly score in the region"),
                    (vtk.vtkDoubleArray, "mean", lambda f: f["mean"], "mean anomaly score in the region")]
         for k, axis in enumerate("RAS"):
@@ -660,9 +800,14 @@ def _cached_checkpoint(model):
 
 def calibrated_threshold(checkpoint, predictor: str, options=None) -> tuple[Optional[float], str]:
     """(the checkpoint's healthy-brain threshold for `predictor` with these options as a number, "") or
-    (None, why not) -- vaeanomaly.calibration decides whether a calibration holds."""
+    (None, why not) -- vaeanomaly.calibration decides whether a calibration holds. A signed map under polarity
+    'signed' has two (calibrated_pair): the larger, where the panel's slider shows them."""
     from vaeanomaly.calibration import calibrated_threshold as _calibrated
+    from vaeanomaly.calibration import is_two_tailed
     try:
+        if is_two_tailed(predictor, options):
+            tails, why = calibrated_pair(checkpoint, predictor, options)
+            return (None, why) if tails is None else (max(tails.bright, tails.dark), "")
         return float(_calibrated(checkpoint, predictor, options)), ""
     except ValueError as err:
         return None, str(err)
@@ -686,8 +831,56 @@ CALIBRATED_THRESHOLD = "VAEAnomaly.CalibratedThreshold"  # heatmap node attribut
 CALIBRATION_NOTE = "VAEAnomaly.CalibrationNote"  # heatmap node attribute: why it has none (add_results)
 
 
-def store_calibration(heatmapNode, threshold: Optional[float], note: str = "") -> None:
-    """Keep a heatmap's calibrated threshold (or why it has none) on the heatmap node itself."""
+CALIBRATED_TAILS = "VAEAnomaly.CalibratedTails"  # on a signed heatmap: its per-tail thresholds (JSON)
+
+
+def is_signed(heatmapNode) -> bool:
+    """A heatmap scored with its sign (polarity 'signed': positive brighter, negative darker than expected)."""
+    return heatmapNode is not None and heatmapNode.GetAttribute(SIGNED) == "1"
+
+
+def as_tails(value) -> Tails:
+    """A signed map's thresholds: a threshold.Tails as it is, a number t as Tails(t, t) (|value| > t, both tails)."""
+    return value if isinstance(value, Tails) else Tails(float(value), float(value))
+
+
+def _tails_attribute(heatmapNode, name) -> Optional[Tails]:
+    v = heatmapNode.GetAttribute(name) if heatmapNode is not None else None
+    try:
+        d = json.loads(v) if v else None
+        return Tails(float(d["bright"]), float(d["dark"])) if isinstance(d, dict) else None
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def tails_of(heatmapNode) -> Optional[Tails]:
+    """A signed heatmap's calibrated per-tail thresholds that add_results stored on it (None: none known)."""
+    return _tails_attribute(heatmapNode, CALIBRATED_TAILS)
+
+
+def calibrated_pair(checkpoint, predictor: str, options=None) -> tuple[Optional[Tails], str]:
+    """(the checkpoint's per-tail thresholds for a signed map under polarity 'signed' as a threshold.Tails, "") or
+    (None, why not); (None, "") for any other map (vaeanomaly.calibration.calibrated_tails decides)."""
+    from vaeanomaly.calibration import calibrated_tails, is_two_tailed
+    if not is_two_tailed(predictor, options):
+        return None, ""
+    try:
+        tails = calibrated_tails(checkpoint, predictor, options)
+    except ValueError as err:
+        return None, str(err)
+    if tails is None:
+        return None, (f"the checkpoint records no per-tail thresholds for '{predictor}' (calibrated before two-tailed "
+                      f"calibration)")
+    return Tails(tails["bright"]["threshold"], tails["dark"]["threshold"]), ""
+
+
+def store_calibration(heatmapNode, threshold: Optional[float], note: str = "", tails: Optional[Tails] = None) -> None:
+    """Keep a heatmap's calibrated threshold (or why it has none) on the heatmap node itself; a signed heatmap's
+    per-tail thresholds too (`tails`; its threshold is then the larger of the two, where the panel's slider sits)."""
+    if tails is None:
+        heatmapNode.RemoveAttribute(CALIBRATED_TAILS)
+    else:
+        heatmapNode.SetAttribute(CALIBRATED_TAILS, json.dumps(tails.to_dict()))
     if threshold is None:
         heatmapNode.RemoveAttribute(CALIBRATED_THRESHOLD)
         heatmapNode.SetAttribute(CALIBRATION_NOTE, note or "the checkpoint has no calibrated threshold for it")
@@ -711,10 +904,12 @@ def calibration_of(heatmapNode) -> tuple[Optional[float], Optional[str]]:
     return None, (note or None)
 
 
-def region_peak_of(heatmapNode) -> Optional[float]:
+def region_peak_of(heatmapNode):
     """The calibrated region peak that add_results stored on a heatmap node (None: keep every region, e.g. a
-    heatmap loaded by hand or a model without one)."""
+    heatmap loaded by hand or a model without one); a signed heatmap's: a threshold.Tails of the two tails' peaks."""
     v = heatmapNode.GetAttribute(REGION_PEAK) if heatmapNode is not None else None
+    if v and v.lstrip().startswith("{"):
+        return _tails_attribute(heatmapNode, REGION_PEAK)
     try:
         return float(v) if v else None
     except ValueError:

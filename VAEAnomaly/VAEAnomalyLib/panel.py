@@ -29,7 +29,7 @@ CALIBRATED, PERCENTILE, ABSOLUTE = "calibrated", "percentile", "absolute"
 assert set(THRESHOLD_MODE_CHOICES) == {CALIBRATED, PERCENTILE, ABSOLUTE}, "registry.THRESHOLD_MODES changed"
 __all__ = ["PREDICTOR_CHOICES", "THRESHOLD_MODE_CHOICES", "DEFAULT_PREDICTOR", "DEFAULT_THRESHOLD_MODE",
            "DEFAULT_PERCENTILE", "PREDICTOR_INFO", "CUSTOM_MODEL", "CALIBRATED", "PERCENTILE", "ABSOLUTE", "bundled_models", "default_model",
-           "default_predictor", "model_kind_of_file", "default_vae", "adapt_base_for",
+           "default_predictor", "model_kind_of_file", "two_tailed_predictors", "default_vae", "adapt_base_for",
            "option_defaults", "OPTION_DEFAULTS"]
 
 
@@ -48,11 +48,30 @@ def default_model() -> str:
 def model_kind_of_file(path: Path) -> str:
     """'dae' or 'vae' of a checkpoint file, from its safetensors header's JSON metadata (no torch, no weights read):
     what vaeanomaly.checkpoint.load_checkpoint would say (its architecture key)."""
+    meta = _checkpoint_meta(path)
+    return "dae" if (meta.get("model") or {}).get("architecture") == "unet-dae" else "vae"
+
+
+def _checkpoint_meta(path: Path) -> dict:
+    """The vaeanomaly metadata of a checkpoint file, from its safetensors header (no torch, no weights read)."""
     with open(path, "rb") as f:
         n = struct.unpack("<Q", f.read(8))[0]
         header = json.loads(f.read(n))
-    meta = json.loads(header.get("__metadata__", {}).get("vaeanomaly", "{}"))
-    return "dae" if (meta.get("model") or {}).get("architecture") == "unet-dae" else "vae"
+    return json.loads(header.get("__metadata__", {}).get("vaeanomaly", "{}"))
+
+
+def two_tailed_predictors(model) -> tuple:
+    """The signed maps for which checkpoint `model` (a bundled name or a file's path) records per-tail thresholds
+    (calibration.calibrated_tails: what "Bright and dark apart" needs), read without torch; () when it records none
+    or the file cannot be read."""
+    if not model:
+        return ()
+    path = MODELS_DIR / f"{model}.safetensors" if model in bundled_models() else Path(model)
+    try:
+        tails = _checkpoint_meta(path).get("two_tailed") or {}
+    except (OSError, ValueError, struct.error):
+        return ()
+    return tuple(p for p, entry in tails.items() if isinstance(entry, dict) and {"bright", "dark"} <= set(entry))
 
 
 def default_vae() -> str:

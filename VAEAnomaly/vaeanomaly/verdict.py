@@ -34,7 +34,7 @@ from typing import Optional
 
 import numpy as np
 
-from .registry import DEFAULT_PREDICTOR, DEFAULT_PREDICTORS, ENSEMBLE
+from .registry import DEFAULT_PREDICTOR, DEFAULT_PREDICTORS, ENSEMBLE, PREDICTOR_INFO, option_defaults
 
 VERSION = 1
 K = 3.0
@@ -197,7 +197,12 @@ def assess_slices(checkpoint, slices, brain, predictor: Optional[str] = None, op
     if pred:
         t = float(checkpoint.thresholds[pred])
         report["threshold"] = t
-        report["flagged_percent"] = round(100.0 * float(np.mean(maps[pred][b] > t)), 3)
+        vals = maps[pred][b]
+        recorded = checkpoint.threshold_options.get("polarity") or option_defaults(pred)["polarity"]
+        if options is not None and PREDICTOR_INFO.get(pred) is not None and PREDICTOR_INFO[pred].signed \
+                and options.for_map(pred).polarity == "signed" and recorded == "both":
+            vals = np.abs(vals)  # a signed map (bright and dark apart) against the threshold of |value| ('both')
+        report["flagged_percent"] = round(100.0 * float(np.mean(vals > t)), 3)
     cal = checkpoint.meta.get("verdict")
     if not cal:
         _add(report, NO_CALIBRATION)

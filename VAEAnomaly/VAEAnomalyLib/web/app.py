@@ -171,6 +171,7 @@ class VAEAnomalyWebApp:
         s.legend_max = 1.0
         s.upload_file = None
         s.findings_header = list(FINDINGS_HEADER)
+        s.signed_heatmap, s.signed_enabled, s.signed_tooltip, s.signed_shown = False, False, "", False
         s.findings_rows = []
         s.findings_text = ""
         s.report_enabled = False
@@ -204,6 +205,8 @@ class VAEAnomalyWebApp:
             s.mask_id = p.brainMask.GetID() if p.brainMask is not None else None
             s.model = p.model
             s.predictor = p.predictor
+            s.signed_heatmap = bool(p.signedHeatmap)
+            s.signed_enabled, s.signed_tooltip, s.signed_shown = st.signed_enabled, st.signed_tooltip, st.signed_shown
             s.apply_enabled, s.apply_text, s.apply_tooltip = st.apply_enabled, st.apply_text, st.apply_tooltip
             s.running, s.progress, s.progress_visible = st.running, st.progress, st.progress_visible
             s.busy = st.running
@@ -233,6 +236,7 @@ class VAEAnomalyWebApp:
             if new:
                 s.errors = (list(s.errors or []) + new)[-5:]
             s.question = self.dialogs.question
+            s.findings_header = list(st.findings_header)  # a signed heatmap's: with the direction column
             s.findings_rows = [list(r) for r in st.findings_rows]
             s.findings_text = st.findings_text
             s.report_enabled = st.report_enabled
@@ -303,6 +307,9 @@ class VAEAnomalyWebApp:
         def run():
             self.params.predictor = value
         self._guard("Selecting the predictor", run)
+
+    def on_signed(self, value):
+        self._guard("Bright and dark apart", self.controller.set_signed_heatmap, bool(value))
 
     def on_apply(self):
         def run():
@@ -583,6 +590,10 @@ class VAEAnomalyWebApp:
                     v3.VSelect(label="Predictor", items=("predictors",), model_value=("predictor",),
                                update_modelValue=(self.on_predictor, "[$event]"), disabled=("!inputs_enabled",),
                                density="compact", hide_details=True)
+                    v3.VCheckbox(label="Bright and dark apart", model_value=("signed_heatmap",),
+                                 update_modelValue=(self.on_signed, "[$event]"),
+                                 disabled=("!inputs_enabled || !signed_enabled",), title=("signed_tooltip",),
+                                 density="compact", hide_details=True, id="signed-heatmap")
                     v3.VBtn("{{ apply_text }}", click=self.on_apply, disabled=("!apply_enabled",),
                             color=("running ? 'orange' : 'primary'",), block=True, id="apply-button",
                             title=("apply_tooltip",))
@@ -606,9 +617,14 @@ class VAEAnomalyWebApp:
                              id="heatmap-name")
                     # colour legend of the heatmap (the slice views also draw Slicer's own legend)
                     with html.Div(v_show=("has_heatmap",), id="legend"):
-                        html.Div(style="height: 10px; border-radius: 2px; background: linear-gradient(to right,"
+                        html.Div(v_show=("!signed_shown",),
+                                 style="height: 10px; border-radius: 2px; background: linear-gradient(to right,"
                                        " #000004, #1b0c41, #51127c, #832681, #b5367a, #e3514e, #fb8a31,"
                                        " #f9c72b, #fcffa4);")
+                        # a signed heatmap (bright and dark apart): blue darker, red brighter than expected
+                        html.Div(v_show=("signed_shown",), id="legend-diverging",
+                                 style="height: 10px; border-radius: 2px; background: linear-gradient(to right,"
+                                       " #053061, #2166ac, #92c5de, #f7f7f7, #f4a582, #b2182b, #67001f);")
                         with html.Div(classes="d-flex text-caption"):
                             html.Span("{{ legend_min }}")
                             v3.VSpacer()
