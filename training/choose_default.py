@@ -91,7 +91,7 @@ def figures(rows, sizes: dict | None = None) -> dict:
     return dict(out)
 
 
-def healthy_flagged(models, scans) -> dict:
+def healthy_flagged(models, scans, files: dict | None = None) -> dict:
     """{model: mean % of brain flagged over the healthy `scans` [(volume, mask)]} at each model's calibrated
     threshold for its default predictor (the verdict's flagged_percent: what a clinician sees)."""
     from vaeanomaly import verdict
@@ -100,7 +100,7 @@ def healthy_flagged(models, scans) -> dict:
     images = [(read_image(v), read_image(m, "mask")) for v, m in scans]
     out = {}
     for name in models:
-        ck = load_checkpoint(name)
+        ck = load_checkpoint((files or {}).get(name, name))
         vals = [verdict.assess(ck, img, mask)["flagged_percent"] for img, mask in images]
         out[name] = sum(vals) / len(vals)
     return out
@@ -146,6 +146,8 @@ def main(argv=None) -> int:
     ap.add_argument("--healthy", nargs="*", default=[], metavar="LABEL=FOLDER",
                     help="another healthy population: FOLDER/*/T1w/T2w_acpc_dc_restore_brain.nii.gz with its "
                          "brainmask_fs.nii.gz (HCP layout, e.g. the legacy generator's healthy subjects)")
+    ap.add_argument("--files", nargs="*", default=[], metavar="MODEL=FILE",
+                    help="checkpoint files of candidates that are not bundled (e.g. dae-128-small=runs/v/dae128s.safetensors)")
     ap.add_argument("--out", help="write the rule, the table and the winner to this Markdown file")
     a = ap.parse_args(argv)
     sizes = {k: int(v) for k, v in (s.split("=", 1) for s in a.sizes)}
@@ -160,7 +162,8 @@ def main(argv=None) -> int:
         if not vols:
             raise SystemExit(f"--healthy {spec}: no */T1w/T2w_acpc_dc_restore_brain.nii.gz under {folder}")
         scans = [(v, v.parent / "brainmask_fs.nii.gz") for v in vols]
-        add_population(figs, f"{label} ({len(vols)})", healthy_flagged({s.split(" ")[0] for s in figs}, scans))
+        files = dict(f.split("=", 1) for f in a.files)
+        add_population(figs, f"{label} ({len(vols)})", healthy_flagged({s.split(" ")[0] for s in figs}, scans, files))
     winner, order = choose(figs)
     text = table(figs, order)
     verdict = (f"**Winner: {winner}**" if winner else
