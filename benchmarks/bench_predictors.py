@@ -27,11 +27,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from platform_facts import load_average, peak_rss_kb  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "VAEAnomaly"))
@@ -120,7 +122,7 @@ def print_default_against_vae(default, vae) -> None:
 def busy_warning(load: float | None = None) -> str | None:
     """A warning when the 1-minute load average says other work is running (timings then mean little)."""
     import os
-    load = os.getloadavg()[0] if load is None else load
+    load = load_average() if load is None else load
     if load > BUSY_LOAD:
         return (f"WARNING: load average {load:.2f} > {BUSY_LOAD}: the machine is busy with other work; these "
                 f"timings and ratios are not comparable to a quiet run. Re-run on a quiet machine.")
@@ -206,7 +208,7 @@ def run_case(case: str, threads: int, repeat: int, device: str) -> dict:
         t = time.perf_counter()
         once()
         times.append(time.perf_counter() - t)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = peak_rss_kb()
     traced = traced_peak_mb(once) if not case.startswith(("proj-rec-error", "cohort")) else float("nan")
     if case == "cohort":
         import shutil
@@ -262,7 +264,7 @@ def interleaved(threads: int, rounds: int, device: str, cohort_items: int, clock
     loads = {k: [] for k in cases}
     for r in range(rounds):
         for k, f in cases.items():
-            loads[k].append(os.getloadavg()[0])
+            loads[k].append(load_average())
             t = tick()
             f()
             times[k].append(tick() - t)
@@ -276,7 +278,7 @@ def interleaved(threads: int, rounds: int, device: str, cohort_items: int, clock
         for label, opts in ((f"proj-rec-error, {brain_slices} brain slices, 100 steps", PredictorOptions()),
                             (f"proj-rec-error, {brain_slices} brain slices, early stop (proj_tol {PROJ_TOL:g})",
                              PredictorOptions(proj_tol=PROJ_TOL))):
-            load = os.getloadavg()[0]
+            load = load_average()
             t = tick()
             compute_maps(ck.model, p.slices, ["proj-rec-error"], ck.beta, opts, device, brain=p.brain)
             rows.append((label, 1000 * (tick() - t), load))
@@ -285,7 +287,7 @@ def interleaved(threads: int, rounds: int, device: str, cohort_items: int, clock
     try:
         for k in range(cohort_items):
             sitk.WriteImage(img, str(tmp / f"case{k:02d}.nrrd"))
-        load = os.getloadavg()[0]
+        load = load_average()
         t = time.perf_counter()  # (wall time: the DataLoader workers are other processes)
         request = ScoreRequest(input=str(tmp), output=str(tmp / "out"), predictors="rec-grad", device=device)
         res = score_many(ck, expand_inputs([str(tmp)]), request.checked(ck), tmp / "out", request, workers=2,
@@ -313,13 +315,13 @@ def interleaved(threads: int, rounds: int, device: str, cohort_items: int, clock
             if k.startswith("proj-rec-error"):
                 print(f"{k}: {ms / 1000:.1f} s = {ms / net:.1f}x network (target <= 4 s for 100 steps)")
     print(f"cohort throughput: {60 * cohort_items / cohort_s:.1f} volumes/min")
-    print(f"peak memory: RSS of this process {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB "
+    print(f"peak memory: RSS of this process {peak_rss_kb() / 1024:.0f} MB "
           f"(torch import, model, all cases; workers not counted); traced by tracemalloc (numpy + Python) during "
           + ", ".join(f"{k} {v:.0f} MB" for k, v in traced.items()))
     if job:
         print_slicer_job(slicer_job(threads), net)
     worst = max(max(v) for v in loads.values())
-    worst = max(worst, os.getloadavg()[0])
+    worst = max(worst, load_average())
     print(f"load average during the run: up to {worst:.2f} on {os.cpu_count()} cores" +
           (f" -- {busy_warning(worst)}" if busy_warning(worst) else " (quiet)"))
 
@@ -354,7 +356,7 @@ def main():
     rows, loads = [], []
     for c in cases:
         warning = busy_warning()
-        loads.append(os.getloadavg()[0])
+        loads.append(load_average())
         if warning:
             print(warning, file=sys.stderr)
         r = subprocess.run([sys.executable, __file__, "--case", c, "--threads", str(a.threads), "--repeat",
@@ -407,12 +409,12 @@ def main():
               f"volumes/min ({c['ms'] / c['items']:.0f} ms per volume: read + score Rec-grad + write .nii.gz; "
               f"peak RSS of the main process {c['peak_mb']:.0f} MB, workers not counted)")
     if not a.no_slicer_job:
-        loads.append(os.getloadavg()[0])
+        loads.append(load_average())
         default = slicer_job(a.threads, a.repeat)
         print_slicer_job(default, net)
         from vaeanomaly.checkpoint import DEFAULT_VAE
         print_default_against_vae(default, slicer_job(a.threads, a.repeat, DEFAULT_VAE))
-    worst = max(loads + [os.getloadavg()[0]])
+    worst = max(loads + [load_average()])
     print(f"\nload average during the run: up to {worst:.2f} on {os.cpu_count()} cores" +
           (f" -- {busy_warning(worst)}" if busy_warning(worst) else " (quiet)"))
 

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from platform_facts import load_average, peak_rss_kb  # noqa: E402
 
 import numpy as np
 
@@ -66,7 +68,7 @@ def main():
         t_net = time.perf_counter()
         compute_maps(model, cases[0][1], ["rec-grad"], ck.beta)
         t_net = time.perf_counter() - t_net
-        load = os.getloadavg()[0]
+        load = load_average()
         opts = PredictorOptions(proj_tol=tol)
         scores, labels, steps, t = [], [], [], time.perf_counter()
         for _, slices, brain, label in cases:
@@ -89,7 +91,7 @@ def main():
         m = pixel_metrics(np.concatenate(scores), np.concatenate(labels))
         print(f"| {tol:g}{' (off: N = 100)' if tol == 0 else ''} | {np.mean(steps):.0f}, {max(steps)} | "
               f"{m['auroc']:.4f} | {m['ap']:.4f} | {dt:.1f} | {dt / len(cases) / t_net:.0f}x ({1000 * t_net:.0f} ms) | "
-              f"{max(load, os.getloadavg()[0]):.2f} | {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} |",
+              f"{max(load, load_average()):.2f} | {peak_rss_kb() / 1024:.0f} |",
               flush=True)
 
 

@@ -20,6 +20,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from platform_facts import load_average  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "VAEAnomaly"))
 TARGET_WARM_RATIO = 4.0
@@ -47,7 +50,7 @@ def measure(repeats: int = 3, threads: int | None = None, model: str | None = No
     if threads:
         torch.set_num_threads(threads)
         os.environ["OMP_NUM_THREADS"] = str(threads)  # the worker's torch, which inherits the environment
-    loads = [os.getloadavg()[0]]
+    loads = [load_average()]
     try:
         img = sitk.ReadImage(str(sample_data("VAEAnomalySample_T2.nrrd")))
         scene = slicer.vtkMRMLScene()
@@ -74,7 +77,7 @@ def measure(repeats: int = 3, threads: int | None = None, model: str | None = No
             t = time.perf_counter()
             score_volume(ck, img, None, [pred])
             sv.append(time.perf_counter() - t)
-        loads.append(os.getloadavg()[0])
+        loads.append(load_average())
 
         def apply(heat=None):
             """As the panel runs it (its timer polls every 100 ms; here every 2 ms, so the figures measure the
@@ -104,7 +107,7 @@ def measure(repeats: int = 3, threads: int | None = None, model: str | None = No
             warm.append(s)
             verdict.append(total)
             inside.append(job.worker_seconds)
-            loads.append(os.getloadavg()[0])
+            loads.append(load_average())
         scene.Clear(1)
     finally:
         W.shutdown()
