@@ -23,9 +23,10 @@ import SimpleITK as sitk
 slicer = pytest.importorskip("slicer")
 
 from conftest import ROOT, make_phantom  # noqa: E402
+from test_controller import ScriptedUser  # noqa: E402
 from test_logic import add_volume, snapshot  # noqa: E402
 from vaeanomaly import brainextract  # noqa: E402
-from VAEAnomalyLib.controller import BRAIN_INSTALL_QUESTION, Dialogs, PanelController, PanelParams  # noqa: E402
+from VAEAnomalyLib.controller import BRAIN_INSTALL_QUESTION, PanelController, PanelParams  # noqa: E402
 from VAEAnomalyLib.logic import (BRAIN_SEGMENT_NAME, BRAIN_TERMINOLOGY_ENTRY, MASK_SOURCE, ScoringJob,  # noqa: E402
                                  VAEAnomalyLogic, image_from_node)
 from VAEAnomalyLib.panel import BRAIN_REQUIREMENT  # noqa: E402
@@ -33,21 +34,6 @@ from VAEAnomalyLib.worker import workers  # noqa: E402
 
 HAVE_BET, WHY = brainextract.available()
 needs_bet = pytest.mark.skipif(not HAVE_BET, reason=f"brain extraction not installed: {WHY}")
-
-
-class ScriptedUser(Dialogs):
-    """Answers confirmations from a queue (default: no) and records every message (test_controller.py's)."""
-
-    def __init__(self, *answers):
-        super().__init__()
-        self.answers = list(answers)
-
-    def confirm(self, text):
-        self.shown.append(("confirm", text))
-        return self.answers.pop(0) if self.answers else False
-
-    def kinds(self):
-        return [k for k, _ in self.shown]
 
 
 @pytest.fixture(scope="module")
