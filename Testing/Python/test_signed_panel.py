@@ -32,6 +32,7 @@ from vaeanomaly.threshold import Tails  # noqa: E402
 
 SAMPLE = Path(__file__).resolve().parents[2] / "VAEAnomaly" / "Resources" / "SampleData" / "VAEAnomalySample_T2.nrrd"
 MODEL = "dae-64"
+NO_TAILS = "bvae-l128-b10-v2"  # a bundled VAE calibrated before per-tail thresholds existed
 BRIGHTER, DARKER = "Brighter than expected", "Darker than expected"
 
 
@@ -188,7 +189,10 @@ def test_models_without_tails_disable_it_and_ignore_it(scene, sample):
     p.predictor = "rec-error"  # the DAE's unsigned map
     ok, why = ctl.signed_available()
     assert not ok and not ctl.state().signed_enabled and "no sign" in why
-    ctl.select_model(DEFAULT_VAE)  # a VAE: no per-tail thresholds recorded
+    ctl.select_model(DEFAULT_VAE)  # the default VAE, recalibrated with training/calibrate.py: Rec-grad has its tails
+    p.predictor = "rec-grad"
+    assert ctl.signed_available()[0]
+    ctl.select_model(NO_TAILS)  # a VAE calibrated before per-tail thresholds existed
     p.predictor = "rec-grad"  # its default, a signed map
     ok, why = ctl.signed_available()
     assert not ok and "no per-tail thresholds" in why and ctl.state().signed_tooltip == why
@@ -237,7 +241,7 @@ def test_web_page_has_the_check_box_and_the_direction_column(sample, tmp_path):
     sitk.WriteImage(img, str(path))
     app = VAEAnomalyWebApp([str(path)])
     try:
-        app.on_model(DEFAULT_VAE)
+        app.on_model(NO_TAILS)
         assert not app.state.signed_enabled and "no per-tail thresholds" in app.state.signed_tooltip
         app.on_model(MODEL)
         app.on_predictor("dae-residual")
