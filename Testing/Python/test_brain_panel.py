@@ -23,7 +23,7 @@ import SimpleITK as sitk
 slicer = pytest.importorskip("slicer")
 
 from conftest import ROOT, make_phantom  # noqa: E402
-from test_controller import ScriptedUser  # noqa: E402
+from test_controller import ScriptedUser, scene, voxels  # noqa: E402,F401  (scene: the fixture)
 from test_logic import add_volume, snapshot  # noqa: E402
 from vaeanomaly import brainextract  # noqa: E402
 from VAEAnomalyLib.controller import BRAIN_INSTALL_QUESTION, PanelController, PanelParams  # noqa: E402
@@ -40,21 +40,6 @@ needs_bet = pytest.mark.skipif(not HAVE_BET, reason=f"brain extraction not insta
 def head():
     from vaeanomaly.synth import make_varied
     return make_varied(1_900_001, "tse", "glioma", head=True, step=2, off=("partial",))
-
-
-@pytest.fixture
-def scene():
-    s = slicer.vtkMRMLScene()
-    for name in ("Red", "Yellow", "Green"):
-        c = slicer.vtkMRMLSliceCompositeNode()
-        c.SetName(f"vtkMRMLSliceCompositeNode{name}")
-        s.AddNode(c)
-    yield s
-    s.Clear(1)
-
-
-def voxels(node):
-    return sitk.GetArrayFromImage(image_from_node(node)).copy()
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
