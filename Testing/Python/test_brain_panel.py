@@ -23,7 +23,7 @@ import SimpleITK as sitk
 slicer = pytest.importorskip("slicer")
 
 from conftest import ROOT, make_phantom  # noqa: E402
-from test_controller import ScriptedUser, scene, voxels  # noqa: E402,F401  (scene: the fixture)
+from test_controller import ScriptedUser, alive, scene, voxels  # noqa: E402,F401  (scene: the fixture)
 from test_logic import add_volume, snapshot  # noqa: E402
 from vaeanomaly import brainextract  # noqa: E402
 from VAEAnomalyLib.controller import BRAIN_INSTALL_QUESTION, PanelController, PanelParams  # noqa: E402
@@ -64,14 +64,6 @@ def run_to_end(ctl, timeout=900, seen=None):
             seen.append(ctl.status)
         assert time.time() - t0 < timeout, ctl.job.messages if ctl.job else ctl.status
         time.sleep(0.1)
-
-
-def alive(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def launcher_without_bet(tmp_path) -> tuple[str, Path]:
