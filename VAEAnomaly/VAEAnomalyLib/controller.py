@@ -454,10 +454,10 @@ class PanelController:
             opts = PredictorOptions(**{**OPTION_DEFAULTS, "smooth": bool(p.smoothGradients),
                                        "proj_steps": int(p.projectionSteps),
                                        "proj_lambda": float(p.projectionLambda)})
-            from .logic import _cached_checkpoint
+            from .logic import cached_checkpoint
             # a predictor this model does not compute (a saved scene, another model chosen by script): the model's
             # own default, said in the status (the checkpoint is the one the job loads, from the same cache)
-            ck = _cached_checkpoint(self.model_path())
+            ck = cached_checkpoint(self.model_path())
             self._predictor_for(ck.kind)
             opts, self._signed_note = self._signed_options(ck, opts) if p.signedHeatmap else (opts, "")
             self.job = ScoringJob(self.logic, p.inputVolume, p.brainMask, self.model_path(), p.predictor, opts,

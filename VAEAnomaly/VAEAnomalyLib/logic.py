@@ -789,7 +789,7 @@ from .worker import kill_process_tree, python_executable  # noqa: E402,F401  (na
 _CHECKPOINTS = None  # the panel's side of a job needs a checkpoint's name and thresholds: once per file version
 
 
-def _cached_checkpoint(model):
+def cached_checkpoint(model):
     """load_checkpoint, once per file version (a rewritten file is read again): the worker's own cache."""
     global _CHECKPOINTS
     if _CHECKPOINTS is None:
@@ -950,7 +950,7 @@ class ScoringJob:
         from vaeanomaly.scoring import ScoreRequest
         self.options = options if options is not None else PredictorOptions()
         img, mask = logic.input_images(inputVolume, maskNode)  # validate before any work
-        self.checkpoint = _cached_checkpoint(model)
+        self.checkpoint = cached_checkpoint(model)
         predictor = predictor or DEFAULT_PREDICTORS[self.checkpoint.kind]  # none given: the model's own default
         self.logic, self.inputVolume, self.predictor = logic, inputVolume, predictor
         self.calibrated, self.calibration_note = calibrated_threshold(self.checkpoint, predictor, self.options)
