@@ -107,9 +107,10 @@ def healthy_flagged(models, scans, files: dict | None = None) -> dict:
 
 
 def add_population(figs: dict, label: str, flagged: dict) -> None:
-    """One more healthy population's mean flagged % per model (scorer 'MODEL predictor'), into the quiet test."""
+    """One more healthy population's mean flagged % per scorer ('MODEL predictor'; or per MODEL), into the quiet
+    test."""
     for s, f in figs.items():
-        v = flagged.get(s.split(" ")[0])
+        v = flagged.get(s, flagged.get(s.split(" ")[0]))
         if v is not None:
             f.setdefault("populations", {})[label] = v
             f["quiet"] = f["quiet"] and v <= QUIET_PCT
@@ -148,6 +149,9 @@ def main(argv=None) -> int:
                          "brainmask_fs.nii.gz (HCP layout, e.g. the legacy generator's healthy subjects)")
     ap.add_argument("--files", nargs="*", default=[], metavar="MODEL=FILE",
                     help="checkpoint files of candidates that are not bundled (e.g. dae-128-small=runs/v/dae128s.safetensors)")
+    ap.add_argument("--populations", nargs="*", default=[], metavar="CSV",
+                    help="other healthy populations already scored (columns scorer, population, flagged_pct; e.g. "
+                         "try_fusion.py's PREFIX_populations.csv for candidates that are no checkpoint file)")
     ap.add_argument("--out", help="write the rule, the table and the winner to this Markdown file")
     a = ap.parse_args(argv)
     sizes = {k: int(v) for k, v in (s.split("=", 1) for s in a.sizes)}
@@ -156,6 +160,11 @@ def main(argv=None) -> int:
         print("choose_default: warning: the rule is for the validation split (a file name without 'validation')",
               file=sys.stderr)
     figs = figures(rows, sizes)
+    scored = defaultdict(dict)  # label -> {scorer: flagged %} from --populations
+    for path in a.populations:
+        for r in load_rows([path]):
+            scored[r["population"]][r["scorer"]] = float(r["flagged_pct"])
+    covered = {s for flagged in scored.values() for s in flagged}
     for spec in a.healthy:
         label, folder = spec.split("=", 1)
         vols = sorted(Path(folder).glob("*/T1w/T2w_acpc_dc_restore_brain.nii.gz"))
@@ -163,7 +172,10 @@ def main(argv=None) -> int:
             raise SystemExit(f"--healthy {spec}: no */T1w/T2w_acpc_dc_restore_brain.nii.gz under {folder}")
         scans = [(v, v.parent / "brainmask_fs.nii.gz") for v in vols]
         files = dict(f.split("=", 1) for f in a.files)
-        add_population(figs, f"{label} ({len(vols)})", healthy_flagged({s.split(" ")[0] for s in figs}, scans, files))
+        models = {s.split(" ")[0] for s in figs if s not in covered}  # the others were scored by their own script
+        add_population(figs, f"{label} ({len(vols)})", healthy_flagged(models, scans, files))
+    for label, flagged in scored.items():
+        add_population(figs, label, flagged)
     winner, order = choose(figs)
     text = table(figs, order)
     verdict = (f"**Winner: {winner}**" if winner else

@@ -52,6 +52,10 @@ def main(argv=None):
     ap.add_argument("--validation", type=int, default=0,
                     help="varied: lesion cases per (training domain, family) for choosing option defaults "
                          "(never the benchmark's seeds or domains); 0: none")
+    ap.add_argument("--seed-offset", type=int, default=0,
+                    help="varied: start each split's seeds this far into its range (a second, independent draw, e.g. "
+                         "--splits validation --seed-offset 1000 --out data/v2 after the first validation set was "
+                         "searched)")
     ap.add_argument("--splits", type=_csv, default=None, help="varied: only these splits (default: all asked for)")
     ap.add_argument("--train-domains", type=_csv, default=list(synth.TRAINING_DOMAINS))
     ap.add_argument("--benchmark-domains", type=_csv, default=["tse", "tse-lowres"] + list(synth.HELD_OUT_DOMAINS))
@@ -74,11 +78,12 @@ def main(argv=None):
             c = load_or_build_cache(str(out / f"{name}.npz"), str(out / name), lesion=lesion)
             print(f"{name}: {len(c.names)} subjects, {len(c.slices)} slices -> {out / name}.npz", file=sys.stderr)
         return
-    plans = {"train": synth.cohort_plan("train", a.train, a.train_domains),
-             "calibration": synth.cohort_plan("calibration", a.calibration, a.train_domains),
-             "benchmark": synth.cohort_plan("benchmark", a.benchmark, a.benchmark_domains, [None] + a.families)}
+    off = {"seed_offset": a.seed_offset}
+    plans = {"train": synth.cohort_plan("train", a.train, a.train_domains, **off),
+             "calibration": synth.cohort_plan("calibration", a.calibration, a.train_domains, **off),
+             "benchmark": synth.cohort_plan("benchmark", a.benchmark, a.benchmark_domains, [None] + a.families, **off)}
     if a.validation:
-        plans["validation"] = synth.cohort_plan("validation", a.validation, a.train_domains, [None] + a.families)
+        plans["validation"] = synth.cohort_plan("validation", a.validation, a.train_domains, [None] + a.families, **off)
     if a.splits:
         plans = {k: v for k, v in plans.items() if k in a.splits}
     jobs = []

@@ -54,6 +54,17 @@ def test_effect_switch_and_head(healthy):
     assert (_arr(healthy.t2)[~(_arr(healthy.mask) > 0)] == 0).all(), "skull-stripped: zero outside the brain"
 
 
+def test_a_second_draw_of_a_split_shares_no_seed_with_the_first():
+    fams = [None] + list(synth.LESION_FAMILIES)
+    first = synth.cohort_plan("validation", 1, synth.TRAINING_DOMAINS, fams)
+    second = synth.cohort_plan("validation", 2, synth.TRAINING_DOMAINS, fams, seed_offset=1000)
+    assert {c["seed"] for c in first}.isdisjoint({c["seed"] for c in second})
+    assert min(c["seed"] for c in second) == synth.SPLIT_SEEDS["validation"] + 1000
+    assert max(c["seed"] for c in second) < synth.SPLIT_SEEDS["benchmark"]
+    with pytest.raises(ValueError, match="seed range"):
+        synth.cohort_plan("validation", 1, synth.TRAINING_DOMAINS, fams, seed_offset=400_000)
+
+
 def test_held_out_domain_never_reaches_training(tmp_path):
     with pytest.raises(ValueError, match="held out"):
         synth.cohort_plan("train", 2, ["tse", "epi"])

@@ -529,8 +529,12 @@ def check_training_domains(domains) -> None:
                          f"{', '.join(TRAINING_DOMAINS)}")
 
 
-def cohort_plan(split: str, n: int, domains, families=(None,), head: bool = False) -> list[dict]:
-    """The cases of a cohort: n per (domain, family), each with its own seed from the split's range."""
+def cohort_plan(split: str, n: int, domains, families=(None,), head: bool = False, seed_offset: int = 0) -> list[dict]:
+    """The cases of a cohort: n per (domain, family), each with its own seed from the split's range, starting
+    seed_offset into it (a second, independent draw of a split: e.g. a fresh validation set after the first one was
+    used to search; keep the offsets of two draws further apart than their sizes)."""
+    if not 0 <= seed_offset < 300_000:
+        raise ValueError(f"seed_offset {seed_offset}: must be within the split's seed range (0 to 299999)")
     if split not in SPLIT_SEEDS:
         raise ValueError(f"unknown split '{split}'; choose from {', '.join(SPLIT_SEEDS)}")
     if split != "benchmark":
@@ -542,7 +546,7 @@ def cohort_plan(split: str, n: int, domains, families=(None,), head: bool = Fals
         for fam in families:
             for j in range(n):
                 plan.append({"case": f"{split[:3]}-{dom}-{fam or 'healthy'}-{j:03d}", "split": split, "domain": dom,
-                             "family": fam, "seed": SPLIT_SEEDS[split] + k, "head": head})
+                             "family": fam, "seed": SPLIT_SEEDS[split] + seed_offset + k, "head": head})
                 k += 1
     return plan
 
