@@ -106,6 +106,26 @@ def test_dae_residual_maths():
     assert not compute_maps(m, x, ["dae-residual"], options=opts, brain=brain)["dae-residual"][1].any()
 
 
+def test_the_inference_copy_folds_batchnorm_and_gives_the_same_reconstruction():
+    from vaeanomaly.dae import for_inference
+    torch.manual_seed(3)
+    m = DAE(32, base=4, levels=3)
+    with torch.no_grad():  # running statistics far from (0, 1), and affine weights of their own
+        for _ in range(5):
+            m.train()(2.0 + 3.0 * torch.randn(8, 1, 32, 32))
+        for bn in (mod for mod in m.modules() if isinstance(mod, torch.nn.BatchNorm2d)):
+            bn.weight.uniform_(0.5, 2.0)
+            bn.bias.uniform_(-1.0, 1.0)
+    m.eval()
+    x = 2.0 + 3.0 * torch.randn(6, 1, 32, 32)
+    fast = for_inference(m)
+    with torch.no_grad():
+        ref, got = m(x), fast(x.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    assert not any(isinstance(mod, torch.nn.BatchNorm2d) for mod in fast.modules())
+    assert sum(isinstance(mod, torch.nn.BatchNorm2d) for mod in m.modules()) == 2 * (3 + 2)  # the model untouched
+
+
 def test_normalise_divides_by_the_scans_median_over_the_brain():
     """normalise='median' (the DAE residual's default): the finished map over its median in the brain of the whole
     scan, before the rim; the same map from a scan whose residual is k times larger everywhere (a noisier scanner)

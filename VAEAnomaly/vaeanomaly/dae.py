@@ -19,6 +19,7 @@ masses gained, MS-like lesions are still reconstructed; docs/README.md).
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -59,6 +60,27 @@ class DAE(nn.Module):
         for i in reversed(range(self.levels - 1)):
             x = self.merge[i](torch.cat([self.up[i](x), skips[i]], 1))
         return self.head(x)
+
+
+def for_inference(model: DAE) -> DAE:
+    """An inference copy of a DAE in eval mode: every convolution with the BatchNorm after it folded in (its running
+    statistics: w' = w g / sqrt(v + eps), b' = b - m g / sqrt(v + eps)), in channels-last memory. The same outputs to
+    float rounding (about 1e-6), in fewer passes over memory: on 2 CPU threads about 1.4x (64x64) and 1.5x
+    (128x128) faster (benchmarks/bench_slicer_job.py). The model itself is left as it is (training keeps its
+    BatchNorm)."""
+    fast = copy.deepcopy(model).eval()
+    for block in list(fast.down) + list(fast.merge):
+        layers = list(block)
+        for i, (conv, bn) in enumerate(zip(layers, layers[1:])):
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+                scale = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
+                folded = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                                   bias=True).to(conv.weight.device, conv.weight.dtype)
+                bias = conv.bias.detach() if conv.bias is not None else torch.zeros_like(bn.running_mean)
+                folded.weight.data = conv.weight.detach() * scale[:, None, None, None]
+                folded.bias.data = bn.bias.detach() + (bias - bn.running_mean) * scale
+                block[i], block[i + 1] = folded, nn.Identity()
+    return fast.to(memory_format=torch.channels_last).requires_grad_(False)
 
 
 def coarse_noise(shape, std: float, scale: int, gen: torch.Generator | None = None, device=None) -> torch.Tensor:

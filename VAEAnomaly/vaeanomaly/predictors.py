@@ -16,7 +16,7 @@ from typing import Callable, Iterable, Optional
 import numpy as np
 import torch
 
-from .dae import DAE
+from .dae import DAE, for_inference
 from .model import VAE, kl_loss, rec_loss
 
 from .registry import (DAE_PREDICTORS, ENSEMBLE, PAPER_PREDICTORS as PREDICTORS, POLARITIES,  # noqa: E402
@@ -466,11 +466,12 @@ def _dae_maps(model: DAE, x_all: torch.Tensor, sel: np.ndarray, names: list, opt
         raise Cancelled("cancelled")
     _stage(progress, ", ".join(names))
     step = max(1, min(opts.batch_size, PROGRESS_SLICES))
+    fast = for_inference(model)  # BatchNorm folded, channels-last: the same maps, faster
     for start in range(0, len(sel), step):
         idx = torch.as_tensor(sel[start:start + step])
         x = x_all[idx, None].to(device)
         with torch.inference_mode():
-            rec = model(x)
+            rec = fast(x.contiguous(memory_format=torch.channels_last))
             res = apply_polarity(x - rec, o.polarity)
             maps = {"rec-error": (x - rec).pow(2), RECONSTRUCTION: rec,
                     "dae-residual": smooth(res, o, pixel_mm) if o.smooth else res}
