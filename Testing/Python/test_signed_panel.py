@@ -32,7 +32,7 @@ from vaeanomaly.threshold import Tails  # noqa: E402
 
 SAMPLE = Path(__file__).resolve().parents[2] / "VAEAnomaly" / "Resources" / "SampleData" / "VAEAnomalySample_T2.nrrd"
 MODEL = "dae-64"
-NO_TAILS = "bvae-l128-b10-v2"  # a bundled VAE calibrated before per-tail thresholds existed
+NO_TAILS = "bvae-l64-b10"  # a bundled paper-grid VAE calibrated before per-tail thresholds existed
 BRIGHTER, DARKER = "Brighter than expected", "Darker than expected"
 
 
