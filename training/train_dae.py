@@ -10,6 +10,8 @@ CPU budget still ends at a small learning rate); each batch gets the VAE's rotat
 remove; coarse noise alone is smooth and teaches it to pass sharp small blobs through), plus foreign patches
 with --patches (another slice's tissue blended into ellipses: real texture, any contrast; dae.foreign_patches) and
 --anomaly-weight (the disturbed pixels weigh more, so small disturbances are not drowned by the rest of the brain).
+--crop trains on full-resolution patches (dae.brain_crops; e.g. --image-size 256 --crop 64: 0.94 mm pixels at the
+cost of a 64x64 slice); the model still scores whole slices.
 Resumable: the run's state (weights, optimiser, epoch, wall time used, random generator) is saved every
 --save-minutes to OUT.resume.safetensors (+ .json; tensors and JSON, no pickle); `--resume` continues from it
 with the same command (the time budget counts the minutes already spent). Writes the core
@@ -35,7 +37,7 @@ import torch
 import common  # noqa: F401  (puts the core library on sys.path)
 from vaeanomaly.augment import augment
 from vaeanomaly.checkpoint import save_checkpoint
-from vaeanomaly.dae import DAE, dae_loss
+from vaeanomaly.dae import DAE, brain_crops, dae_loss
 from vaeanomaly.predictors import PredictorOptions
 from vaeanomaly.preprocessing import Preprocessing
 
@@ -45,11 +47,14 @@ def parse(argv=None):
     ap.add_argument("--cache", required=True, help="healthy slice cache .npz (training/make_data.py)")
     ap.add_argument("--out", required=True, help="checkpoint path (.safetensors)")
     ap.add_argument("--name", help="model name in the metadata")
-    ap.add_argument("--image-size", type=int, default=64, choices=[64, 128])
+    ap.add_argument("--image-size", type=int, default=64, choices=[64, 128, 256])
+    ap.add_argument("--crop", type=int, default=0,
+                    help="train on random CROP x CROP patches of the slices centred on brain (full-resolution patches: "
+                         "e.g. --image-size 256 --crop 64; inference still scores whole slices); 0: whole slices")
     ap.add_argument("--base", type=int, default=16, help="channels of the first U-Net level")
     ap.add_argument("--levels", type=int, default=4)
     ap.add_argument("--noise-std", type=float, default=0.5, help="coarse noise std (z-score units)")
-    ap.add_argument("--noise-scale", type=int, default=8, help="noise grid = image size / this")
+    ap.add_argument("--noise-scale", type=int, default=8, help="noise grid = image size (the crop's, with --crop) / this")
     ap.add_argument("--blobs", type=int, default=0,
                     help="also add up to this many sharp-edged blobs per slice (dae.blob_noise; 0: coarse noise only)")
     ap.add_argument("--blob-radius-mm", type=float, nargs=2, default=(4.0, 15.0), metavar=("MIN", "MAX"),
@@ -87,6 +92,9 @@ def main(argv=None):
     cache = SliceCache.load(a.cache)
     if cache.slices.shape[-1] != a.image_size:
         raise SystemExit(f"the cache holds {cache.slices.shape[-1]}-pixel slices but --image-size is {a.image_size}")
+    if a.crop and (a.crop > a.image_size or a.crop % 2 ** (a.levels - 1)):
+        raise SystemExit(f"--crop {a.crop}: must be at most --image-size and divisible by 2^(levels-1) = "
+                         f"{2 ** (a.levels - 1)}")
     rng = np.random.default_rng(a.seed)
     n_cases = len(cache.names)
     val_ids = rng.choice(n_cases, max(1, round(a.val_fraction * n_cases)), replace=False) if n_cases > 1 else []
@@ -134,8 +142,10 @@ def main(argv=None):
             for g in opt.param_groups:
                 g["lr"] = a.lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * progress)))
             idx = perm[i:i + a.batch_size]
-            x = augment(x_all[idx], b_all[idx], aug, gen)
-            loss = dae_loss(model, x, b_all[idx], a.noise_std, a.noise_scale, gen, **noise)
+            x, b = augment(x_all[idx], b_all[idx], aug, gen), b_all[idx]
+            if a.crop:
+                x, b = brain_crops(x, b, a.crop, gen)
+            loss = dae_loss(model, x, b, a.noise_std, a.noise_scale, gen, **noise)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -175,7 +185,8 @@ def main(argv=None):
                              "white_noise": a.noise, "blur_sigma_px": a.blur,
                              "coarse_noise_std": a.noise_std, "coarse_noise_scale": a.noise_scale,
                              "blobs": a.blobs, "blob_radius_mm": list(a.blob_radius_mm),
-                             "foreign_patches": a.patches, "anomaly_weight": a.anomaly_weight},
+                             "foreign_patches": a.patches, "anomaly_weight": a.anomaly_weight,
+                             "crop_px": a.crop or None},
             "init": a.init or None,
             "time": f"{time.time() - t0:.0f} s", "hardware": hardware(a.device),
             "final_loss": {"loss": loss_mean},

@@ -638,3 +638,23 @@ def test_score_keeps_regions_by_the_calibrated_region_peak(tmp_path):
     assert plan("--threshold", "p99").region_peaks == {"rec-grad": None}  # a percentile: every region
     assert plan("--threshold", "0.5").region_peaks == {"rec-grad": None}
     assert plan("--predictor", "kl-grad").region_peaks == {"kl-grad": 0.5}
+
+
+def test_brain_crops_lie_inside_the_slice_and_on_brain():
+    from vaeanomaly.dae import brain_crops
+    gen = torch.Generator().manual_seed(0)
+    x = torch.arange(4 * 32 * 32, dtype=torch.float32).reshape(4, 1, 32, 32)
+    brain = torch.zeros(4, 1, 32, 32)
+    brain[0, 0, 0:3, 0:3] = 1        # brain in a corner: the crop is shifted inside the slice
+    brain[1, 0, 20:24, 25:30] = 1
+    brain[2, 0, 10:12, 10:12] = 1    # slice 3: no brain at all
+    cx, cb = brain_crops(x, brain, 8, gen)
+    assert cx.shape == cb.shape == (4, 1, 8, 8)
+    for i in range(4):  # every crop is a contiguous 8x8 window of its own slice
+        top, left = divmod(int(cx[i, 0, 0, 0] - i * 1024), 32)
+        assert 0 <= top <= 24 and 0 <= left <= 24
+        assert torch.equal(cx[i, 0], x[i, 0, top:top + 8, left:left + 8])
+        assert torch.equal(cb[i, 0], brain[i, 0, top:top + 8, left:left + 8])
+    assert cb[:3].flatten(1).sum(1).min() > 0  # the slices with brain: the crop holds some of it
+    with pytest.raises(ValueError, match="larger"):
+        brain_crops(x, brain, 64, gen)

@@ -145,6 +145,25 @@ def foreign_patches(x: torch.Tensor, brain: torch.Tensor, count: int, radius_px:
     return x * (1 - weight) + donor * weight, weight
 
 
+def brain_crops(x: torch.Tensor, brain: torch.Tensor, size: int,
+                gen: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One size x size crop of each slice (x, brain: (n, 1, h, w)), centred on a random brain pixel and shifted to lie
+    inside the slice: full-resolution patches, so a U-Net trained on them learns lesion-scale detail at the cost of a
+    small image (it is fully convolutional: inference runs on whole slices). Slices without brain: any pixel."""
+    n, _, h, w = x.shape
+    if size > min(h, w):
+        raise ValueError(f"crop {size} is larger than the {h}x{w} slices")
+    flat = brain.reshape(n, h * w).float()
+    has = flat.sum(1) > 0
+    centre = torch.multinomial(torch.where(has[:, None], flat, torch.ones_like(flat)), 1, generator=gen)[:, 0]
+    top = (centre // w - size // 2).clamp(0, h - size)
+    left = (centre % w - size // 2).clamp(0, w - size)
+    steps = torch.arange(size, device=x.device)
+    rows, cols = (top[:, None] + steps)[:, :, None], (left[:, None] + steps)[:, None, :]
+    pick = lambda t: t[torch.arange(n, device=x.device)[:, None, None], 0, rows, cols][:, None]  # noqa: E731
+    return pick(x), pick(brain)
+
+
 def dae_loss(model: nn.Module, x: torch.Tensor, brain: torch.Tensor, std: float, scale: int,
              gen: torch.Generator | None = None, blobs: int = 0,
              blob_radius_px: tuple[float, float] = (2.0, 8.0), patches: int = 0,
