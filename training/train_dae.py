@@ -65,7 +65,8 @@ def parse(argv=None):
                     help="weigh the error of disturbed pixels by 1 + this (0: plain L2 over the brain)")
     ap.add_argument("--resume", action="store_true", help="continue from OUT.resume.safetensors if it exists")
     ap.add_argument("--save-minutes", type=float, default=5.0, help="save the resumable state this often")
-    ap.add_argument("--init", help="start from this DAE checkpoint's weights (same architecture), e.g. to fine-tune")
+    ap.add_argument("--init", help="start from this DAE checkpoint's weights (same architecture: base, levels; any grid "
+                                   "size, the layers are convolutions), e.g. to fine-tune")
     ap.add_argument("--epochs", type=int, default=50)
     ap.add_argument("--max-minutes", type=float, default=0, help="stop after this wall time (0: no limit)")
     ap.add_argument("--batch-size", type=int, default=32)
@@ -106,8 +107,9 @@ def main(argv=None):
     if a.init:
         from vaeanomaly.checkpoint import load_checkpoint
         init = load_checkpoint(a.init, "cpu")
-        if init.kind != "dae" or init.model.config() != model.config():
-            raise SystemExit(f"--init {a.init}: not a DAE with this architecture ({model.config()})")
+        layers = lambda c: {k: v for k, v in c.items() if k != "image_size"}  # noqa: E731 (convolutions: any grid)
+        if init.kind != "dae" or layers(init.model.config()) != layers(model.config()):
+            raise SystemExit(f"--init {a.init}: not a DAE with this architecture ({layers(model.config())})")
         model.load_state_dict({k: v.float() for k, v in init.model.state_dict().items()})
     pixel_mm = Preprocessing(image_size=a.image_size).fov_mm / a.image_size
     noise = dict(blobs=a.blobs, blob_radius_px=tuple(r / pixel_mm for r in a.blob_radius_mm), patches=a.patches,

@@ -237,6 +237,12 @@ def test_train_dae_with_blobs_and_warm_start(cohort, tmp_path):
     assert load_checkpoint(out2).meta["training"]["init"] == str(out)
     with pytest.raises(SystemExit, match="not a DAE with this architecture"):
         train_dae.main(args[:-4] + ["--levels", "3", "--out", str(tmp_path / "x.safetensors"), "--init", str(out)])
+    # full-resolution patches: trained on 32x32 crops, the model still scores whole 64x64 slices
+    train_dae.main(args + ["--out", str(out2), "--crop", "32", "--init", str(out)])
+    ck = load_checkpoint(out2)
+    assert ck.meta["training"]["augmentation"]["crop_px"] == 32 and ck.model.image_size == 64
+    with pytest.raises(SystemExit, match="divisible"):
+        train_dae.main(args + ["--out", str(out2), "--crop", "31"])
 
 
 def test_foreign_patches_blend_another_slice_inside_small_ellipses_and_weigh_the_loss():
