@@ -283,15 +283,16 @@ def test_sample_data_end_to_end_with_bundled_model(scene):
     arr = logic.heatmap_array(heat)
     gt = logic.heatmap_array(lesion) > 0
     brain = arr > 0
-    # measured 2026-12-07: dae-64's residual 0.777 on this sample (the older generator), bvae-l64-b10-v2's Rec-grad 0.953
-    assert pixel_metrics(arr[brain], gt[brain])["auroc"] > 0.75
+    # measured 2026-12-07: dae-64-blobs' residual 0.955 on this sample (the older generator; dae-64 0.777,
+    # bvae-l64-b10-v2's Rec-grad 0.953)
+    assert pixel_metrics(arr[brain], gt[brain])["auroc"] > 0.9
     t = logic.resolve_threshold(heat, "auto", logic.lastCalibratedThreshold)
     assert t == pytest.approx(float(load_checkpoint(None).thresholds[pred]))
     seg = logic.create_segment(heat, t, None, t2)
     found = logic._segment_array(seg, seg.GetSegmentation().GetSegmentIdBySegmentName("Anomaly"), t2)
-    # the default model's threshold is calibrated on varied healthy brains (conservative): on this sample (the older
-    # generator) dae-64 outlines about 35% of the lesion at Dice about 0.4 (bvae-l64-b10-v2: 55%, Dice 0.69)
-    assert dice(found, gt) > 0.3 and found[gt].mean() > 0.3
+    # the default model's threshold is calibrated on varied healthy brains: on this sample (the older generator)
+    # dae-64-blobs outlines 80% of the lesion at Dice 0.71 (dae-64: 35%, Dice 0.40; bvae-l64-b10-v2: 55%, Dice 0.69)
+    assert dice(found, gt) > 0.6 and found[gt].mean() > 0.6
     assert np.array_equal(VAEAnomalyLogic.heatmap_array(t2), before)
 
 
