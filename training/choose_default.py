@@ -45,7 +45,7 @@ def grid_of(scorer: str, sizes: dict) -> int | None:
     model = scorer.split(" ")[0]
     if model in sizes:
         return sizes[model]
-    m = re.search(r"-(64|128)(?:-|$)", model) or re.search(r"l(64|128)", model)
+    m = re.search(r"-(64|128|256)(?:-|$)", model) or re.search(r"l(64|128|256)", model)
     return int(m.group(1)) if m else None
 
 
