@@ -89,7 +89,8 @@ def run_benchmark(a, device) -> None:
     plain-intensity baseline (the z-scored scan), on the held-out benchmark of a generated cohort folder."""
     from common import command_line, hardware
     from vaeanomaly.data import SliceCache
-    from vaeanomaly.evaluation import INTENSITY, benchmark, format_benchmark, healthy_threshold
+    from vaeanomaly.evaluation import (INTENSITY, benchmark, format_benchmark, healthy_threshold, intensity_rows,
+                                       write_rows)
     from vaeanomaly.calibration import PEAK_QUANTILE, calibrated_threshold, inference_kwargs, region_peak
     from vaeanomaly.predictors import compute_maps
     from vaeanomaly.registry import DEFAULT_PREDICTORS
@@ -150,26 +151,16 @@ def run_benchmark(a, device) -> None:
             verdicts += case_verdicts(ck, bench, groups, variants[a.variants[0]], device)
     for size in sorted(caches):
         bench, calib, spacings, _ = caches[size]
-        name = f"{INTENSITY} ({size}x{size})"
-        rows += benchmark({name: lambda x, b, sp: x}, bench.cases(), groups,
-                          {name: healthy_threshold(lambda x, b, sp: x, calib)},
-                          spacings=spacings, min_region_mm3=a.min_region_mm3,
-                          peaks={name: None if a.all_regions else healthy_threshold(
-                              lambda x, b, sp: x, calib, a.peak_quantile or PEAK_QUANTILE)})
+        rows += intensity_rows(bench.cases(), groups, calib, size, spacings, a.min_region_mm3,
+                               None if a.all_regions else a.peak_quantile or PEAK_QUANTILE)
     elapsed = time.time() - t0
     rows.sort(key=lambda r: (list(dict.fromkeys(c["family"] for c in manifest.values() if c["family"])).index(r["family"]),
                              r["domain"], r["scorer"]))
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open(f"{out}.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_rows(f"{out}.csv", rows)
     if verdicts:
-        with open(f"{out}_verdicts.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(verdicts[0]))
-            w.writeheader()
-            w.writerows(verdicts)
+        write_rows(f"{out}_verdicts.csv", verdicts)
     doms = sorted({g[0] for g in groups.values()})
     from vaeanomaly.checkpoint import DEFAULT_MODEL
     from vaeanomaly.evaluation import headline_table

@@ -1,9 +1,9 @@
 """Fusions of a VAE's and a denoising autoencoder's maps as default candidates, scored as evaluate.py scores.
 
-    python training/try_fusion.py --benchmark data/v --split validation --out docs/fusion_validation \
+    python training/try_fusion.py --benchmark data/v2 --split validation --out docs/validation2_fusion \
         --healthy legacy=data/legacy_check/healthy
-    python training/choose_default.py docs/validation_all_models.csv docs/fusion_validation.csv \
-        --sizes fusion=64 --populations docs/fusion_validation_populations.csv
+    python training/choose_default.py docs/validation2_all_models.csv docs/validation2_fusion.csv \
+        --sizes fusion=64 --populations docs/validation2_fusion_populations.csv
 
 Both models on the same grid; each one's default map (core predictors, their defaults) in units of its own
 calibrated threshold, so 1 is each map's healthy 99th percentile:
@@ -26,7 +26,6 @@ healthy population (slices of an HCP-layout folder), for choose_default.py --pop
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 import time
 from pathlib import Path
@@ -114,7 +113,7 @@ def main(argv=None) -> int:
     from vaeanomaly.calibration import PEAK_QUANTILE
     from vaeanomaly.checkpoint import DEFAULT_MODEL, DEFAULT_VAE, load_checkpoint
     from vaeanomaly.data import SliceCache
-    from vaeanomaly.evaluation import INTENSITY, benchmark, healthy_threshold
+    from vaeanomaly.evaluation import benchmark, healthy_threshold, intensity_rows, write_rows
     from vaeanomaly.synth import read_manifest
     t0 = time.time()
     vae, dae = load_checkpoint(a.vae or DEFAULT_VAE), load_checkpoint(a.dae or DEFAULT_MODEL)
@@ -142,22 +141,16 @@ def main(argv=None) -> int:
 
     def fn(n):
         return lambda x, b, s: fusion.score(n, x, b, s, by_slices.get(id(x)))
-    cases = [(c[0], c[1], c[2], c[3]) for c in cases]
     for c in cases:
         by_slices[id(c[1])] = domain[c[0]]
     fns = {f"fusion {n}": fn(n) for n in names}
     thr = {k: healthy_threshold(f, calib, spacings=sp_calib) for k, f in fns.items()}
     peaks = {k: healthy_threshold(f, calib, PEAK_QUANTILE, spacings=sp_calib) for k, f in fns.items()}
     rows = benchmark(fns, cases, groups, thr, spacings=sp, peaks=peaks)
-    base = f"{INTENSITY} ({size}x{size})"
-    rows += benchmark({base: lambda x, b, s: x}, cases, groups, {base: healthy_threshold(lambda x, b, s: x, calib)},
-                      spacings=sp, peaks={base: healthy_threshold(lambda x, b, s: x, calib, PEAK_QUANTILE)})
+    rows += intensity_rows(cases, groups, calib, size, sp, peak_q=PEAK_QUANTILE)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open(f"{out}.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_rows(f"{out}.csv", rows)
     pops = []
     for spec in a.healthy:
         label, folder = spec.split("=", 1)
@@ -167,10 +160,7 @@ def main(argv=None) -> int:
             vals = [100 * float((f(x, b, pop_sp.get(n))[b] > thr[k]).mean()) for n, x, b, _ in pop]
             pops.append({"scorer": k, "population": f"{label} ({len(pop)})", "flagged_pct": sum(vals) / len(vals)})
     if pops:
-        with open(f"{out}_populations.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(pops[0]))
-            w.writeheader()
-            w.writerows(pops)
+        write_rows(f"{out}_populations.csv", pops)
     print(f"{len(rows)} rows -> {out}.csv ({time.time() - t0:.0f} s); models {vae.name} + {dae.name}; "
           f"weights of the ensemble fitted on every domain: "
           + (", ".join(f"{k} {w:.3g}" for k, w in zip(LR_FEATURES, fusion.lr.coef)) if fusion.lr else "-"),

@@ -125,6 +125,27 @@ def benchmark(score_fns: dict, cases, groups: dict, thresholds: dict, progress=N
     return rows
 
 
+def intensity_rows(cases, groups: dict, healthy_cases, size: int, spacings=None, min_region_mm3: float = None,
+                   peak_q: float | None = None) -> list[dict]:
+    """`benchmark` rows of the plain-intensity baseline, scorer 'intensity (SxS)': the z-scored scan itself as the
+    score, its threshold the 99th percentile on the healthy cases, regions kept by the peak_q-th percentile (None:
+    every region)."""
+    name = f"{INTENSITY} ({size}x{size})"
+    score = lambda x, b, s: x  # noqa: E731
+    peak = None if peak_q is None else healthy_threshold(score, healthy_cases, peak_q)
+    return benchmark({name: score}, cases, groups, {name: healthy_threshold(score, healthy_cases)},
+                     spacings=spacings, min_region_mm3=min_region_mm3, peaks={name: peak})
+
+
+def write_rows(path, rows: list[dict]) -> None:
+    """Rows of dicts as a CSV file (the columns of the first row)."""
+    import csv
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
 def format_benchmark(rows: list[dict]) -> str:
     """Markdown: one table per lesion family, rows domain x scorer."""
     out = []
