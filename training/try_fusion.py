@@ -136,13 +136,11 @@ def main(argv=None) -> int:
         raise SystemExit(f"unknown candidate(s) {unknown}; choose from {', '.join(NAMES)}")
     if "lr" in names:
         fusion.fit_lr(cases, groups, sp)
-    domain = {c[0]: groups[c[0]][0] for c in cases}
-    by_slices = {}  # benchmark() hands each score function the slices, not the case name: find its domain
+    # benchmark() hands each score function a case's slices, not its name: its domain (for 'lr') by those slices
+    by_slices = {id(c[1]): groups[c[0]][0] for c in cases}
 
     def fn(n):
         return lambda x, b, s: fusion.score(n, x, b, s, by_slices.get(id(x)))
-    for c in cases:
-        by_slices[id(c[1])] = domain[c[0]]
     fns = {f"fusion {n}": fn(n) for n in names}
     thr = {k: healthy_threshold(f, calib, spacings=sp_calib) for k, f in fns.items()}
     peaks = {k: healthy_threshold(f, calib, PEAK_QUANTILE, spacings=sp_calib) for k, f in fns.items()}
